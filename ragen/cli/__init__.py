@@ -1,0 +1,18 @@
+"""The ``ragen`` command line (typer + rich). The only part of ragen that prints or uses rich.
+
+Each command group lives in its own module and registers itself on :data:`app`; every command runs
+inside :func:`ragen.cli._common.run_command`, which turns a :class:`~ragen.errors.RagenError` (bad input)
+into one red line on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+from ._common import app
+from . import encode as _encode  # noqa: F401  (registers commands)
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,54 @@
+"""Encoders: LLM2Vec-Gen and the input-centric baselines, all behind one :class:`Encoder` protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EncoderSpecError
+from .base import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION, Encoder
+from .llm2vec_gen import LLM2VecGen
+
+SPEC_FORMS = (
+    "a LLM2Vec-Gen checkpoint directory or hub id (e.g. McGill-NLP/LLM2Vec-Gen-Qwen3-06B)",
+    "'minilm' (bundled all-MiniLM-L6-v2, offline)",
+    "'st:NAME_OR_PATH' (any sentence-transformers model)",
+    "'mean:BACKBONE' (a decoder LLM with mean pooling over the input)",
+)
+
+
+def load_encoder(spec: str, *, device: str | None = None, dtype: str | None = None,
+                 base_model: str | None = None) -> Encoder:
+    """Resolve an encoder spec string; see :data:`SPEC_FORMS`.
+
+    ``base_model`` applies to LLM2Vec-Gen checkpoints only (overrides run_config.yml's backbone).
+    """
+    spec = (spec or "").strip()
+    if not spec:
+        raise EncoderSpecError("empty encoder spec; valid forms: " + "; ".join(SPEC_FORMS))
+    if spec == "minilm":
+        from .baselines import load_minilm
+
+        return load_minilm(device=device)
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix == "st":
+        from .baselines import SentenceTransformerEncoder
+
+        if not rest:
+            raise EncoderSpecError("'st:' needs a model name or path, e.g. st:sentence-transformers/all-MiniLM-L6-v2")
+        return SentenceTransformerEncoder(rest, device=device, spec=spec)
+    if sep and prefix == "mean":
+        from .baselines import MeanPoolEncoder
+
+        if not rest:
+            raise EncoderSpecError("'mean:' needs a backbone name or path, e.g. mean:Qwen/Qwen3-0.6B")
+        return MeanPoolEncoder(rest, device=device, dtype=dtype)
+    if sep and len(prefix) > 1 and not Path(spec).exists():  # "C:\..." on Windows has a 1-letter prefix
+        raise EncoderSpecError(f"unknown encoder spec {spec!r}; valid forms: " + "; ".join(SPEC_FORMS))
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "run_config.yml").exists() and (path / "modules.json").exists():
+        raise EncoderSpecError(f"{spec}: a sentence-transformers model, not an LLM2Vec-Gen checkpoint; use st:{spec}")
+    return LLM2VecGen.from_pretrained(spec, base_model=base_model, device=device, dtype=dtype)
+
+
+__all__ = ["Encoder", "LLM2VecGen", "load_encoder", "SPEC_FORMS", "DEFAULT_QUERY_INSTRUCTION",
+           "DEFAULT_DOCUMENT_INSTRUCTION"]

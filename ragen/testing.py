@@ -1,0 +1,78 @@
+"""Tiny random models for tests, examples and benchmarks (no downloads).
+
+``make_backbone`` writes a randomly initialised Qwen3 or Llama causal LM with a byte-level BPE tokenizer
+trained in a fraction of a second; ``make_checkpoint`` turns it into an LLM2Vec-Gen checkpoint in the
+published layout. Shapes are parameters, so benchmarks build realistic sizes with the same code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_CORPUS = (
+    "the quick brown fox jumps over the lazy dog. how do plants grow? photosynthesis turns light into "
+    "sugar. what is the capital of france? paris is the capital of france. summarize the following "
+    "passage: a cache stores recent results so that repeated questions are answered faster. generate a "
+    "passage that best answers this question: why is the sky blue? rayleigh scattering makes short "
+    "wavelengths scatter more. the theorem follows from induction on the length of the proof. "
+    "retrieval augmented generation finds documents and answers with them. 0123456789 {}[]()<>.,;:!?-_/"
+)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(vocab_size: int = 512, extra_corpus: list[str] | None = None):
+    """A byte-level BPE tokenizer (Qwen-style special tokens, left padding, a minimal chat template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS] * 4 + list(extra_corpus or []), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   padding_side="left")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_backbone(directory: str | Path, *, family: str = "qwen3", hidden_size: int = 64, num_layers: int = 2,
+                  num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
+                  vocab_size: int = 512, seed: int = 0, tokenizer=None) -> Path:
+    """Write a random causal LM plus tokenizer to ``directory`` and return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer if tokenizer is not None else make_tokenizer(vocab_size)
+    common = dict(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  intermediate_size=intermediate_size or 2 * hidden_size, max_position_embeddings=2048,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                  tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=hidden_size // num_heads, **common))
+    elif family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        raise ValueError(f"unknown family {family!r}; expected qwen3 or llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_checkpoint(directory: str | Path, base_model: str | Path, *, num_special_tokens: int = 10,
+                    alignment_dim: int | None = 48, seed: int = 0) -> Path:
+    """An (untrained, random) LLM2Vec-Gen checkpoint on ``base_model``, in the published layout."""
+    from .encoders.llm2vec_gen import LLM2VecGen
+
+    model = LLM2VecGen.initialize(str(base_model), num_special_tokens=num_special_tokens,
+                                  alignment_dim=alignment_dim, device="cpu", dtype="float32", seed=seed)
+    return model.save_pretrained(directory)

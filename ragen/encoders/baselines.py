@@ -154,6 +154,8 @@ class MeanPoolEncoder:
     def encode(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings, not a single string; wrap it in a list")
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
         ids = [row if row else [self.tokenizer.pad_token_id] for row in ids]  # empty text: pool the pad token
         out = np.zeros((len(ids), self.dim), dtype=np.float32)

@@ -183,6 +183,12 @@ class LLM2VecGen:
         tokenizer = _load_tokenizer(ckpt)
         adapter = read_adapter(ckpt / "encoder")
         token_ids = tokenizer.convert_tokens_to_ids(special_tokens)
+        unk = tokenizer.unk_token_id
+        missing = [t for t, i in zip(special_tokens, token_ids) if i is None or (unk is not None and i == unk)]
+        if missing:
+            raise CheckpointError(f"{ckpt / 'tokenizer.json'}: lacks the special tokens {missing[:3]}"
+                                  f"{'...' if len(missing) > 3 else ''} listed in run_config.yml; expected the "
+                                  "checkpoint's own tokenizer (backbone tokenizer plus the special tokens)")
         if sorted(token_ids) != sorted(adapter.token_indices):
             raise CheckpointError(f"{ckpt / 'encoder/adapter_config.json'}: token_indices {list(adapter.token_indices)} "
                                   f"do not match the tokenizer's special-token ids {token_ids}")
@@ -306,6 +312,8 @@ class LLM2VecGen:
         k = len(self.special_ids)
         if max_length <= k:
             raise RagenError(f"max_length must exceed the {k} special tokens, got {max_length}")
+        if not texts:
+            return []
         suffix = "".join(self.special_tokens)
         # Very long texts: tokenize a generous prefix only. Byte-level BPE is local to pre-token pieces, so
         # the first max_length tokens of the prefix equal those of the full text when the prefix yields

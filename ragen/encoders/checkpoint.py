@@ -126,9 +126,14 @@ class ProjectionHead(torch.nn.Module):
         return {"input_dim": self.input_dim, "output_dim": self.output_dim, "dtype": self.saved_dtype,
                 "size": self.size, "pooling_mode": self.pooling_mode}
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, *, dtype: str | None = None) -> None:
+        """Write the reference's format. ``dtype`` (e.g. ``"bfloat16"``) is recorded as the head's dtype: the
+        reference builds the head in that dtype, which must match the backbone's ``torch_dtype``."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_torch_save({"state_dict": state, "config": self.config()}, path)
+        config = self.config()
+        if dtype:
+            config["dtype"] = "torch." + dtype.replace("torch.", "")
+        _atomic_torch_save({"state_dict": state, "config": config}, path)
 
     @classmethod
     def load(cls, path: Path) -> ProjectionHead:

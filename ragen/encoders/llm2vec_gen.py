@@ -249,7 +249,7 @@ class LLM2VecGen:
         torch.manual_seed(seed)
         recon = ProjectionHead(hidden, hidden) if reconstruction_head else None
         align = ProjectionHead(hidden, alignment_dim) if alignment_dim else None
-        run_config = {"model_name_or_path": base_model, "torch_dtype": "bfloat16",
+        run_config = {"model_name_or_path": base_model, "torch_dtype": str(lm.dtype).replace("torch.", ""),
                       "encoding_mode": f"last_{num_special_tokens}_tokens", "max_input_length": 512,
                       "special_tokens": special}
         return cls(lm, tokenizer, special_tokens=special, special_rows=rows, num_pooled=num_special_tokens,
@@ -534,9 +534,10 @@ class LLM2VecGen:
         backbone_cfg = self.lm.config.to_dict()
         backbone_cfg["vocab_size"] = max(len(self.tokenizer), int(backbone_cfg.get("vocab_size", 0)))
         write_adapter(out / "encoder", Adapter(tuple(self.special_ids), rows, base_layer), backbone_cfg, self.base_model)
+        torch_dtype = str(self.run_config.get("torch_dtype") or str(self.dtype).replace("torch.", ""))
         for name, head in (("reconstruction_mlp", self.reconstruction_head), ("alignment_mlp", self.alignment_head)):
             if head is not None:
-                head.save(out / name)
+                head.save(out / name, dtype=torch_dtype)
             elif (out / name).exists():
                 (out / name).unlink()
         run_config = dict(self.run_config)

@@ -479,12 +479,14 @@ def _save_final(model: LLM2VecGen, trainable: TrainableLLM2VecGen, out: Path, cf
 # ----------------------------------------------------------------------------------------------------------
 # the pipeline
 # ----------------------------------------------------------------------------------------------------------
-def runtime(cfg: PipelineConfig, ctx: DistContext) -> tuple[str, torch.dtype]:
-    """This process's device (cuda:LOCAL_RANK under a launcher) and the backbone dtype."""
+def setup_runtime(cfg: PipelineConfig) -> tuple[DistContext, str, torch.dtype]:
+    """Join the launcher's process group (if any); this process's device (cuda:LOCAL_RANK under a
+    launcher) and the backbone dtype (bf16 on CUDA, float32 on CPU unless configured)."""
     device = resolve_device(None if cfg.device == "auto" else cfg.device)
+    ctx = init_distributed(device)
     if device == "cuda" and ctx.active:
         device = f"cuda:{ctx.local_rank}"
-    return device, resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, device)
+    return ctx, device, resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, device)
 
 
 def ensure_responses(cfg: PipelineConfig, out_dir: Path, ctx: DistContext, device: str, dtype: torch.dtype,
@@ -524,9 +526,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Tru
     out.mkdir(parents=True, exist_ok=True)
     cb = callback or TrainCallback()
     check_reporters(cfg.train.report_to)
-    requested = resolve_device(None if cfg.device == "auto" else cfg.device)
-    ctx = init_distributed(requested)
-    device, dtype = runtime(cfg, ctx)
+    ctx, device, dtype = setup_runtime(cfg)
     if ctx.is_main:
         (out / "pipeline.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str), encoding="utf-8")
     responses = ensure_responses(cfg, out, ctx, device, dtype, cb)

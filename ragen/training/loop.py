@@ -335,6 +335,7 @@ def fit(
     ctx = ctx or DistContext()
     cb = callback or TrainCallback()
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     device = model.device
     if t.batch_size % ctx.world_size:
         raise DataError(f"train.batch_size={t.batch_size} must be divisible by the {ctx.world_size} processes")

@@ -2,7 +2,7 @@
 
 Each query is wrapped in the backbone's chat template with the generation prompt (Qwen3: thinking off),
 answered in length-sorted batches, and appended to a JSONL shard as soon as its batch finishes, so an
-interrupted run resumes where it stopped. Process ``r`` of ``w`` answers the pending queries ``r, r+w,
+interrupted run resumes where it stopped. Process ``r`` of ``w`` answers the pending ones among queries ``r, r+w,
 ...``; :func:`merge_responses` joins the shards into ``responses.jsonl`` in query order.
 
 Record format (one JSON object per line)::
@@ -273,8 +273,8 @@ def generate_responses(
     shard_file = _shard_path(out, rank, world)
     read_responses(shard_file, repair=True)
     done = _all_done(out)
-    pending = [q for q in queries if q.id not in done]
-    mine = pending[rank::world]
+    # Fixed assignment (query i -> shard i mod w), so concurrently running shards never overlap.
+    mine = [q for i, q in enumerate(queries) if i % world == rank and q.id not in done]
     if not mine:
         return 0
     logger.info("generating %d responses (%d already done, shard %d/%d)", len(mine), len(done), rank, world)

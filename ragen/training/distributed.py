@@ -62,14 +62,3 @@ def all_reduce_sum(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
 
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
-
-
-def broadcast_object(ctx: DistContext, obj: object) -> object:
-    """Rank 0's value on every rank (plain JSON-able data only)."""
-    if not ctx.active:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

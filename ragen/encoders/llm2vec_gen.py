@@ -335,13 +335,17 @@ class LLM2VecGen:
             out.append(list(ids))
         return out
 
-    def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings with the trained rows spliced in for the special tokens."""
+    def _embed_ids(self, ids: torch.Tensor, special_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings with the trained rows spliced in for the special tokens.
+
+        ``special_rows`` (K, hidden) replaces the stored rows; training passes its trainable parameter so
+        gradients flow into it."""
+        rows = self._special_rows if special_rows is None else special_rows
         table = self.lm.get_input_embeddings()
         is_special = torch.isin(ids, self._special_ids_t)  # (batch, seq)
         x = table(ids.masked_fill(is_special, 0))  # (batch, seq, hidden)
         if bool(is_special.any()):
-            x[is_special] = self._special_rows[self._row_of[ids[is_special]]]
+            x[is_special] = rows[self._row_of[ids[is_special]]].to(x.dtype)
         return x
 
     def _pad_left(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,6 +366,25 @@ class LLM2VecGen:
         if self.reconstruction_head is not None:
             states = self.reconstruction_head(states)
         return states
+
+    def pad_batch(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad token id lists (from :meth:`tokenize`): ``(ids, attention_mask)``, both (batch, seq)."""
+        return self._pad_left([list(b) for b in batch])
+
+    def last_hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, *,
+                           special_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, n, hidden) final hidden states of the last n positions, before any head, in the
+        backbone's dtype. Differentiable (not under inference mode) with respect to ``special_rows``,
+        which replaces the stored rows: the hook the training loop uses."""
+        out = self.lm.base_model(inputs_embeds=self._embed_ids(ids, special_rows), attention_mask=mask, use_cache=False)
+        return out.last_hidden_state[:, -self.num_pooled:, :]  # (batch, n, hidden)
+
+    def set_special_rows(self, rows: torch.Tensor) -> None:
+        """Replace the special-token rows (K, hidden), e.g. with freshly trained ones."""
+        if tuple(rows.shape) != tuple(self._special_rows.shape):
+            raise RagenError(f"special rows must have shape {tuple(self._special_rows.shape)}, got {tuple(rows.shape)}")
+        self._special_rows = rows.detach().to(self.device, self.dtype).clone()
+        self._fingerprint = None
 
     def _pool(self, recon_states: torch.Tensor) -> torch.Tensor:
         states = self.alignment_head(recon_states) if self.alignment_head is not None else recon_states

@@ -1,0 +1,309 @@
+"""Training configuration: frozen dataclasses, read from a YAML or TOML pipeline file only at the edge.
+
+A pipeline file has five sections, each optional except ``base_model`` and ``queries.source``::
+
+    base_model: Qwen/Qwen3-0.6B          # hub id or directory (relative paths: relative to this file)
+    seed: 0
+    device: auto                         # auto | cpu | cuda | cuda:1 ...
+    dtype: auto                          # auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    queries:   {source, field, split, limit}
+    responses: {max_new_tokens, batch_size, temperature, top_p, enable_thinking, system_prompt, max_query_length}
+    teacher:   {model, pooling, batch_size, max_length}
+    train:     {num_special_tokens, learning_rate, ..., see TrainConfig}
+
+Relative paths inside the file (``base_model`` when it names an existing directory, ``queries.source``
+when it names an existing file) are resolved against the directory holding the pipeline file, so a
+pipeline runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+
+SCHEDULES = ("linear", "cosine", "constant")
+POOLINGS = ("mean", "cls", "last")
+REPORTERS = ("tensorboard", "wandb")
+
+
+@dataclass(frozen=True)
+class QueriesConfig:
+    """Where the training queries come from.
+
+    ``source``: a ``.txt`` file (one query per line), a ``.jsonl`` file (field ``field``, or the first of
+    query/prompt/question/text/instruction, or the first user turn of ``messages``), or a hub dataset id
+    (e.g. ``allenai/tulu-3-sft-mixture``; needs the ``datasets`` package and hub access; multi-turn
+    conversations are skipped, as in the reference recipe).
+    """
+
+    source: str
+    field: str | None = None
+    split: str = "train"
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class ResponsesConfig:
+    """How the frozen LLM answers the queries (stage 1)."""
+
+    max_new_tokens: int = 500
+    batch_size: int = 16
+    temperature: float = 0.0  # 0 = greedy, the reference's choice
+    top_p: float = 1.0
+    enable_thinking: bool = False  # passed to chat templates that know the switch (Qwen3)
+    system_prompt: str | None = None
+    max_query_length: int = 512  # prompt tokens; longer queries are truncated from the left of the text end
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher whose embedding of each response the alignment loss matches (stage 2).
+
+    ``model``: ``minilm`` (bundled all-MiniLM-L6-v2), ``st:NAME`` (any sentence-transformers model; its own
+    pooling), ``mean:BACKBONE`` (a decoder LLM, mean pooling, LLM2Vec-style), or ``hf:NAME`` with
+    ``pooling`` mean | cls | last (a plain Hugging Face encoder, e.g. ``hf:BAAI/bge-m3`` with cls).
+    """
+
+    model: str = "minilm"
+    pooling: str | None = None
+    batch_size: int = 64
+    max_length: int = 512
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage 3. Defaults follow the reference recipe (LLM2Vec-Gen, Qwen3 backbones)."""
+
+    num_special_tokens: int = 10
+    learning_rate: float = 3e-4  # the reference uses 5e-4 for non-Qwen3 backbones
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "linear"  # after warmup: linear decay to 0 at max_steps | cosine | constant
+    max_steps: int = 5000
+    batch_size: int = 32  # global: examples per optimizer step over all processes
+    micro_batch_size: int | None = None  # examples per forward pass per process (gradient accumulation)
+    max_length: int = 512  # query tokens incl. the K special tokens
+    max_response_length: int = 512  # response tokens incl. EOS
+    query_instruction: str = ""  # prefix for training queries (the reference trains on the bare query)
+    rec_weight: float = 1.0
+    align_weight: float = 1.0
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU
+    eval_size: int = 0  # held-out queries (taken from the responses) for the eval loss
+    eval_every: int = 500
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    report_to: tuple[str, ...] = ()  # tensorboard and/or wandb; only when installed
+    wandb_project: str = "ragen"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    base_model: str
+    queries: QueriesConfig
+    responses: ResponsesConfig = field(default_factory=ResponsesConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    source: str = ""  # the file it was read from (informational)
+
+    def fingerprint(self, section: str | None = None) -> str:
+        """A short digest of the whole config or of one section (what a resume must match)."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        if section is not None:
+            data = data[section]
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------------
+def validate(cfg: PipelineConfig) -> PipelineConfig:
+    where = cfg.source or "config"
+    t, r, te = cfg.train, cfg.responses, cfg.teacher
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise DataError(f"{where}: {msg}")
+
+    need(bool(cfg.base_model), "base_model is required (hub id or directory)")
+    need(bool(cfg.queries.source), "queries.source is required (.txt, .jsonl or a hub dataset id)")
+    need(cfg.queries.limit is None or cfg.queries.limit > 0, "queries.limit must be > 0")
+    need(r.max_new_tokens >= 1, "responses.max_new_tokens must be >= 1")
+    need(r.batch_size >= 1, "responses.batch_size must be >= 1")
+    need(r.temperature >= 0, "responses.temperature must be >= 0 (0 = greedy)")
+    need(0 < r.top_p <= 1, "responses.top_p must be in (0, 1]")
+    need(te.pooling is None or te.pooling in POOLINGS, f"teacher.pooling must be one of {', '.join(POOLINGS)}")
+    need(not te.model.startswith("hf:") or te.pooling is not None,
+         "teacher.model 'hf:NAME' needs teacher.pooling (mean, cls or last)")
+    need(te.batch_size >= 1 and te.max_length >= 1, "teacher.batch_size and teacher.max_length must be >= 1")
+    need(t.num_special_tokens >= 1, "train.num_special_tokens must be >= 1")
+    need(t.learning_rate > 0, "train.learning_rate must be > 0")
+    need(t.warmup_steps >= 0 and t.max_steps >= 1, "train.warmup_steps must be >= 0 and train.max_steps >= 1")
+    need(t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
+    need(t.batch_size >= 1, "train.batch_size must be >= 1")
+    need(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    need(t.max_length > t.num_special_tokens, "train.max_length must exceed train.num_special_tokens")
+    need(t.max_response_length >= 2, "train.max_response_length must be >= 2")
+    need(t.rec_weight >= 0 and t.align_weight >= 0 and t.rec_weight + t.align_weight > 0,
+         "train.rec_weight and train.align_weight must be >= 0 and not both 0")
+    need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm must be > 0 or null")
+    need(t.eval_size >= 0 and t.eval_every >= 1 and t.save_every >= 1 and t.log_every >= 1,
+         "train.eval_size must be >= 0; eval_every, save_every and log_every >= 1")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+    bad = [x for x in t.report_to if x not in REPORTERS]
+    need(not bad, f"train.report_to: unknown {bad}; expected any of {', '.join(REPORTERS)}")
+    need(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas must be two numbers in [0, 1)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading files (the edge)
+# ----------------------------------------------------------------------------------------------------------
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert one plain value against a dataclass field annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise DataError(f"{where}: must not be null")
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise DataError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DataError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "3e-4" as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise DataError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise DataError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise DataError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    raise TypeError(f"unsupported annotation {annotation!r}")  # pragma: no cover - programming error
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DataError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _convert(value, hint, f"{where}.{name}")
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise DataError(f"{where}: missing required key(s) {missing}")
+    return cls(**kwargs)
+
+
+def _resolve_relative(value: str, root: Path) -> str:
+    """A relative path that exists next to the config file wins; anything else (hub ids) stays as is."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = root / p
+    if candidate.exists():
+        return str(candidate.resolve())
+    return value
+
+
+def config_from_dict(data: dict[str, Any], *, root: str | Path | None = None, source: str = "config") -> PipelineConfig:
+    """Build and validate a :class:`PipelineConfig` from plain data; relative paths resolve against ``root``."""
+    if not isinstance(data, dict):
+        raise DataError(f"{source}: expected a mapping of settings at the top level")
+    data = dict(data)
+    data["source"] = source
+    if isinstance(data.get("queries"), str):
+        data["queries"] = {"source": data["queries"]}
+    cfg = _build(PipelineConfig, data, source)
+    if root is not None:
+        root = Path(root)
+        cfg = dataclasses.replace(cfg, base_model=_resolve_relative(cfg.base_model, root),
+                                  queries=dataclasses.replace(cfg.queries, source=_resolve_relative(cfg.queries.source, root)))
+    return validate(cfg)
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a pipeline file (``.yaml``/``.yml`` or ``.toml``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such pipeline file; expected a .yaml or .toml training config")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ImportError("TOML pipeline files need Python 3.11+ or `pip install tomli`; "
+                                  "or write the pipeline as YAML") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise DataError(f"{p}: not valid TOML ({exc})") from None
+    elif p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise DataError(f"{p}: not valid YAML ({exc.__class__.__name__})") from None
+    else:
+        raise DataError(f"{p}: unknown config format {p.suffix!r}; expected .yaml, .yml or .toml")
+    return config_from_dict(data or {}, root=p.resolve().parent, source=str(p))
+
+
+def override_train(cfg: PipelineConfig, **changes: Any) -> PipelineConfig:
+    """A copy with some ``train`` keys changed (CLI overrides such as --max-steps), validated."""
+    return validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes)))

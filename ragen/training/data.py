@@ -1,0 +1,130 @@
+"""Training examples and the deterministic batch order.
+
+The examples of optimizer step ``s`` are a pure function of ``(seed, s)``: an endless stream of seeded
+per-epoch permutations, cut into global batches. Resuming at step ``s`` therefore needs no saved data
+position beyond ``s`` itself, and any number of processes sees the same global batch (each takes its
+contiguous slice), which is what makes multi-process losses equal single-process ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    query: str
+    response: str
+    teacher: np.ndarray  # (D,) float32
+
+
+@dataclass(frozen=True)
+class Batch:
+    query_ids: torch.Tensor  # (B, S) left padded, K special tokens last
+    query_mask: torch.Tensor  # (B, S)
+    response_ids: torch.Tensor  # (B, T) right padded, EOS-terminated unless truncated
+    response_mask: torch.Tensor  # (B, T)
+    teacher: torch.Tensor  # (B, D) float32
+
+    @property
+    def size(self) -> int:
+        return int(self.query_ids.shape[0])
+
+
+def build_examples(records: list[dict[str, Any]], vectors: np.ndarray) -> list[Example]:
+    if len(records) != vectors.shape[0]:
+        raise DataError(f"{len(records)} responses but {vectors.shape[0]} teacher vectors; recompute teacher vectors")
+    return [Example(str(r["id"]), str(r["query"]), str(r["response"]), vectors[i]) for i, r in enumerate(records)]
+
+
+def split_eval(examples: list[Example], eval_size: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out ``eval_size`` examples, chosen by a seeded permutation (stable for a given seed)."""
+    if eval_size == 0:
+        return examples, []
+    if eval_size >= len(examples):
+        raise DataError(f"train.eval_size={eval_size} leaves no training examples out of {len(examples)}")
+    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    held = set(perm[:eval_size])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def global_batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of optimizer step ``step`` (0-based): positions ``[step*B, (step+1)*B)`` of the
+    stream ``perm(epoch 0) + perm(epoch 1) + ...``."""
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        take = min(batch_size - len(out), n - offset)
+        out.extend(perm[offset:offset + take])
+        pos += take
+    return out
+
+
+class Collator:
+    """Tokenises examples exactly like inference does (``LLM2VecGen.tokenize``) and pads the responses."""
+
+    def __init__(self, model: Any, *, max_length: int, max_response_length: int, query_instruction: str = "") -> None:
+        self.model = model
+        self.max_length = max_length
+        self.max_response_length = max_response_length
+        self.query_instruction = query_instruction
+        tok = model.tokenizer
+        eos = tok.eos_token_id if tok.eos_token_id is not None else model.lm.config.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0]
+        if eos is None:
+            raise DataError(f"{model.base_model}: the tokenizer has no EOS token to terminate responses")
+        self.eos_id = int(eos)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        self._response_cache: dict[str, list[int]] = {}
+        self._query_cache: dict[str, list[int]] = {}
+
+    def response_tokens(self, response: str) -> list[int]:
+        """Response ids + EOS; a response longer than the limit is cut and gets no EOS (it did not end)."""
+        ids = self._response_cache.get(response)
+        if ids is None:
+            ids = self.model.tokenizer(response.strip(), add_special_tokens=False)["input_ids"]
+            ids = ids[: self.max_response_length] if len(ids) >= self.max_response_length else ids + [self.eos_id]
+            self._response_cache[response] = ids
+        return ids
+
+    def query_tokens(self, query: str) -> list[int]:
+        ids = self._query_cache.get(query)
+        if ids is None:
+            ids = self.model.tokenize([self.query_instruction + query], self.max_length)[0]
+            self._query_cache[query] = ids
+        return ids
+
+    def warm(self, examples: list[Example]) -> None:
+        """Tokenise everything up front (batched), so per-step token counts are known without work."""
+        todo = [e.response for e in examples if e.response not in self._response_cache]
+        if todo:
+            enc = self.model.tokenizer([r.strip() for r in todo], add_special_tokens=False)["input_ids"]
+            for r, ids in zip(todo, enc):
+                self._response_cache[r] = ids[: self.max_response_length] if len(ids) >= self.max_response_length \
+                    else ids + [self.eos_id]
+        todo_q = list(dict.fromkeys(e.query for e in examples if e.query not in self._query_cache))
+        if todo_q:
+            for q, ids in zip(todo_q, self.model.tokenize([self.query_instruction + q for q in todo_q], self.max_length)):
+                self._query_cache[q] = ids
+
+    def __call__(self, examples: list[Example], device: str | torch.device) -> Batch:
+        qids, qmask = self.model.pad_batch([self.query_tokens(e.query) for e in examples])
+        responses = [self.response_tokens(e.response) for e in examples]
+        width = max(len(r) for r in responses)
+        rids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        rmask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, r in enumerate(responses):
+            rids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            rmask[i, : len(r)] = 1
+        teacher = torch.from_numpy(np.stack([e.teacher for e in examples]).astype(np.float32))
+        return Batch(qids.to(device), qmask.to(device), rids.to(device), rmask.to(device), teacher.to(device))

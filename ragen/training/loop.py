@@ -1,0 +1,540 @@
+"""Stage 3: learn the K special-token rows and the two heads on a frozen backbone.
+
+Read top to bottom: :func:`run_pipeline` runs the stages (responses -> teacher vectors -> :func:`fit`);
+:func:`fit` is the loop. One optimizer step:
+
+    global batch (a function of the step)  -> this process's slice -> micro-batches
+    micro-batch: query + K specials -> backbone -> last K states -> reconstruction head   (B, K, H)
+                 rec  = CE(response | soft prompt = those states)           summed over tokens
+                 align = SE(mean_K(alignment head(states)), teacher vector)  summed over values
+                 loss = w_rec * rec / tokens_in_global_batch + w_align * align / (B_global * D)
+    backward (DDP all-reduces gradients of the trainable tensors once per step), clip, AdamW, schedule
+
+Because the loss is normalised by *global* counts, every split of the global batch over processes and
+micro-batches computes the same gradient: 2 processes x B/2 equals 1 process x B (up to float sums).
+Only the K rows and the heads have ``requires_grad``; the backbone is never touched (a test asserts it
+is bit-identical after training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..encoders.base import resolve_device, resolve_dtype
+from ..encoders.llm2vec_gen import LLM2VecGen
+from ..errors import DataError
+from .config import PipelineConfig, TrainConfig
+from .data import Batch, Collator, Example, build_examples, global_batch_indices, split_eval
+from .distributed import DistContext, all_reduce_sum, barrier, init_distributed
+from .losses import alignment_loss_sum, reconstruction_loss_sum
+from .responses import RESPONSES_FILE, generate_responses, merge_responses, read_responses, responses_complete
+from .teacher import compute_teacher_vectors
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+TEACHER_DIR = "teacher"
+_STATE_FILE = "trainer_state.json"
+_TRAINABLE_FILE = "trainable.safetensors"
+_OPTIMIZER_FILE = "optimizer.pt"
+# Settings a resumed run may change without invalidating the saved state.
+_RESUME_FREE = ("max_steps", "eval_every", "save_every", "log_every", "keep_checkpoints", "report_to", "wandb_project")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# progress reporting
+# ----------------------------------------------------------------------------------------------------------
+class TrainCallback:
+    """Receives progress from the library (the CLI draws it with rich). Every method is optional."""
+
+    def on_stage(self, name: str, detail: str) -> None:
+        """A pipeline stage starts: ``responses``, ``teacher``, ``train``, ``save``."""
+
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        """Progress inside the responses stage."""
+
+    def on_train_start(self, start_step: int, max_steps: int) -> None: ...
+
+    def on_step(self, metrics: dict[str, Any]) -> None: ...
+
+    def on_eval(self, metrics: dict[str, Any]) -> None: ...
+
+    def on_checkpoint(self, path: Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_dir: Path | None  # the published-layout model (None on non-main processes)
+    steps: int
+    final_loss: float
+    losses: list[float] = field(default_factory=list)  # per-step training loss of this run
+    eval_loss: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the trainable part
+# ----------------------------------------------------------------------------------------------------------
+class TrainableLLM2VecGen(torch.nn.Module):
+    """The K special-token rows and the two heads, as one module; the frozen LLM2VecGen is kept outside
+    the module tree so DDP neither broadcasts nor watches the backbone's weights."""
+
+    def __init__(self, model: LLM2VecGen) -> None:
+        super().__init__()
+        if model.reconstruction_head is None or model.alignment_head is None:
+            raise DataError("training needs a model with both a reconstruction and an alignment head")
+        self.special_rows = torch.nn.Parameter(model.trained_rows().to(model.device))  # (K, H) float32
+        self.reconstruction_head = model.reconstruction_head
+        self.alignment_head = model.alignment_head
+        for head in (self.reconstruction_head, self.alignment_head):
+            head.requires_grad_(True)
+            head.train()
+        object.__setattr__(self, "_frozen", model)
+
+    @property
+    def frozen(self) -> LLM2VecGen:
+        return self._frozen  # type: ignore[attr-defined]
+
+    def forward(self, batch: Batch, rec_scale: float, align_scale: float,
+                recompute_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scaled loss, summed CE, summed squared error)`` for one micro-batch. The scales turn the sums
+        into this micro-batch's share of the global-batch loss."""
+        model = self.frozen
+        states = model.last_hidden_states(batch.query_ids, batch.query_mask, special_rows=self.special_rows)
+        recon = self.reconstruction_head(states.float())  # (B, K, H) float32
+        pooled = self.alignment_head(recon).mean(dim=1)  # (B, D)
+        rec = reconstruction_loss_sum(model.lm, recon.to(model.dtype), batch.response_ids, batch.response_mask,
+                                      recompute_logits=recompute_logits)
+        align = alignment_loss_sum(pooled, batch.teacher)
+        return rec * rec_scale + align * align_scale, rec.detach(), align.detach()
+
+
+def _lr_lambda(cfg: TrainConfig):
+    warm, total = cfg.warmup_steps, cfg.max_steps
+
+    def factor(step: int) -> float:  # step: optimizer steps taken so far (0-based)
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------------------
+def _resume_fingerprint(cfg: PipelineConfig) -> str:
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _RESUME_FREE}
+    data = {"base_model": cfg.base_model, "teacher": dataclasses.asdict(cfg.teacher), "train": train, "seed": cfg.seed}
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    root = out_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / _STATE_FILE).is_file() and "." not in p.name)
+    return done[-1] if done else None
+
+
+def _save_checkpoint(out_dir: Path, step: int, trainable: TrainableLLM2VecGen, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, cfg: PipelineConfig, teacher_dim: int) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically: build it under a temporary name, fsync, rename."""
+    from safetensors.torch import save_file
+
+    root = out_dir / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in trainable.state_dict().items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(tmp / _TRAINABLE_FILE))
+    torch.save(optimizer.state_dict(), tmp / _OPTIMIZER_FILE)  # tensors and numbers only: loads with weights_only
+    # The published layout too, so any checkpoint can be loaded with LLM2VecGen.from_pretrained.
+    trainable.frozen.save_pretrained(tmp / MODEL_DIR, special_rows=trainable.special_rows)
+    state = {"step": step, "scheduler": scheduler.state_dict(), "resume_fingerprint": _resume_fingerprint(cfg),
+             "teacher_dim": teacher_dim, "config": cfg.to_dict()}
+    (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    keep = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in keep[: -cfg.train.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(path: Path, trainable: TrainableLLM2VecGen, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     cfg: PipelineConfig) -> int:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / _STATE_FILE).read_text(encoding="utf-8"))
+    if state.get("resume_fingerprint") != _resume_fingerprint(cfg):
+        raise DataError(f"{path}: was written with different training settings; resume needs the same config "
+                        "(use a new --output directory, or --no-resume to start over)")
+    tensors = load_file(str(path / _TRAINABLE_FILE))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    cuda_rng = tensors.pop("rng.cuda", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
+    trainable.load_state_dict({k: v.to(trainable.special_rows.device) for k, v in tensors.items()})
+    optimizer.load_state_dict(torch.load(path / _OPTIMIZER_FILE, map_location=trainable.special_rows.device,
+                                         weights_only=True))
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------------------
+class _Metrics:
+    """metrics.jsonl (main process) plus tensorboard/wandb when asked for."""
+
+    def __init__(self, out_dir: Path, cfg: PipelineConfig, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = out_dir / METRICS_FILE
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        # A resumed run rewrites history after the checkpoint, so the file holds one clean curve.
+        rows = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("step", 0) <= start_step:
+                    rows.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self.fh = open(self.path, "a", encoding="utf-8")
+        if "tensorboard" in cfg.train.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        if "wandb" in cfg.train.report_to:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.train.wandb_project, config=cfg.to_dict(), dir=str(out_dir),
+                                    resume="allow")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+        step = int(row["step"])
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def check_reporters(report_to: tuple[str, ...]) -> None:
+    """Fail before any work when a requested reporter is not installed."""
+    import importlib.util
+
+    need = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    for name in report_to:
+        if importlib.util.find_spec(need[name]) is None:
+            raise ImportError(f"train.report_to asks for {name} but it is not installed: pip install {need[name]}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------------------
+def _micro_batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+@torch.no_grad()
+def evaluate(trainable: TrainableLLM2VecGen, collator: Collator, examples: list[Example], cfg: TrainConfig,
+             ctx: DistContext, device: str, micro: int) -> dict[str, float]:
+    """Eval loss on held-out examples, normalised like the training loss; sharded over processes."""
+    mine = list(range(ctx.rank, len(examples), ctx.world_size))
+    sums = torch.zeros(4, dtype=torch.float64)  # CE sum, tokens, SE sum, values
+    was_training = trainable.training
+    trainable.eval()
+    for idx in _micro_batches(mine, micro):
+        batch = collator([examples[i] for i in idx], device)
+        _, rec, align = trainable(batch, 0.0, 0.0)
+        sums += torch.tensor([float(rec), float(batch.response_mask.sum()), float(align),
+                              float(batch.teacher.numel())], dtype=torch.float64)
+    trainable.train(was_training)
+    sums = all_reduce_sum(ctx, sums)
+    rec = float(sums[0] / max(sums[1], 1.0))
+    align = float(sums[2] / max(sums[3], 1.0))
+    return {"eval_loss": cfg.rec_weight * rec + cfg.align_weight * align, "eval_rec": rec, "eval_align": align}
+
+
+def _enable_gradient_checkpointing(lm: Any) -> None:
+    """Recompute each decoder layer in backward. HF checkpoints a layer only while that layer is in
+    training mode; we flip the flag on the layer objects alone so no dropout anywhere turns on."""
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in lm.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True
+
+
+def fit(
+    model: LLM2VecGen,
+    train_examples: list[Example],
+    eval_examples: list[Example],
+    cfg: PipelineConfig,
+    out_dir: str | Path,
+    *,
+    ctx: DistContext | None = None,
+    resume: bool = True,
+    callback: TrainCallback | None = None,
+) -> TrainResult:
+    """Train ``model``'s rows and heads in place; checkpoints, metrics and the final model go to ``out_dir``."""
+    t = cfg.train
+    ctx = ctx or DistContext()
+    cb = callback or TrainCallback()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = model.device
+    if t.batch_size % ctx.world_size:
+        raise DataError(f"train.batch_size={t.batch_size} must be divisible by the {ctx.world_size} processes")
+    local_bs = t.batch_size // ctx.world_size
+    micro = min(t.micro_batch_size or local_bs, local_bs)
+    if not train_examples:
+        raise DataError("no training examples")
+    teacher_dim = int(train_examples[0].teacher.shape[0])
+    if model.alignment_head is None or model.alignment_head.output_dim != teacher_dim:
+        raise DataError(f"the alignment head outputs {model.dim} values but the teacher vectors have {teacher_dim}")
+    check_reporters(t.report_to)
+
+    torch.manual_seed(cfg.seed)
+    gc_on = t.gradient_checkpointing if t.gradient_checkpointing is not None else device.startswith("cuda")
+    if gc_on:
+        _enable_gradient_checkpointing(model.lm)
+    trainable = TrainableLLM2VecGen(model)
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_ids = [torch.device(device).index] if device.startswith("cuda") else None
+        engine: torch.nn.Module = DDP(trainable, device_ids=ddp_ids)
+    else:
+        engine = trainable
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t))
+
+    start = 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        start = _load_checkpoint(ckpt, trainable, optimizer, scheduler, cfg)
+        logger.info("resumed from %s at step %d", ckpt, start)
+    elif not resume and ctx.is_main and (out / CHECKPOINTS_DIR).exists():
+        shutil.rmtree(out / CHECKPOINTS_DIR)
+    barrier(ctx)
+
+    collator = Collator(model, max_length=t.max_length, max_response_length=t.max_response_length,
+                        query_instruction=t.query_instruction)
+    collator.warm(train_examples + eval_examples)
+    metrics = _Metrics(out, cfg, start, enabled=ctx.is_main)
+    cb.on_train_start(start, t.max_steps)
+    losses: list[float] = []
+    last_eval: float | None = None
+    rec_tokens = None
+    try:
+        for step in range(start, t.max_steps):
+            t0 = time.perf_counter()
+            idx = global_batch_indices(len(train_examples), t.batch_size, step, cfg.seed)
+            examples = [train_examples[i] for i in idx]
+            # Global normalisers, known on every process without communication.
+            rec_tokens = sum(len(collator.response_tokens(e.response)) for e in examples)
+            query_tokens = sum(len(collator.query_tokens(e.query)) for e in examples)
+            rec_scale = t.rec_weight / rec_tokens * ctx.world_size  # DDP averages gradients over processes
+            align_scale = t.align_weight / (t.batch_size * teacher_dim) * ctx.world_size
+            local = examples[ctx.rank * local_bs:(ctx.rank + 1) * local_bs]
+            chunks = _micro_batches(list(range(len(local))), micro)
+            sums = torch.zeros(2, dtype=torch.float64)
+            for j, chunk in enumerate(chunks):
+                batch = collator([local[i] for i in chunk], device)
+                sync = j == len(chunks) - 1
+                if ctx.active and not sync:
+                    with engine.no_sync():  # type: ignore[operator]
+                        loss, rec, align = engine(batch, rec_scale, align_scale, gc_on)
+                        loss.backward()
+                else:
+                    loss, rec, align = engine(batch, rec_scale, align_scale, gc_on)
+                    loss.backward()
+                sums += torch.tensor([float(rec), float(align)], dtype=torch.float64)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable.parameters(),
+                                                       t.max_grad_norm if t.max_grad_norm is not None else float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums = all_reduce_sum(ctx, sums)
+            rec_mean = float(sums[0]) / rec_tokens
+            align_mean = float(sums[1]) / (t.batch_size * teacher_dim)
+            loss_value = t.rec_weight * rec_mean + t.align_weight * align_mean
+            losses.append(loss_value)
+            if not math.isfinite(loss_value):
+                raise DataError(f"training diverged at step {step + 1} (loss {loss_value}); lower train.learning_rate")
+            elapsed = time.perf_counter() - t0
+            row = {"step": step + 1, "loss": loss_value, "rec": rec_mean, "align": align_mean, "lr": lr,
+                   "grad_norm": float(grad_norm), "tokens": rec_tokens + query_tokens,
+                   "tokens_per_s": (rec_tokens + query_tokens) / max(elapsed, 1e-9), "step_time_s": elapsed}
+            if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
+                metrics.write(row)
+            cb.on_step(row)
+            if eval_examples and ((step + 1) % t.eval_every == 0 or step + 1 == t.max_steps):
+                ev = {"step": step + 1, **evaluate(trainable, collator, eval_examples, t, ctx, device, micro)}
+                last_eval = ev["eval_loss"]
+                metrics.write(ev)
+                cb.on_eval(ev)
+            if (step + 1) % t.save_every == 0 and step + 1 < t.max_steps:
+                if ctx.is_main:
+                    path = _save_checkpoint(out, step + 1, trainable, optimizer, scheduler, cfg, teacher_dim)
+                    cb.on_checkpoint(path)
+                barrier(ctx)
+        model_dir = None
+        cb.on_stage("save", str(out / MODEL_DIR))
+        if ctx.is_main and t.max_steps > start:
+            path = _save_checkpoint(out, t.max_steps, trainable, optimizer, scheduler, cfg, teacher_dim)
+            cb.on_checkpoint(path)
+        if ctx.is_main:
+            model_dir = _save_final(model, trainable, out, cfg)
+        barrier(ctx)
+    finally:
+        metrics.close()
+        if gc_on:
+            model.lm.gradient_checkpointing_disable()
+        for head in (model.reconstruction_head, model.alignment_head):
+            if head is not None:
+                head.requires_grad_(False)
+                head.eval()
+        model.lm.eval()
+    return TrainResult(model_dir=model_dir, steps=t.max_steps, final_loss=losses[-1] if losses else float("nan"),
+                       losses=losses, eval_loss=last_eval)
+
+
+def _save_final(model: LLM2VecGen, trainable: TrainableLLM2VecGen, out: Path, cfg: PipelineConfig) -> Path:
+    """The trained model in the published layout, written beside and then swapped in atomically."""
+    model.set_special_rows(trainable.special_rows.detach())
+    t = cfg.train
+    model.run_config.update({
+        "max_input_length": t.max_length, "learning_rate": t.learning_rate, "max_steps": t.max_steps,
+        "warmup_steps": t.warmup_steps, "lr_scheduler_type": t.schedule, "per_device_train_batch_size": t.batch_size,
+        "recon_loss_weight": t.rec_weight, "align_loss_weight": t.align_weight, "teacher_model": cfg.teacher.model,
+        "seed": cfg.seed, "trained_with": "ragen",
+    })
+    final = out / MODEL_DIR
+    tmp = out / f".{MODEL_DIR}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pipeline
+# ----------------------------------------------------------------------------------------------------------
+def setup_runtime(cfg: PipelineConfig) -> tuple[DistContext, str, torch.dtype]:
+    """Join the launcher's process group (if any); this process's device (cuda:LOCAL_RANK under a
+    launcher) and the backbone dtype (bf16 on CUDA, float32 on CPU unless configured)."""
+    device = resolve_device(None if cfg.device == "auto" else cfg.device)
+    ctx = init_distributed(device)
+    if device == "cuda" and ctx.active:
+        device = f"cuda:{ctx.local_rank}"
+    return ctx, device, resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, device)
+
+
+def ensure_responses(cfg: PipelineConfig, out_dir: Path, ctx: DistContext, device: str, dtype: torch.dtype,
+                     callback: TrainCallback | None = None) -> Path:
+    """Stage 1 across all processes: each answers its shard, then the main process merges."""
+    cb = callback or TrainCallback()
+    if not responses_complete(cfg, out_dir):
+        cb.on_stage("responses", f"{cfg.base_model}: answering {cfg.queries.source}")
+        generate_responses(cfg, out_dir, shard=(ctx.rank, ctx.world_size), device=device, dtype=dtype,
+                           progress=lambda d, n: cb.on_progress("responses", d, n))
+        barrier(ctx)
+        if ctx.is_main:
+            merge_responses(cfg, out_dir)
+    barrier(ctx)
+    return out_dir / RESPONSES_FILE
+
+
+def ensure_teacher_vectors(cfg: PipelineConfig, out_dir: Path, ctx: DistContext, device: str,
+                           callback: TrainCallback | None = None) -> np.ndarray:
+    """Stage 2: the main process computes (or finds cached) vectors; the others then read the cache."""
+    cb = callback or TrainCallback()
+    cb.on_stage("teacher", cfg.teacher.model)
+    vectors = None
+    if ctx.is_main:
+        vectors, _ = compute_teacher_vectors(out_dir / RESPONSES_FILE, cfg.teacher, out_dir / TEACHER_DIR, device=device)
+    barrier(ctx)
+    if vectors is None:
+        vectors, _ = compute_teacher_vectors(out_dir / RESPONSES_FILE, cfg.teacher, out_dir / TEACHER_DIR, device=device)
+    return vectors
+
+
+def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = True,
+                 callback: TrainCallback | None = None) -> TrainResult:
+    """Responses -> teacher vectors -> training -> ``out_dir/model`` (published layout). Run it under
+    ``torchrun``/``accelerate launch`` for data parallelism; every stage resumes where it stopped."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cb = callback or TrainCallback()
+    check_reporters(cfg.train.report_to)
+    ctx, device, dtype = setup_runtime(cfg)
+    if ctx.is_main:
+        (out / "pipeline.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str), encoding="utf-8")
+    responses = ensure_responses(cfg, out, ctx, device, dtype, cb)
+    vectors = ensure_teacher_vectors(cfg, out, ctx, device, cb)
+    examples = build_examples(read_responses(responses), vectors)
+    train_ex, eval_ex = split_eval(examples, cfg.train.eval_size, cfg.seed)
+    cb.on_stage("train", f"{len(train_ex)} examples, {len(eval_ex)} held out, {ctx.world_size} process(es) on {device}")
+    model = LLM2VecGen.initialize(cfg.base_model, num_special_tokens=cfg.train.num_special_tokens,
+                                  alignment_dim=int(vectors.shape[1]), device=device, dtype=dtype, seed=cfg.seed)
+    return fit(model, train_ex, eval_ex, cfg, out, ctx=ctx, resume=resume, callback=cb)

@@ -1,0 +1,324 @@
+"""Stage 1: the frozen LLM's own responses to the training queries.
+
+Each query is wrapped in the backbone's chat template with the generation prompt (Qwen3: thinking off),
+answered in length-sorted batches, and appended to a JSONL shard as soon as its batch finishes, so an
+interrupted run resumes where it stopped. Process ``r`` of ``w`` answers the pending ones among queries ``r, r+w,
+...``; :func:`merge_responses` joins the shards into ``responses.jsonl`` in query order.
+
+Record format (one JSON object per line)::
+
+    {"id": "...", "query": "...", "response": "...", "num_tokens": 123, "finish_reason": "stop" | "length"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, DataError
+from .config import PipelineConfig, QueriesConfig, ResponsesConfig
+
+logger = logging.getLogger(__name__)
+
+RESPONSES_FILE = "responses.jsonl"
+_QUERY_FIELDS = ("query", "prompt", "question", "text", "instruction", "input")
+
+
+@dataclass(frozen=True)
+class Query:
+    id: str
+    text: str
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading queries
+# ----------------------------------------------------------------------------------------------------------
+def _query_from_record(rec: Any, field: str | None, where: str) -> str | None:
+    """The query text of one record, or None for records to skip (multi-turn conversations)."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if field is not None:
+        if field not in rec:
+            raise DataError(f"{where}: no field {field!r} (queries.field); keys: {sorted(rec)[:10]}")
+        value = rec[field]
+    elif "messages" in rec and not any(k in rec for k in _QUERY_FIELDS):
+        value = rec["messages"]
+    else:
+        key = next((k for k in _QUERY_FIELDS if k in rec), None)
+        if key is None:
+            raise DataError(f"{where}: no query field; expected one of {', '.join(_QUERY_FIELDS)} or 'messages' "
+                            "(or set queries.field)")
+        value = rec[key]
+    if isinstance(value, list):  # chat messages: keep single-turn conversations (one user message)
+        users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        return users[0] if len(users) == 1 and isinstance(users[0], str) else None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: query must be a string, got {type(value).__name__}")
+    return value
+
+
+def _with_ids(items: Iterable[tuple[str | None, str]]) -> list[Query]:
+    """Stable ids: the record's own id where given, else a digest of the text (duplicates get a suffix)."""
+    out: list[Query] = []
+    seen: dict[str, int] = {}
+    for given, text in items:
+        base = str(given) if given is not None else hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.append(Query(base if n == 0 else f"{base}-{n}", text))
+    return out
+
+
+def read_queries(cfg: QueriesConfig) -> list[Query]:
+    """Queries from a .txt/.jsonl file or a hub dataset; empty texts are dropped."""
+    src = cfg.source
+    path = Path(src).expanduser()
+    items: list[tuple[str | None, str]] = []
+    if path.is_file():
+        if path.suffix.lower() in (".jsonl", ".json"):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{n}: not valid JSON ({exc.msg}); expected one object per line") from None
+                    text = _query_from_record(rec, cfg.field, f"{path}:{n}")
+                    if text is not None and text.strip():
+                        items.append((rec.get("id"), text.strip()))
+        else:
+            items = [(None, line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.exists():
+        raise DataError(f"{src}: is a directory; expected a .txt or .jsonl file or a hub dataset id")
+    elif "/" in src and not src.startswith((".", "/", "~")) and src.count("/") == 1:
+        items = _read_hub_queries(cfg)
+    else:
+        raise DataError(f"{src}: no such file; expected a .txt or .jsonl file or a hub dataset id (owner/name)")
+    if cfg.limit is not None:
+        items = items[: cfg.limit]
+    if not items:
+        raise DataError(f"{src}: no queries found")
+    return _with_ids(items)
+
+
+def _read_hub_queries(cfg: QueriesConfig) -> list[tuple[str | None, str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("reading queries from a hub dataset needs the 'datasets' package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(cfg.source, split=cfg.split, streaming=cfg.limit is not None)
+    except Exception as exc:  # network, auth, missing split: all mean "not readable here"
+        raise DataError(f"cannot load hub dataset {cfg.source!r} split {cfg.split!r} "
+                        f"({str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__})") from None
+    items: list[tuple[str | None, str]] = []
+    for i, rec in enumerate(ds):
+        text = _query_from_record(dict(rec), cfg.field, f"{cfg.source}[{i}]")
+        if text is not None and text.strip():
+            items.append((rec.get("id"), text.strip()))
+        if cfg.limit is not None and len(items) >= cfg.limit:
+            break
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSONL shards
+# ----------------------------------------------------------------------------------------------------------
+def read_responses(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Records of a responses file. Every record is written with its newline in one write, so a last line
+    without a newline is a torn write from an interrupted run: it is dropped, and with ``repair`` cut off
+    the file so appends continue cleanly. A bad complete line is an error."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    complete_end = data.rfind(b"\n") + 1  # bytes up to and including the last newline
+    records = []
+    for n, raw in enumerate(data[:complete_end].split(b"\n")[:-1], 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = None
+        if not isinstance(rec, dict) or not {"id", "query", "response"} <= set(rec):
+            raise DataError(f"{path}:{n}: not a response record; expected JSON with id, query, response")
+        records.append(rec)
+    if complete_end < len(data):
+        logger.warning("%s: dropping a torn last line (interrupted write)", path)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(complete_end)
+    return records
+
+
+def _shard_path(out_dir: Path, rank: int, world: int) -> Path:
+    return out_dir / f"responses.shard-{rank}-of-{world}.jsonl"
+
+
+def _all_done(out_dir: Path) -> dict[str, dict[str, Any]]:
+    done: dict[str, dict[str, Any]] = {}
+    for rec in read_responses(out_dir / RESPONSES_FILE):
+        done[str(rec["id"])] = rec
+    for shard in sorted(out_dir.glob("responses.shard-*.jsonl")):
+        for rec in read_responses(shard):
+            done[str(rec["id"])] = rec
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generation
+# ----------------------------------------------------------------------------------------------------------
+def load_generator(base_model: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The frozen causal LM and its tokenizer (left padding), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(base_model)
+        lm = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load base model {base_model!r} ({str(exc).splitlines()[0][:160]}); "
+                              "pass a local directory where the hub is unreachable") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    lm.requires_grad_(False)
+    return lm.to(device).eval(), tok
+
+
+def build_prompt(tokenizer: Any, query: str, cfg: ResponsesConfig) -> str:
+    """The chat-formatted prompt with the generation prompt appended. ``enable_thinking`` is passed only
+    to templates that use it (Qwen3); a tokenizer without a chat template gets the bare query."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return query
+    messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + \
+        [{"role": "user", "content": query}]
+    extra = {"enable_thinking": cfg.enable_thinking} if "enable_thinking" in str(template) else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+
+
+def stop_token_ids(lm: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    for src in (getattr(lm.generation_config, "eos_token_id", None), lm.config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    return sorted(ids)
+
+
+def _truncate_query(tokenizer: Any, text: str, max_tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+@torch.inference_mode()
+def answer(lm: Any, tokenizer: Any, queries: list[str], cfg: ResponsesConfig, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Generate one response per query (a single batch): ``{"response", "num_tokens", "finish_reason"}``."""
+    device = next(lm.parameters()).device
+    prompts = [build_prompt(tokenizer, _truncate_query(tokenizer, q, cfg.max_query_length), cfg) for q in queries]
+    enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+    stops = stop_token_ids(lm, tokenizer)
+    sample = cfg.temperature > 0
+    if sample:
+        torch.manual_seed(seed)
+    gen = lm.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
+                      temperature=cfg.temperature if sample else None, top_p=cfg.top_p if sample else None,
+                      top_k=None, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    new = gen[:, enc["input_ids"].shape[1]:].cpu().tolist()  # (batch, generated)
+    out = []
+    for row in new:
+        cut = next((j for j, t in enumerate(row) if t in stops), None)
+        tokens = row if cut is None else row[:cut]
+        out.append({"response": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                    "num_tokens": len(tokens), "finish_reason": "length" if cut is None else "stop"})
+    return out
+
+
+def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def generate_responses(
+    cfg: PipelineConfig,
+    out_dir: str | Path,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Answer this shard's pending queries, appending to its shard file; returns how many were generated.
+
+    ``progress(done, total)`` is called after each batch (counts for this shard)."""
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise DataError(f"shard {rank}/{world}: expected 0 <= index < count")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    queries = read_queries(cfg.queries)
+    shard_file = _shard_path(out, rank, world)
+    read_responses(shard_file, repair=True)
+    done = _all_done(out)
+    # Fixed assignment (query i -> shard i mod w), so concurrently running shards never overlap.
+    mine = [q for i, q in enumerate(queries) if i % world == rank and q.id not in done]
+    if not mine:
+        return 0
+    logger.info("generating %d responses (%d already done, shard %d/%d)", len(mine), len(done), rank, world)
+    lm, tok = load_generator(cfg.base_model, device, dtype)
+    lengths = [len(q.text) for q in mine]
+    order = sorted(range(len(mine)), key=lambda i: -lengths[i])
+    bs = cfg.responses.batch_size
+    finished = 0
+    for start in range(0, len(order), bs):
+        batch = [mine[i] for i in order[start:start + bs]]
+        seed = int(hashlib.sha1(f"{cfg.seed}:{batch[0].id}".encode()).hexdigest()[:8], 16)
+        results = answer(lm, tok, [q.text for q in batch], cfg.responses, seed=seed)
+        _append_jsonl(shard_file, [{"id": q.id, "query": q.text, **r} for q, r in zip(batch, results)])
+        finished += len(batch)
+        if progress is not None:
+            progress(finished, len(mine))
+    return finished
+
+
+def merge_responses(cfg: PipelineConfig, out_dir: str | Path) -> Path:
+    """Join all shards (and an earlier ``responses.jsonl``) into ``responses.jsonl`` in query order."""
+    out = Path(out_dir)
+    queries = read_queries(cfg.queries)
+    done = _all_done(out)
+    missing = [q.id for q in queries if q.id not in done]
+    if missing:
+        raise DataError(f"{out}: {len(missing)} of {len(queries)} queries have no response yet (e.g. {missing[0]}); "
+                        "run generate-responses on every shard first")
+    target = out / RESPONSES_FILE
+    tmp = out / f".{RESPONSES_FILE}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for q in queries:
+            f.write(json.dumps(done[q.id], ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    for shard in out.glob("responses.shard-*.jsonl"):
+        shard.unlink()
+    return target
+
+
+def responses_complete(cfg: PipelineConfig, out_dir: str | Path) -> bool:
+    path = Path(out_dir) / RESPONSES_FILE
+    if not path.is_file():
+        return False
+    have = {str(r["id"]) for r in read_responses(path)}
+    return all(q.id in have for q in read_queries(cfg.queries))

@@ -1,0 +1,176 @@
+"""Stage 2: teacher vectors of the responses, computed once and cached on disk.
+
+The cache is ``teacher-<teacher fingerprint>-<responses digest>.npy`` (float32, no pickle) with a JSON
+sidecar naming the teacher, the responses file and the row order (ids). Any change to the teacher's
+weights or to a response text gives a new key, so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..encoders import load_encoder
+from ..encoders.base import Encoder, hash_parts, length_sorted_batches, resolve_device, tensor_digest_bytes
+from ..errors import CheckpointError, DataError
+from .config import TeacherConfig
+from .responses import read_responses
+
+logger = logging.getLogger(__name__)
+
+
+class PooledHFEncoder:
+    """A Hugging Face encoder (``AutoModel``) with a named pooling over its final hidden states:
+    ``mean`` (over non-padding tokens), ``cls`` (first token, e.g. BGE) or ``last`` (last non-padding token).
+    No normalisation, like the teachers of the reference recipe."""
+
+    def __init__(self, name: str, pooling: str, *, device: str | None = None, max_length: int = 512) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name, self.pooling, self.max_length = name, pooling, max_length
+        dev = resolve_device(device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+            self.model = AutoModel.from_pretrained(name).to(dev).eval()
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load teacher {name!r} ({str(exc).splitlines()[0][:160]}); "
+                                  "pass a local directory where the hub is unreachable") from None
+        self.model.requires_grad_(False)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.device = dev
+        self._fingerprint: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def spec(self) -> str:
+        return f"hf:{self.name}"
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            params = list(self.model.parameters())
+            self._fingerprint = hash_parts("hf-pooled/1", self.pooling, self.max_length, self.dim,
+                                           tensor_digest_bytes(params[0].flatten()[:4096]),
+                                           tensor_digest_bytes(params[-1].flatten()[:4096]))
+        return self._fingerprint
+
+    @torch.inference_mode()
+    def _encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for idx in length_sorted_batches([len(t) for t in texts], batch_size):
+            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            hidden = self.model(**enc).last_hidden_state.float()  # (batch, seq, hidden)
+            mask = enc["attention_mask"].unsqueeze(-1).float()  # (batch, seq, 1)
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            elif self.pooling == "last":
+                last = enc["attention_mask"].sum(dim=1) - 1  # right padding: index of the last real token
+                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            else:
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (batch, hidden)
+            out[idx] = pooled.cpu().numpy()
+        return out
+
+    def encode_queries(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
+        return self.encode_documents(texts, batch_size=batch_size, normalize=normalize)
+
+    def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
+        out = self._encode(texts, batch_size)
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+
+def load_teacher(cfg: TeacherConfig, *, device: str | None = None) -> Encoder:
+    """The teacher named by ``cfg.model``: ``hf:NAME`` + pooling here, every other form via ``load_encoder``."""
+    if cfg.model.startswith("hf:"):
+        name = cfg.model[3:]
+        if not name or cfg.pooling is None:
+            raise DataError(f"teacher {cfg.model!r}: 'hf:NAME' needs a model name and teacher.pooling (mean, cls, last)")
+        return PooledHFEncoder(name, cfg.pooling, device=device, max_length=cfg.max_length)
+    if cfg.pooling is not None:
+        raise DataError(f"teacher.pooling applies to 'hf:NAME' teachers only; {cfg.model!r} brings its own pooling")
+    return load_encoder(cfg.model, device=device)
+
+
+def responses_digest(records: Sequence[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for rec in records:
+        h.update(json.dumps([str(rec["id"]), rec["response"]], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def compute_teacher_vectors(
+    responses_path: str | Path,
+    cfg: TeacherConfig,
+    cache_dir: str | Path,
+    *,
+    device: str | None = None,
+    teacher: Encoder | None = None,
+) -> tuple[np.ndarray, Path]:
+    """Teacher vectors of every response, ``(n_responses, teacher_dim)`` float32 in file order, and the
+    cache file holding them. Reads the cache when teacher and responses are unchanged."""
+    records = read_responses(Path(responses_path))
+    if not records:
+        raise DataError(f"{responses_path}: no responses; run generate-responses first")
+    teacher = teacher if teacher is not None else load_teacher(cfg, device=device)
+    digest = responses_digest(records)
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    stem = f"teacher-{teacher.fingerprint}-{digest}"
+    npy, sidecar = cache / f"{stem}.npy", cache / f"{stem}.json"
+    if npy.is_file() and sidecar.is_file():
+        try:
+            vectors = np.load(npy, allow_pickle=False)
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            logger.warning("%s: unreadable teacher cache (%s); recomputing", npy, exc)
+        else:
+            if vectors.shape == (len(records), teacher.dim) and meta.get("responses_digest") == digest:
+                logger.info("teacher vectors from cache %s", npy)
+                return vectors.astype(np.float32, copy=False), npy
+            logger.warning("%s: teacher cache does not match (shape %s); recomputing", npy, vectors.shape)
+    texts = [str(rec["response"]) for rec in records]
+    vectors = np.asarray(teacher.encode_documents(texts, batch_size=cfg.batch_size), dtype=np.float32)
+    if vectors.shape != (len(records), teacher.dim) or not np.isfinite(vectors).all():
+        raise DataError(f"teacher {cfg.model!r} returned vectors of shape {vectors.shape} (or non-finite values) "
+                        f"for {len(records)} responses")
+    _atomic_save_npy(npy, vectors)
+    _atomic_write_json(sidecar, {"teacher": cfg.model, "pooling": cfg.pooling, "teacher_fingerprint": teacher.fingerprint,
+                                 "dim": teacher.dim, "responses_file": str(responses_path), "responses_digest": digest,
+                                 "count": len(records), "ids": [str(r["id"]) for r in records]})
+    return vectors, npy

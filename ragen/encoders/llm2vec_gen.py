@@ -360,9 +360,7 @@ class LLM2VecGen:
 
     def _reconstruction_states(self, batch: list[list[int]]) -> torch.Tensor:
         """(batch, n, hidden) float32: final hidden states of the last n positions after reconstruction_mlp."""
-        ids, mask = self._pad_left(batch)
-        out = self.lm.base_model(inputs_embeds=self._embed_ids(ids), attention_mask=mask, use_cache=False)
-        states = out.last_hidden_state[:, -self.num_pooled:, :].float()  # (batch, n, hidden)
+        states = self.last_hidden_states(*self._pad_left(batch)).float()  # (batch, n, hidden)
         if self.reconstruction_head is not None:
             states = self.reconstruction_head(states)
         return states

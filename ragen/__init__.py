@@ -16,6 +16,8 @@ _LAZY = {
     "Encoder": ("ragen.encoders.base", "Encoder"),
     "LLM2VecGenEmbedding": ("ragen.integrations.llama_index", "LLM2VecGenEmbedding"),
     "LLM2VecGenEmbeddings": ("ragen.integrations.langchain", "LLM2VecGenEmbeddings"),
+    "RagenLlamaIndexRetriever": ("ragen.integrations.llama_index", "RagenLlamaIndexRetriever"),
+    "RagenLangChainRetriever": ("ragen.integrations.langchain", "RagenLangChainRetriever"),
 }
 
 from .errors import RagenError  # noqa: E402  (stdlib only)

@@ -145,7 +145,11 @@ def embed(encoder: Encoder, texts: Sequence[str], kind: Kind, settings: EmbedSet
 
 
 def open_index(index: object, *, model: str | None = None, device: str | None = None):
-    """A :class:`ragen.retriever.Retriever` from an index directory, or ``index`` itself if it is one."""
+    """A :class:`ragen.retriever.Retriever` from an index directory, or ``index`` itself if it is one.
+
+    ``model``: an encoder spec to query with instead of the one recorded in the index (it must compute the
+    same function, e.g. the same checkpoint at another path); ``device``: for the model and the FAISS index.
+    """
     from ..retriever import Retriever
 
     if isinstance(index, Retriever):
@@ -153,7 +157,12 @@ def open_index(index: object, *, model: str | None = None, device: str | None = 
             raise RagenError("model/device apply when opening an index directory; this Retriever is already open")
         return index
     if isinstance(index, (str, Path)):
-        return Retriever.open(index, model=model, device=device)
+        from ..retriever import read_manifest
+
+        # Load the model through the shared cache, so an embedding adapter on the same checkpoint and this
+        # retriever hold one copy; Retriever.open still checks its fingerprint against the index.
+        spec = model or str(read_manifest(index)["encoder"]["spec"])
+        return Retriever.open(index, encoder=shared_encoder(spec, device=device), device=device)
     raise RagenError(f"expected an index directory or a ragen Retriever, got {type(index).__name__}")
 
 

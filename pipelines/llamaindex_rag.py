@@ -3,16 +3,18 @@
     python pipelines/llamaindex_rag.py docs/ "How do I rotate the API keys?" --model McGill-NLP/LLM2Vec-Gen-Qwen3-06B
     python pipelines/llamaindex_rag.py docs/ "How do I rotate the API keys?" --model minilm --persist-dir .li-store
     python pipelines/llamaindex_rag.py docs/ "How do I rotate the API keys?" --model minilm --llm ~/models/Qwen3-0.6B
-    python pipelines/llamaindex_rag.py docs/ "..." --ragen-index indexes/docs      # an index built by `ragen index`
+    python pipelines/llamaindex_rag.py indexes/docs "How do I rotate the API keys?"  # built by `ragen index`
 
-Without --llm it retrieves and prints the sources; with --llm (a local Hugging Face causal LM directory)
-LlamaIndex synthesises an answer from them.
+FOLDER is a folder of documents (embedded into a FAISS-backed VectorStoreIndex) or a ragen index directory
+(searched as-is, no re-embedding). Without --llm it retrieves and prints the sources; with --llm (a local
+Hugging Face causal LM directory) LlamaIndex synthesises an answer from them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from llama_index.core import (Settings, SimpleDirectoryReader, StorageContext, VectorStoreIndex,
@@ -21,6 +23,7 @@ from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.query_engine import RetrieverQueryEngine
 
+from ragen import RagenError
 from ragen.integrations.llama_index import LLM2VecGenEmbedding, RagenFaissVectorStore, RagenLlamaIndexRetriever
 
 
@@ -68,27 +71,33 @@ def folder_index(folder: Path, embed: LLM2VecGenEmbedding, persist_dir: Path | N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder", type=Path, help="folder of .txt/.md/.pdf/... files (ignored with --ragen-index)")
+    ap.add_argument("folder", type=Path, help="folder of .txt/.md/.pdf/... files, or a ragen index directory")
     ap.add_argument("question")
-    ap.add_argument("--model", default="McGill-NLP/LLM2Vec-Gen-Qwen3-06B",
-                    help="encoder spec: checkpoint dir or hub id, minilm, st:NAME, mean:BACKBONE")
+    ap.add_argument("--model", default=None, help="encoder spec: checkpoint dir or hub id, minilm, st:NAME, "
+                    "mean:BACKBONE (default: McGill-NLP/LLM2Vec-Gen-Qwen3-06B, or the one a ragen index records)")
     ap.add_argument("--base-model", default=None, help="backbone override for LLM2Vec-Gen checkpoints")
     ap.add_argument("--device", default=None)
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--persist-dir", type=Path, default=None, help="save the index here and reuse it next time")
     ap.add_argument("--rebuild", action="store_true", help="re-embed even if --persist-dir holds an index")
-    ap.add_argument("--ragen-index", type=Path, default=None, help="query an index built by `ragen index` instead")
     ap.add_argument("--llm", default=None, help="local Hugging Face causal LM directory for answer synthesis")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     args = ap.parse_args()
+    try:
+        run(args)
+    except RagenError as exc:  # bad input: one line, no traceback
+        sys.exit(f"error: {exc}")
 
-    if args.ragen_index:  # no re-embedding: the index's own encoder embeds the question
-        retriever = RagenLlamaIndexRetriever(str(args.ragen_index), similarity_top_k=args.top_k,
-                                             model=None if args.model == ap.get_default("model") else args.model,
+
+def run(args: argparse.Namespace) -> None:
+    if (args.folder / "chunks.sqlite").is_file():  # a ragen index: its own encoder embeds the question
+        retriever = RagenLlamaIndexRetriever(str(args.folder), similarity_top_k=args.top_k, model=args.model,
                                              device=args.device)
     else:
-        Settings.embed_model = LLM2VecGenEmbedding(model_name=args.model, base_model=args.base_model,
-                                                   device=args.device)
+        if not args.folder.is_dir():
+            raise RagenError(f"{args.folder}: not a folder")
+        Settings.embed_model = LLM2VecGenEmbedding(model_name=args.model or "McGill-NLP/LLM2Vec-Gen-Qwen3-06B",
+                                                   base_model=args.base_model, device=args.device)
         index = folder_index(args.folder, Settings.embed_model, args.persist_dir, args.rebuild)
         retriever = index.as_retriever(similarity_top_k=args.top_k)
 

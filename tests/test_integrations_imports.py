@@ -50,3 +50,15 @@ def test_missing_extra_names_what_to_install(module, blocked, extra, attr):
     assert len(lines) == 2
     for line in lines:
         assert "ERR" in line and extra in line, line
+
+
+def test_lazy_exports_are_the_integration_classes():
+    pytest.importorskip("llama_index.core")
+    pytest.importorskip("langchain_core")
+    import ragen
+    from ragen.integrations import langchain, llama_index
+
+    assert ragen.LLM2VecGenEmbedding is llama_index.LLM2VecGenEmbedding
+    assert ragen.RagenLlamaIndexRetriever is llama_index.RagenLlamaIndexRetriever
+    assert ragen.LLM2VecGenEmbeddings is langchain.LLM2VecGenEmbeddings
+    assert ragen.RagenLangChainRetriever is langchain.RagenLangChainRetriever

@@ -123,6 +123,17 @@ def test_baseline_instructions_are_prefixes_not_dropped(minilm):
     assert not np.allclose(plain.get_query_embedding(QUERIES[0]), prefixed.get_query_embedding(QUERIES[0]), atol=1e-3)
 
 
+def test_mean_pool_baseline_gets_the_prefix(tiny_backbone):
+    from ragen import load_encoder
+
+    emb = LLM2VecGenEmbedding(model_name=f"mean:{tiny_backbone}", device="cpu", query_instruction="Q: ")
+    reference = load_encoder(f"mean:{tiny_backbone}", device="cpu")
+    np.testing.assert_allclose(emb.get_query_embedding(QUERIES[0]),
+                               reference.encode_queries(["Q: " + QUERIES[0]], normalize=True)[0], atol=1e-5)
+    np.testing.assert_allclose(emb.get_text_embedding(TEXTS[0]), reference.encode_documents(TEXTS[:1], normalize=True)[0],
+                               atol=1e-5)
+
+
 def test_text_embeddings_are_batched(tiny_model):
     rec = Recording(tiny_model)
     emb = LLM2VecGenEmbedding(encoder=rec, embed_batch_size=4)
@@ -185,6 +196,14 @@ def test_async_embeds_run_off_the_event_loop(tiny_model):
     np.testing.assert_allclose(q, tiny_model.encode_queries([QUERIES[0]], normalize=True)[0], atol=1e-5)
     np.testing.assert_allclose(docs, tiny_model.encode_documents(TEXTS, normalize=True), atol=1e-5)
     np.testing.assert_allclose(one, docs[0], atol=1e-5)
+
+
+def test_concurrent_async_embeds_agree_with_sequential(tiny_embedding, tiny_model):
+    async def main():
+        return await asyncio.gather(*(tiny_embedding.aget_query_embedding(q) for q in QUERIES * 3))
+
+    got = np.asarray(asyncio.run(main()), dtype=np.float32)
+    np.testing.assert_allclose(got, tiny_model.encode_queries(QUERIES * 3, normalize=True), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_unchanged_commit_keeps_the_generation(tmp_path):
 def test_approximate_index_recall_against_exact(kind):
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((50, 32))
-    data = normalize_rows((centers[rng.integers(0, 50, 5000)] + 0.3 * rng.standard_normal((5000, 32))).astype(np.float32))
+    data = normalize_rows((centers[rng.integers(0, 50, 2000)] + 0.3 * rng.standard_normal((2000, 32))).astype(np.float32))
     queries = normalize_rows((centers[rng.integers(0, 50, 200)] + 0.3 * rng.standard_normal((200, 32))).astype(np.float32))
     exact, _ = build_faiss_index(data, IndexConfig("flat"))
     approx, built = build_faiss_index(data, IndexConfig(kind))

@@ -703,15 +703,15 @@ class StoreWriter:
             _atomic_write_faiss(to_cpu(index), faiss_path)
             _atomic_write_npy(ids, ids_path)
             _fsync_dir(self.index_dir)
+            # vectors no chunk refers to any more (deleted or edited text, the previous epoch of a rebuild)
+            conn.execute("DELETE FROM vectors WHERE epoch != ?", (self.epoch,))
+            conn.execute("DELETE FROM vectors WHERE epoch = ? AND content_hash NOT IN "
+                         "(SELECT content_hash FROM chunks)", (self.epoch,))
             n_files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
             manifest = self._manifest(new_generation, kind, n_files, len(ids))
             self._set("manifest", json.dumps(manifest, sort_keys=True))
             self._set("generation", new_generation)
             self._set("epoch", self.epoch)
-            # vectors no chunk refers to any more (deleted or edited text, the previous epoch of a rebuild)
-            conn.execute("DELETE FROM vectors WHERE epoch != ?", (self.epoch,))
-            conn.execute("DELETE FROM vectors WHERE epoch = ? AND content_hash NOT IN "
-                         "(SELECT content_hash FROM chunks)", (self.epoch,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -159,3 +159,25 @@ def test_langchain_embeddings_match_index_vectors(tiny_checkpoint, reference):
     vec = np.asarray(emb.embed_query(QUERIES[0]), dtype=np.float32)
     _same_hits([h.chunk_id for h in reference.search_vector(vec, k=3)],
                [h.score for h in reference.search_vector(vec, k=3)], reference.search(QUERIES[0], k=3))
+
+
+def test_index_built_by_the_cli_is_usable_from_both_frameworks(corpus, tiny_checkpoint, tmp_path):
+    """`ragen index` output feeds LlamaIndex and LangChain directly; results equal `ragen query --json`."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ragen.cli import app
+
+    index = tmp_path / "cli-index"
+    runner = CliRunner()
+    built = runner.invoke(app, ["index", str(corpus), "--index", str(index), "--model", str(tiny_checkpoint),
+                                "--device", "cpu"])
+    assert built.exit_code == 0, built.output
+    queried = runner.invoke(app, ["query", QUERIES[0], "--index", str(index), "--json", "-k", "3", "--device", "cpu"])
+    assert queried.exit_code == 0, queried.output
+    cli_ids = [h["chunk_id"] for h in json.loads(queried.stdout)]
+    li = RagenLlamaIndexRetriever(index, similarity_top_k=3, device="cpu")
+    lc = RagenLangChainRetriever(index, k=3, device="cpu")
+    assert [n.node.node_id for n in li.retrieve(QUERIES[0])] == cli_ids
+    assert [d.metadata["chunk_id"] for d in lc.invoke(QUERIES[0])] == cli_ids

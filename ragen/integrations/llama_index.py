@@ -27,6 +27,7 @@ try:
     from llama_index.core.embeddings import BaseEmbedding
     from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
     from llama_index.vector_stores.faiss import FaissVectorStore
+    from fsspec.implementations.local import LocalFileSystem  # a llama-index-core dependency
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(f"ragen's LlamaIndex integration needs the 'llama-index' extra "
                       f"(llama-index-core and llama-index-vector-stores-faiss): pip install 'ragen[llama-index]' "
@@ -187,7 +188,7 @@ class RagenFaissVectorStore(FaissVectorStore):
                           use_gpu: bool | None = None) -> RagenFaissVectorStore:
         import faiss
 
-        if fs is not None and type(fs).__name__ != "LocalFileSystem":
+        if fs is not None and not isinstance(fs, LocalFileSystem):
             raise RagenError("the FAISS vector store persists to the local file system only")
         if not os.path.isfile(persist_path):
             raise StoreError(f"{persist_path}: no persisted FAISS vector store here; build and persist an index first")
@@ -205,7 +206,7 @@ class RagenFaissVectorStore(FaissVectorStore):
         """Write a CPU copy of the index (GPU indexes cannot be serialised) via temp file + fsync + rename."""
         import faiss
 
-        if fs is not None and type(fs).__name__ != "LocalFileSystem":
+        if fs is not None and not isinstance(fs, LocalFileSystem):
             raise RagenError("the FAISS vector store persists to the local file system only")
         index = faiss.index_gpu_to_cpu(self._faiss_index) if self.on_gpu else self._faiss_index
         target = Path(persist_path)

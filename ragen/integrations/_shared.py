@@ -89,14 +89,6 @@ def takes_instructions(encoder: Encoder) -> bool:
     return _accepts(encoder.encode_queries, "instruction") and _accepts(encoder.encode_documents, "instruction")
 
 
-def default_instruction(encoder: Encoder, kind: Kind) -> str:
-    """The instruction an encoder applies when none is given: its own for LLM2Vec-Gen, none for baselines."""
-    if not takes_instructions(encoder):
-        return ""
-    attr = "query_instruction" if kind == "query" else "document_instruction"
-    return str(getattr(encoder, attr, "") or "")
-
-
 @dataclass(frozen=True)
 class EmbedSettings:
     """How texts are embedded; ``None`` instructions mean the encoder's defaults."""
@@ -116,11 +108,6 @@ class EmbedSettings:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise RagenError(f"{name} must be a string or None, got {type(value).__name__}")
-
-    def instruction(self, encoder: Encoder, kind: Kind) -> str:
-        """The instruction actually applied for ``kind``."""
-        given = self.query_instruction if kind == "query" else self.document_instruction
-        return default_instruction(encoder, kind) if given is None else given
 
 
 def embed(encoder: Encoder, texts: Sequence[str], kind: Kind, settings: EmbedSettings) -> np.ndarray:
@@ -172,4 +159,5 @@ def hit_metadata(hit) -> dict:
             "score": float(hit.score), "rank": hit.rank}
 
 
-__all__ = ["open_index", "hit_metadata", "EmbedSettings", "embed", "shared_encoder", "takes_instructions", "default_instruction", "encode_lock"]
+__all__ = ["EmbedSettings", "embed", "shared_encoder", "encode_lock", "takes_instructions", "open_index",
+           "hit_metadata"]

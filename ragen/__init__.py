@@ -14,8 +14,13 @@ _LAZY = {
     "LLM2VecGen": ("ragen.encoders.llm2vec_gen", "LLM2VecGen"),
     "load_encoder": ("ragen.encoders", "load_encoder"),
     "Encoder": ("ragen.encoders.base", "Encoder"),
+    "build_index": ("ragen.retriever", "build_index"),
+    "Retriever": ("ragen.retriever", "Retriever"),
+    "IndexStats": ("ragen.retriever", "IndexStats"),
     "LLM2VecGenEmbedding": ("ragen.integrations.llama_index", "LLM2VecGenEmbedding"),
     "LLM2VecGenEmbeddings": ("ragen.integrations.langchain", "LLM2VecGenEmbeddings"),
+    "RagenLlamaIndexRetriever": ("ragen.integrations.llama_index", "RagenLlamaIndexRetriever"),
+    "RagenLangChainRetriever": ("ragen.integrations.langchain", "RagenLangChainRetriever"),
 }
 
 from .errors import RagenError  # noqa: E402  (stdlib only)
@@ -25,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .encoders import load_encoder
     from .encoders.base import Encoder
     from .encoders.llm2vec_gen import LLM2VecGen
+    from .retriever import IndexStats, Retriever, build_index
 
 
 def __getattr__(name: str) -> Any:

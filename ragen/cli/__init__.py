@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._common import app
 from . import encode as _encode  # noqa: F401  (registers commands)
+from . import index as _index  # noqa: F401  (registers index, query, info)
 from . import train as _train  # noqa: F401  (registers commands)
 
 

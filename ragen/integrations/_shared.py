@@ -1,0 +1,163 @@
+"""What the LlamaIndex and LangChain adapters share: one model cache and one ``embed`` path.
+
+Both adapters resolve their ``model_name`` through :func:`shared_encoder`, so every adapter instance that
+names the same checkpoint (same spec, base model, device and dtype) uses one loaded model, and both
+embed through :func:`embed`, so a LlamaIndex vector and a LangChain vector of the same text are the same
+array that ``Encoder.encode_queries`` / ``encode_documents`` returns.
+
+Instructions. LLM2Vec-Gen encoders take an instruction per call (``encode_queries(..., instruction=...)``);
+``None`` means the encoder's own default (``query_instruction`` / ``document_instruction``), ``""`` means
+none. Input-centric baselines (``minilm``, ``st:...``, ``mean:...``) have no instruction parameter: there a
+non-empty instruction is prepended to every text, exactly as LLM2Vec-Gen applies its instruction, so a
+value the user sets is never silently dropped. Their default is no instruction.
+
+``max_length`` caps LLM2Vec-Gen inputs (and any encoder whose ``encode_*`` accepts ``max_length``);
+sentence-transformers and mean-pooling baselines truncate at their own configured maximum.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ..encoders import load_encoder
+from ..encoders.base import Encoder, resolve_device
+from ..errors import RagenError
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["query", "document"]
+
+# One loaded model per (spec, base_model, device, dtype), held only while some adapter uses it.
+_MODELS: weakref.WeakValueDictionary[tuple[str, str | None, str, str | None], Encoder] = weakref.WeakValueDictionary()
+_MODELS_LOCK = threading.Lock()
+# One lock per encoder object: encodes run in worker threads (the async paths), and a Hugging Face fast
+# tokenizer must not be entered from two threads at once; on one device the forward passes would
+# serialise anyway.
+_ENCODE_LOCKS: weakref.WeakKeyDictionary[object, threading.Lock] = weakref.WeakKeyDictionary()
+_ENCODE_LOCKS_LOCK = threading.Lock()  # separate from _MODELS_LOCK: a long model load must not stall encodes
+
+
+def _canonical(spec: str | None) -> str | None:
+    """Local paths by absolute location, so ``./ckpt`` and ``/abs/ckpt`` share one model; others as given."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def shared_encoder(spec: str, *, base_model: str | None = None, device: str | None = None,
+                   dtype: str | None = None) -> Encoder:
+    """The loaded encoder for ``spec``: from the cache when another adapter already loaded it."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise RagenError(f"model_name must be an encoder spec string, got {spec!r}")
+    key = (_canonical(spec.strip()), _canonical(base_model), resolve_device(device), dtype)
+    with _MODELS_LOCK:  # held while loading, so two threads never load the same checkpoint twice
+        encoder = _MODELS.get(key)
+        if encoder is None:
+            logger.info("loading encoder %s (base_model=%s, device=%s, dtype=%s)", *key)
+            encoder = load_encoder(spec.strip(), device=key[2], dtype=dtype, base_model=base_model)
+            _MODELS[key] = encoder
+        return encoder
+
+
+def encode_lock(encoder: object) -> threading.Lock:
+    with _ENCODE_LOCKS_LOCK:
+        lock = _ENCODE_LOCKS.get(encoder)
+        if lock is None:
+            lock = _ENCODE_LOCKS[encoder] = threading.Lock()
+        return lock
+
+
+def _accepts(method: object, name: str) -> bool:
+    try:
+        return name in inspect.signature(method).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def takes_instructions(encoder: Encoder) -> bool:
+    """Whether the encoder applies instructions itself (LLM2Vec-Gen), rather than needing a text prefix."""
+    return _accepts(encoder.encode_queries, "instruction") and _accepts(encoder.encode_documents, "instruction")
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """How texts are embedded; ``None`` instructions mean the encoder's defaults."""
+
+    query_instruction: str | None = None
+    document_instruction: str | None = None
+    batch_size: int = 32
+    max_length: int = 512
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise RagenError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.max_length, int) or self.max_length < 1:
+            raise RagenError(f"max_length must be a positive integer, got {self.max_length!r}")
+        for name in ("query_instruction", "document_instruction"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise RagenError(f"{name} must be a string or None, got {type(value).__name__}")
+
+
+def embed(encoder: Encoder, texts: Sequence[str], kind: Kind, settings: EmbedSettings) -> np.ndarray:
+    """Embed ``texts`` as queries or documents: float32 ``(len(texts), dim)``; the one path both adapters use."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string; wrap it in a list")
+    texts = list(texts)
+    if not texts:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    method = encoder.encode_queries if kind == "query" else encoder.encode_documents
+    instruction = settings.query_instruction if kind == "query" else settings.document_instruction
+    with encode_lock(encoder):
+        if takes_instructions(encoder):
+            if _accepts(method, "max_length"):
+                return method(texts, instruction=instruction, batch_size=settings.batch_size,  # type: ignore[call-arg]
+                              max_length=settings.max_length, normalize=settings.normalize)
+            return method(texts, instruction=instruction, batch_size=settings.batch_size,  # type: ignore[call-arg]
+                          normalize=settings.normalize)
+        if instruction:
+            texts = [instruction + t for t in texts]
+        return method(texts, batch_size=settings.batch_size, normalize=settings.normalize)
+
+
+def open_index(index: object, *, model: str | None = None, device: str | None = None):
+    """A :class:`ragen.retriever.Retriever` from an index directory, or ``index`` itself if it is one.
+
+    ``model``: an encoder spec to query with instead of the one recorded in the index (it must compute the
+    same function, e.g. the same checkpoint at another path); ``device``: for the model and the FAISS index.
+    """
+    from ..retriever import Retriever
+
+    if isinstance(index, Retriever):
+        if model is not None or device is not None:
+            raise RagenError("model/device apply when opening an index directory; this Retriever is already open")
+        return index
+    if isinstance(index, (str, Path)):
+        from ..retriever import read_manifest
+
+        # Load the model through the shared cache, so an embedding adapter on the same checkpoint and this
+        # retriever hold one copy; Retriever.open still checks its fingerprint against the index.
+        spec = model or str(read_manifest(index)["encoder"]["spec"])
+        return Retriever.open(index, encoder=shared_encoder(spec, device=device), device=device)
+    raise RagenError(f"expected an index directory or a ragen Retriever, got {type(index).__name__}")
+
+
+def hit_metadata(hit) -> dict:
+    """Metadata both adapters attach to a ragen hit."""
+    return {"path": hit.path, "chunk_id": hit.chunk_id, "start": hit.start, "end": hit.end,
+            "score": float(hit.score), "rank": hit.rank}
+
+
+__all__ = ["EmbedSettings", "embed", "shared_encoder", "encode_lock", "takes_instructions", "open_index",
+           "hit_metadata"]

@@ -1,0 +1,290 @@
+"""Encoder + store: build an index from a folder (:func:`build_index`) and search it (:class:`Retriever`).
+
+The only module that sees both an encoder and the store. Everything it records about the encoder goes
+through :class:`~ragen.store.EncoderInfo` (spec, fingerprint, dim, instructions), so the store stays free
+of model code.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .corpus import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, ChunkingConfig, SkipFile, chunk_document,
+                     read_document, scan)
+from .errors import DataError, StoreError
+from .store import EncoderInfo, FileRecord, IndexConfig, Store, StoreWriter, read_manifest
+from .types import Hit
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("scan", "read", "embed", "write", "done")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A progress report from :func:`build_index`.
+
+    ``stage``: ``scan`` (walking the folder), ``read`` (extracting and chunking files; ``done``/``total``
+    count files), ``embed`` (``done``/``total`` count chunks to embed in this run), ``write`` (building
+    and switching to the new FAISS generation), ``done``. ``detail`` is a short human-readable note.
+    """
+
+    stage: str
+    done: int
+    total: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    """What a :func:`build_index` run did.
+
+    ``files_seen``: every file found under the source (supported or not). ``files_indexed``: files in
+    the index after the run. ``files_changed``: new or modified files read in this run. ``files_skipped``:
+    unsupported, binary or unreadable files (per reason in ``skipped``). ``chunks_embedded``: vectors
+    computed in this run (chunks already stored, e.g. by an interrupted run, are not embedded again).
+    ``files_with_replacements``: files whose undecodable bytes were replaced with U+FFFD.
+    """
+
+    files_seen: int
+    files_indexed: int
+    files_skipped: int
+    chunks_total: int
+    chunks_embedded: int
+    chunks_removed: int
+    seconds: float
+    files_changed: int = 0
+    files_removed: int = 0
+    encode_seconds: float = 0.0
+    index_kind: str = "flat"
+    generation: int = 0
+    skipped: tuple[tuple[str, int], ...] = ()
+    files_with_replacements: tuple[str, ...] = ()
+
+
+def encoder_info(encoder) -> EncoderInfo:
+    """What the manifest records about ``encoder``; a local-directory spec is stored as an absolute path
+    so that queries from another working directory load the same model."""
+    spec = str(encoder.spec)
+    local = Path(spec).expanduser()
+    if local.exists():
+        spec = str(local.resolve())
+    return EncoderInfo(spec=spec, fingerprint=str(encoder.fingerprint), dim=int(encoder.dim),
+                       query_instruction=getattr(encoder, "query_instruction", None),
+                       document_instruction=getattr(encoder, "document_instruction", None))
+
+
+def build_index(
+    source: str | Path,
+    index_dir: str | Path,
+    *,
+    encoder,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
+    batch_size: int = 32,
+    rebuild: bool = False,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    index_type: str = "flat",
+    index_config: IndexConfig | None = None,
+) -> IndexStats:
+    """Index the supported files under ``source`` into ``index_dir``, incrementally.
+
+    Only new or changed chunks are embedded (matched by content hash); files that disappeared are
+    removed; ``rebuild=True`` re-embeds everything. Safe to kill at any moment: the previous index stays
+    loadable and the next run resumes. ``index_type``: ``flat`` (exact, default), ``hnsw`` or ``ivf``
+    (approximate, for large corpora); ``index_config`` sets their parameters (and wins over ``index_type``).
+    """
+    t0 = time.perf_counter()
+    emit = progress or (lambda event: None)
+    chunking = ChunkingConfig(chunk_size=chunk_size, chunk_overlap=chunk_overlap)
+    config = index_config or IndexConfig(kind=index_type)
+    if batch_size < 1:
+        raise DataError(f"batch size must be >= 1, got {batch_size}")
+    src = Path(source).expanduser()
+    index_path = Path(index_dir).expanduser()
+
+    emit(ProgressEvent("scan", 0, 0, str(src)))
+    report = scan(src, exclude=(index_path,))
+    files_seen = len(report.files) + report.files_skipped
+    if files_seen == 0:
+        raise DataError(f"{source}: no files found")
+    if not report.files:
+        raise DataError(f"{source}: none of the {files_seen} files is a supported type "
+                        f"({_describe_skips(report.skipped)}); supported: text, markdown, rst, html, pdf, "
+                        "source code, json/jsonl")
+    emit(ProgressEvent("scan", len(report.files), len(report.files), f"{len(report.files)} files"))
+
+    info = encoder_info(encoder)
+    writer = StoreWriter(index_path, encoder=info, chunking=chunking.to_dict(), index_config=config,
+                         rebuild=rebuild, source=str(src.resolve()))
+    committed = False
+    try:
+        known = writer.known_files()
+        skipped = dict(report.skipped)
+        updated: list[FileRecord] = []
+        present: list[str] = []
+        replaced: list[str] = []
+        total_files = len(report.files)
+        for n, sf in enumerate(report.files, 1):
+            if known.get(sf.relpath) == (sf.size, sf.mtime_ns):
+                present.append(sf.relpath)  # unchanged since the last committed run: nothing to read
+            else:
+                try:
+                    doc = read_document(sf)
+                except SkipFile as why:
+                    reason = str(why)
+                    skipped[reason] = skipped.get(reason, 0) + 1
+                    logger.info("skipping %s: %s", sf.relpath, reason)
+                    emit(ProgressEvent("read", n, total_files, sf.relpath))
+                    continue
+                if doc.replaced:
+                    replaced.append(sf.relpath)
+                    logger.warning("%s: undecodable bytes replaced with U+FFFD", sf.relpath)
+                updated.append(FileRecord(sf.relpath, sf.size, sf.mtime_ns, tuple(chunk_document(doc, chunking))))
+                present.append(sf.relpath)
+            emit(ProgressEvent("read", n, total_files, sf.relpath))
+
+        if not present:
+            raise DataError(f"{source}: no readable files ({_describe_skips(skipped)})")
+        new_chunks = [c for f in updated for c in f.chunks]
+        if not new_chunks and not known:
+            raise DataError(f"{source}: the {len(present)} readable files hold no text")
+
+        # Embed what is missing, longest texts first so each batch pads to similar lengths, and commit
+        # every batch: a killed run keeps all finished batches.
+        missing = writer.missing_vectors(c.content_hash for c in new_chunks)
+        todo: dict[str, str] = {}
+        for c in new_chunks:
+            if c.content_hash in missing and c.content_hash not in todo:
+                todo[c.content_hash] = c.text
+        order = sorted(todo, key=lambda h: -len(todo[h]))
+        emit(ProgressEvent("embed", 0, len(order), ""))
+        encode_seconds = 0.0
+        for start in range(0, len(order), batch_size):
+            hashes = order[start:start + batch_size]
+            t_enc = time.perf_counter()
+            vectors = encoder.encode_documents([todo[h] for h in hashes], batch_size=batch_size, normalize=True)
+            encode_seconds += time.perf_counter() - t_enc
+            writer.add_vectors(hashes, vectors)
+            emit(ProgressEvent("embed", min(start + batch_size, len(order)), len(order), ""))
+
+        emit(ProgressEvent("write", 0, 1, config.kind))
+        result = writer.commit(updated, present)
+        committed = True
+        emit(ProgressEvent("write", 1, 1, result.index_kind))
+    finally:
+        created = writer.created
+        writer.close()
+        if created and not committed and writer.generation == 0 and not _has_vectors(index_path):
+            shutil.rmtree(index_path, ignore_errors=True)  # a run that failed before embedding anything
+    stats = IndexStats(
+        files_seen=files_seen, files_indexed=result.files, files_skipped=sum(skipped.values()),
+        chunks_total=result.chunks, chunks_embedded=len(order), chunks_removed=result.chunks_removed,
+        seconds=time.perf_counter() - t0, files_changed=len(updated), files_removed=result.files_removed,
+        encode_seconds=encode_seconds, index_kind=result.index_kind, generation=result.generation,
+        skipped=tuple(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))),
+        files_with_replacements=tuple(replaced))
+    emit(ProgressEvent("done", 1, 1, ""))
+    return stats
+
+
+def _has_vectors(index_path: Path) -> bool:
+    """Whether an uncommitted index directory holds embedded batches worth resuming from."""
+    import sqlite3
+
+    db = index_path / "chunks.sqlite"
+    if not db.exists():
+        return False
+    try:
+        conn = sqlite3.connect(str(db))
+        try:
+            return conn.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] > 0
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return True
+
+
+def _describe_skips(skipped: dict[str, int]) -> str:
+    if not skipped:
+        return "nothing skipped"
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+
+
+class Retriever:
+    """Search an index with the encoder it was built with.
+
+    >>> r = Retriever.open("indexes/default")            # loads the model recorded in the manifest
+    >>> for hit in r.search("how do plants make sugar?", k=5):
+    ...     print(hit.rank, round(hit.score, 3), hit.path, hit.text[:80])
+    """
+
+    def __init__(self, encoder, store: Store) -> None:
+        check_compatible(encoder, store)
+        self.encoder = encoder
+        self.store = store
+
+    @classmethod
+    def open(cls, index_dir: str | Path, *, encoder=None, model: str | None = None,
+             device: str | None = None) -> Retriever:
+        """Open ``index_dir`` for search. ``encoder``: an encoder object to use; else ``model`` (a spec
+        string); else the spec recorded in the index. An encoder whose fingerprint or dimension differs
+        from the index's raises :class:`~ragen.errors.StoreError`."""
+        store = Store.open(index_dir, device=device)
+        try:
+            if encoder is None:
+                from .encoders import load_encoder
+
+                encoder = load_encoder(model or store.spec, device=device)
+            return cls(encoder, store)
+        except BaseException:
+            store.close()
+            raise
+
+    def search(self, query: str, k: int = 10) -> list[Hit]:
+        """The ``k`` chunks nearest to ``query`` (embedded with the encoder's query instruction)."""
+        if not isinstance(query, str):
+            raise TypeError("query must be a string; use search_vector for a vector")
+        vector = self.encoder.encode_queries([query], normalize=True)[0]  # (dim,)
+        return self.search_vector(vector, k)
+
+    def search_vector(self, vector: np.ndarray, k: int = 10) -> list[Hit]:
+        """The ``k`` chunks nearest to a ``(dim,)`` query vector from ``encoder.encode_queries``."""
+        v = np.asarray(vector, dtype=np.float32)
+        if v.ndim != 1 or v.shape[0] != self.store.dim:
+            raise StoreError(f"query vector has shape {v.shape}; this index expects ({self.store.dim},)")
+        return self.store.hits(v, k)
+
+    def search_batch(self, queries: Sequence[str], k: int = 10, *, batch_size: int = 32) -> list[list[Hit]]:
+        """``search`` for many queries, embedded in batches."""
+        vectors = self.encoder.encode_queries(list(queries), batch_size=batch_size, normalize=True)
+        return [self.store.hits(v, k) for v in vectors]
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Retriever:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_compatible(encoder, store: Store) -> None:
+    """Raise :class:`StoreError` unless ``encoder`` computes the function the index was built with."""
+    if int(encoder.dim) != store.dim or str(encoder.fingerprint) != store.fingerprint:
+        raise StoreError(
+            f"{store.index_dir}: built with encoder {store.spec} (dim {store.dim}, fingerprint {store.fingerprint}), "
+            f"but the query encoder {encoder.spec} has dim {encoder.dim}, fingerprint {encoder.fingerprint}; "
+            f"query with --model {store.spec} or rebuild the index with this model")
+
+
+__all__ = ["build_index", "Retriever", "IndexStats", "ProgressEvent", "encoder_info", "check_compatible",
+           "read_manifest", "IndexConfig"]

@@ -809,6 +809,19 @@ def _acquire_lock(directory: Path) -> int:
     return fd
 
 
+def check_unlocked(index_dir: str | Path) -> None:
+    """Raise the writer's :class:`StoreError` now if another process is writing ``index_dir`` (lets the
+    CLI fail before spending a minute loading a model; the writer still takes the lock for real)."""
+    directory = Path(index_dir).expanduser()
+    if index_is_locked(directory):
+        try:
+            holder = (directory / LOCK_NAME).read_text().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise StoreError(f"index {directory} is being written by another process (pid {holder}); "
+                         "wait for it to finish")
+
+
 def index_is_locked(index_dir: str | Path) -> bool:
     """True while some process holds the write lock of ``index_dir``."""
     import fcntl
@@ -845,5 +858,5 @@ def read_manifest(index_dir: str | Path) -> dict:
 
 
 __all__ = ["Store", "StoreWriter", "IndexConfig", "EncoderInfo", "FileRecord", "CommitResult", "FORMAT_VERSION",
-           "INDEX_KINDS", "build_faiss_index", "gpu_available", "normalize_rows", "read_manifest", "index_is_locked",
+           "INDEX_KINDS", "build_faiss_index", "gpu_available", "normalize_rows", "read_manifest", "index_is_locked", "check_unlocked",
            "atomic_write_bytes", "to_cpu", "to_gpu"]

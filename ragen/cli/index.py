@@ -62,7 +62,7 @@ def index(
 
         from ..corpus import ChunkingConfig
         from ..retriever import build_index
-        from ..store import IndexConfig
+        from ..store import IndexConfig, check_unlocked
 
         src = Path(path).expanduser()
         if not src.exists():
@@ -70,6 +70,7 @@ def index(
         ChunkingConfig(chunk_size, chunk_overlap)  # validate before loading a model
         config = IndexConfig(kind=index_type)
         target = Path(index_dir).expanduser()
+        check_unlocked(target)
         encoder = _load(_index_model(model, target), device)
 
         columns = (TextColumn("[progress.description]{task.description:<10}"), BarColumn(),

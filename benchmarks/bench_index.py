@@ -1,0 +1,177 @@
+"""Indexing overhead and search latency of ragen's store.
+
+(a) ``ragen index`` overhead: wall time of :func:`ragen.build_index` (walk, read, chunk, SQLite
+    writes per batch, FAISS build, atomic switch) against pure ``encode_documents`` of the same chunk
+    texts with the same encoder and batch size. Target: overhead <= 10 %.
+(b) Search latency at 100k and 1M vectors: exact flat inner product against HNSW and IVF, with
+    recall@10 measured against the exact results. Vectors are clustered synthetic unit vectors (a
+    Gaussian mixture, closer to real embeddings than uniform noise, on which no ANN index does well).
+
+Usage::
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_index.py            # both parts
+    PYTHONPATH=. python benchmarks/bench_index.py --skip-index --sizes 100000  # search only
+
+The index part reads text from ``--corpus`` (a folder, or a BEIR-style corpus.jsonl whose records are
+written out as files) or, by default, generates a folder of prose-like text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not but "
+         "cell protein gene expression patients study results model data analysis effect increased "
+         "reduced levels treatment risk response clinical role function activity mice human cancer").split()
+
+
+def make_folder(root: Path, corpus: str | None, n_docs: int, seed: int = 0) -> int:
+    root.mkdir(parents=True, exist_ok=True)
+    if corpus and Path(corpus).is_file():
+        n = 0
+        with open(corpus, encoding="utf-8") as f:
+            for line in f:
+                if n >= n_docs:
+                    break
+                rec = json.loads(line)
+                (root / f"doc{n:05d}.txt").write_text(f"{rec.get('title', '')}\n\n{rec.get('text', '')}")
+                n += 1
+        return n
+    rng = random.Random(seed)
+    for i in range(n_docs):
+        paras = []
+        for _ in range(rng.randint(1, 4)):
+            sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20))).capitalize() + "."
+                         for _ in range(rng.randint(3, 8))]
+            paras.append(" ".join(sentences))
+        (root / f"doc{i:05d}.md").write_text("\n\n".join(paras))
+    return n_docs
+
+
+def bench_index(args) -> None:
+    from ragen import build_index, load_encoder
+    from ragen.corpus import ChunkingConfig, chunk_document, read_document, scan
+
+    enc = load_encoder(args.model, device=args.device)
+    tmp = Path(tempfile.mkdtemp(prefix="ragen-bench-"))
+    try:
+        folder = tmp / "docs"
+        n = make_folder(folder, args.corpus, args.docs)
+        cfg = ChunkingConfig()
+        texts = [c.text for f in scan(folder).files for c in chunk_document(read_document(f), cfg)]
+        unique = list(dict.fromkeys(texts))
+        enc.encode_documents(unique[:64], batch_size=args.batch_size, normalize=True)  # warm-up
+        rows = []
+        for rep in range(args.repeats):
+            t0 = time.perf_counter()
+            enc.encode_documents(unique, batch_size=args.batch_size, normalize=True)
+            encode_s = time.perf_counter() - t0
+            idx = tmp / f"idx{rep}"
+            t0 = time.perf_counter()
+            stats = build_index(folder, idx, encoder=enc, batch_size=args.batch_size)
+            index_s = time.perf_counter() - t0
+            rows.append((encode_s, index_s))
+            assert stats.chunks_embedded == len(unique)
+        encode_s = min(r[0] for r in rows)
+        index_s = min(r[1] for r in rows)
+        t0 = time.perf_counter()
+        again = build_index(folder, tmp / "idx0", encoder=enc, batch_size=args.batch_size)
+        noop_s = time.perf_counter() - t0
+        print(f"## ragen index overhead ({args.model}, {n} files, {len(texts)} chunks, batch {args.batch_size}, "
+              f"best of {args.repeats})")
+        print(f"pure encode_documents : {encode_s:8.2f} s  ({len(unique) / encode_s:,.1f} chunks/s)")
+        print(f"build_index           : {index_s:8.2f} s")
+        print(f"overhead              : {100 * (index_s / encode_s - 1):+7.1f} %")
+        print(f"unchanged re-run      : {noop_s:8.2f} s  ({again.chunks_embedded} embedded)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clustered(n: int, dim: int, n_clusters: int, rng: np.random.Generator, centers=None):
+    from ragen.store import normalize_rows
+
+    if centers is None:
+        centers = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    out = np.empty((n, dim), np.float32)
+    for s in range(0, n, 100_000):  # in slabs: keeps the float64 temporaries small
+        m = min(100_000, n - s)
+        out[s:s + m] = centers[rng.integers(0, len(centers), m)] + 0.6 * rng.standard_normal((m, dim), dtype=np.float32)
+    return normalize_rows(out), centers
+
+
+def bench_search(args) -> None:
+    import faiss
+
+    from ragen.store import IndexConfig, build_faiss_index
+
+    rng = np.random.default_rng(0)
+    print(f"\n## search latency (dim {args.dim}, clustered unit vectors, {args.queries} queries, "
+          f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, CPU)")
+    print("| vectors | index | build s | ms/query (1 at a time) | ms/query (batched) | recall@10 |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for n in args.sizes:
+        data, centers = clustered(n, args.dim, max(64, n // 1000), rng)
+        queries, _ = clustered(args.queries, args.dim, 0, rng, centers)
+        truth = None
+        kinds = ["flat", "ivf"] + (["hnsw"] if n <= args.hnsw_max else [])
+        for kind in kinds:
+            if kind == "ivf":
+                nlist = args.ivf_nlist or int(4 * np.sqrt(n))
+                config = IndexConfig("ivf", ivf_nlist=nlist, ivf_nprobe=args.nprobe)
+            else:
+                config = IndexConfig(kind, hnsw_m=32, hnsw_ef_construction=80, hnsw_ef_search=args.ef_search)
+            t0 = time.perf_counter()
+            index, built = build_faiss_index(data, config)
+            build_s = time.perf_counter() - t0
+            single = queries[: min(200, args.queries)]
+            t0 = time.perf_counter()
+            for q in single:
+                index.search(q[None, :], 10)
+            one_ms = 1000 * (time.perf_counter() - t0) / len(single)
+            t0 = time.perf_counter()
+            _, got = index.search(queries, 10)
+            batch_ms = 1000 * (time.perf_counter() - t0) / len(queries)
+            if kind == "flat":
+                truth = got
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)])
+            label = {"flat": "flat (exact)", "ivf": f"IVF{config.ivf_nlist}, nprobe {args.nprobe}",
+                     "hnsw": f"HNSW32, efSearch {args.ef_search}"}[built]
+            print(f"| {n:,} | {label} | {build_s:.1f} | {one_ms:.2f} | {batch_ms:.3f} | {recall:.3f} |", flush=True)
+            del index
+        del data
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--corpus", default=None, help="folder or BEIR corpus.jsonl (default: generated text)")
+    p.add_argument("--docs", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--ivf-nlist", type=int, default=None, help="IVF lists (default 4*sqrt(n), as ragen builds)")
+    p.add_argument("--hnsw-max", type=int, default=100_000, help="largest size to build HNSW for (slow on few cores)")
+    p.add_argument("--skip-index", action="store_true")
+    p.add_argument("--skip-search", action="store_true")
+    args = p.parse_args()
+    if not args.skip_index:
+        bench_index(args)
+    if not args.skip_search:
+        bench_search(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -76,9 +76,13 @@ def encoder_info(encoder) -> EncoderInfo:
     local = Path(spec).expanduser()
     if local.exists():
         spec = str(local.resolve())
+    base = getattr(encoder, "base_model", None)
+    if base and Path(str(base)).expanduser().exists():
+        base = str(Path(str(base)).expanduser().resolve())
     return EncoderInfo(spec=spec, fingerprint=str(encoder.fingerprint), dim=int(encoder.dim),
                        query_instruction=getattr(encoder, "query_instruction", None),
-                       document_instruction=getattr(encoder, "document_instruction", None))
+                       document_instruction=getattr(encoder, "document_instruction", None),
+                       base_model=str(base) if base else None)
 
 
 def build_index(
@@ -233,16 +237,18 @@ class Retriever:
 
     @classmethod
     def open(cls, index_dir: str | Path, *, encoder=None, model: str | None = None,
-             device: str | None = None) -> Retriever:
+             device: str | None = None, base_model: str | None = None) -> Retriever:
         """Open ``index_dir`` for search. ``encoder``: an encoder object to use; else ``model`` (a spec
-        string); else the spec recorded in the index. An encoder whose fingerprint or dimension differs
-        from the index's raises :class:`~ragen.errors.StoreError`."""
+        string); else the spec recorded in the index, with the backbone recorded with it (``base_model``
+        overrides). An encoder whose fingerprint or dimension differs from the index's raises
+        :class:`~ragen.errors.StoreError`."""
         store = Store.open(index_dir, device=device)
         try:
             if encoder is None:
                 from .encoders import load_encoder
 
-                encoder = load_encoder(model or store.spec, device=device)
+                base = base_model or (store.base_model if model is None else None)
+                encoder = load_encoder(model or store.spec, device=device, base_model=base)
             return cls(encoder, store)
         except BaseException:
             store.close()

@@ -91,6 +91,7 @@ class EncoderInfo:
     dim: int
     query_instruction: str | None = None
     document_instruction: str | None = None
+    base_model: str | None = None  # the backbone an LLM2Vec-Gen spec was loaded with (offline overrides)
 
 
 @dataclass(frozen=True)
@@ -384,8 +385,15 @@ class Store:
         return str(self.manifest["encoder"]["spec"])
 
     @property
+    def base_model(self) -> str | None:
+        """The backbone recorded for the index's LLM2Vec-Gen model (None for other encoders)."""
+        value = self.manifest["encoder"].get("base_model")
+        return str(value) if value else None
+
+    @property
     def encoder_info(self) -> EncoderInfo:
-        return EncoderInfo(**self.manifest["encoder"])
+        known = {f for f in EncoderInfo.__dataclass_fields__}
+        return EncoderInfo(**{k: v for k, v in self.manifest["encoder"].items() if k in known})
 
     @property
     def count(self) -> int:

@@ -223,3 +223,28 @@ def test_two_writers_get_a_clear_lock_message(tmp_path, docs):
         result = _cli("index", str(docs), "--index", str(idx), "-m", "minilm", "--device", "cpu")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"is being written by another process (pid {os.getpid()})" in result.stderr
+
+
+def test_base_model_override_is_recorded_for_queries(tmp_path, runner):
+    """Offline users keep backbones locally: --base-model at index time is remembered for queries."""
+    import shutil
+
+    from .conftest import FIXTURE
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURE / "checkpoint", ckpt)  # its run_config names a relative 'base' that is not beside it
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("the quick brown fox jumps over the lazy dog")
+    (docs / "b.txt").write_text("paris is the capital of france")
+    idx = tmp_path / "idx"
+    res = runner.invoke(app, ["index", str(docs), "--index", str(idx), "--model", str(ckpt)])
+    assert res.exit_code == 1 and "base_model" in res.stderr  # the backbone cannot be found without help
+    res = runner.invoke(app, ["index", str(docs), "--index", str(idx), "--model", str(ckpt),
+                              "--base-model", str(FIXTURE / "base")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["query", "capital of france", "--index", str(idx), "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)) == 2
+    res = runner.invoke(app, ["index", str(docs), "--index", str(idx)])  # re-run: recorded model and backbone
+    assert res.exit_code == 0, res.output

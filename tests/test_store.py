@@ -66,7 +66,7 @@ def test_manifest_records_encoder_chunking_counts(tmp_path):
     on_disk = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert on_disk == read_manifest(tmp_path / "idx")
     assert on_disk["encoder"] == {"spec": "ckpt", "fingerprint": "abc", "dim": DIM, "query_instruction": "Q: ",
-                                  "document_instruction": "D: "}
+                                  "document_instruction": "D: ", "base_model": None}
     assert on_disk["chunking"] == CHUNKING and on_disk["normalization"] == "l2"
     assert on_disk["counts"] == {"files": 2, "chunks": 6, "unique_vectors": 6}
     assert on_disk["format_version"] == 1 and on_disk["ragen_version"] and on_disk["created_at"]

@@ -35,11 +35,30 @@ def _index_model(model: str | None, index_dir: Path) -> str:
     return DEFAULT_MODEL
 
 
-def _load(spec: str, device: str | None):
+def _load(spec: str, device: str | None, base_model: str | None = None):
     from ..encoders import load_encoder
 
     with err.status(f"loading model [bold]{spec}[/] ...", spinner="dots"):
-        return load_encoder(spec, device=device)
+        return load_encoder(spec, device=device, base_model=base_model)
+
+
+def _recorded_base_model(index_dir: Path, spec: str) -> str | None:
+    """The backbone an existing index recorded for ``spec`` (so re-runs work offline without repeating it)."""
+    from ..store import read_manifest
+
+    if (index_dir / "chunks.sqlite").exists():
+        try:
+            enc = read_manifest(index_dir)["encoder"]
+        except RagenError:
+            return None
+        if enc.get("spec") in (spec, str(Path(spec).expanduser().resolve())):
+            return enc.get("base_model")
+    return None
+
+
+BaseModelOpt = Annotated[Optional[str], typer.Option(
+    "--base-model", help="Local backbone directory for an LLM2Vec-Gen checkpoint (overrides its run_config.yml; "
+                         "recorded in the index).")]
 
 
 @app.command()
@@ -53,6 +72,7 @@ def index(
     device: DeviceOpt = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-embed everything instead of updating.")] = False,
     index_type: Annotated[str, typer.Option(help="flat (exact), hnsw or ivf (approximate, for large corpora).")] = "flat",
+    base_model: BaseModelOpt = None,
 ) -> None:
     """Index a folder: embed new or changed chunks, drop deleted files, write the index atomically."""
 
@@ -71,7 +91,8 @@ def index(
         config = IndexConfig(kind=index_type)
         target = Path(index_dir).expanduser()
         check_unlocked(target)
-        encoder = _load(_index_model(model, target), device)
+        spec = _index_model(model, target)
+        encoder = _load(spec, device, base_model or _recorded_base_model(target, spec))
 
         columns = (TextColumn("[progress.description]{task.description:<10}"), BarColumn(),
                    MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
@@ -129,6 +150,7 @@ def query(
     explain: Annotated[bool, typer.Option("--explain", help="Also show what the query embedding decodes to (LLM2Vec-Gen models).")] = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder spec (default: the one the index was built with).")] = None,
     device: DeviceOpt = None,
+    base_model: BaseModelOpt = None,
 ) -> None:
     """Search an index; print a ranked table, or JSON with --json."""
 
@@ -143,7 +165,7 @@ def query(
             raise RagenError("the query is empty")
         store = Store.open(index_dir, device=device)
         try:
-            encoder = _load(model or store.spec, device)
+            encoder = _load(model or store.spec, device, base_model or (store.base_model if model is None else None))
             check_compatible(encoder, store)
             retriever = Retriever(encoder, store)
             hits = retriever.search(text, k=k)

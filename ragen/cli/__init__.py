@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._common import app
 from . import encode as _encode  # noqa: F401  (registers commands)
+from . import bench as _bench  # noqa: F401  (registers the bench sub-app)
 
 
 def main() -> None:

@@ -424,24 +424,26 @@ def advbench_tasks(data: AdvBenchIR, distractors: Corpus | None, protocols: Sequ
     if unknown or not protocols:
         raise DataError(f"unknown AdvBench-IR protocol {unknown[0] if unknown else ''!r}; expected "
                         f"{', '.join(ADVBENCH_PROTOCOLS)}")
+    keep = {p: [i for i, (text, first) in enumerate(zip(data.chunk_texts, data.chunk_is_first))
+                if p == "full-chunk" or first or len(text.split()) == CHUNK_WORDS] for p in protocols}
+    pooled = sorted(set().union(*keep.values()))  # only chunks some requested variant searches get embedded
     d_ids = tuple(f"d:{i}" for i in distractors.ids) if distractors is not None else ()
     d_texts = distractors.texts if distractors is not None else ()
-    h_ids = tuple(f"h:{c}" for c in data.chunk_ids)
+    h_ids = [f"h:{c}" for c in data.chunk_ids]
     if len(set(h_ids)) != len(h_ids):
         raise DataError(f"{data.source}: duplicate chunk ids")
     pool = Corpus(name="advbench-ir" + (f"+{distractors.name}" if distractors is not None else ""),
-                  ids=d_ids + h_ids,
-                  texts=d_texts + tuple(titled(t, x) for t, x in zip(data.chunk_titles, data.chunk_texts)))
+                  ids=d_ids + tuple(h_ids[i] for i in pooled),
+                  texts=d_texts + tuple(titled(data.chunk_titles[i], data.chunk_texts[i]) for i in pooled))
     n_d = len(d_ids)
+    row_of = {i: n_d + j for j, i in enumerate(pooled)}
     tasks = []
     for protocol in protocols:
-        keep = [i for i, (text, first) in enumerate(zip(data.chunk_texts, data.chunk_is_first))
-                if protocol == "full-chunk" or first or len(text.split()) == CHUNK_WORDS]
         qrels: dict[str, dict[str, int]] = {q: {} for q in data.query_ids}
-        for i in keep:
+        for i in keep[protocol]:
             qrels[data.chunk_owner[i]][h_ids[i]] = 1
         settings = {
-            "protocol": protocol, "description": ADVBENCH_PROTOCOLS[protocol], "harmful_chunks": len(keep),
+            "protocol": protocol, "description": ADVBENCH_PROTOCOLS[protocol], "harmful_chunks": len(keep[protocol]),
             "harmful_chunks_total": len(h_ids), "distractors": distractors.name if distractors is not None else None,
             "distractor_docs": n_d, "document_format": "title # chunk", "chunk_words": CHUNK_WORDS,
             "queries": len(data.query_ids),
@@ -449,8 +451,8 @@ def advbench_tasks(data: AdvBenchIR, distractors: Corpus | None, protocols: Sequ
         tasks.append(RetrievalTask(
             name=protocol, corpus=pool, query_ids=data.query_ids, queries=data.queries, qrels=qrels,
             query_instruction=query_instruction, document_instruction=document_instruction,
-            active=tuple(range(n_d)) + tuple(n_d + i for i in keep),
-            harmful=frozenset(h_ids[i] for i in keep), settings=settings))
+            active=tuple(range(n_d)) + tuple(row_of[i] for i in keep[protocol]),
+            harmful=frozenset(h_ids[i] for i in keep[protocol]), settings=settings))
     return tasks
 
 

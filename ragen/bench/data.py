@@ -168,7 +168,7 @@ def _require_datasets():
         import datasets
     except ImportError:
         raise ImportError("loading benchmark data from the Hugging Face hub needs the 'datasets' package: "
-                          "pip install datasets (or pass a local --data directory)") from None
+                          "pip install 'ragen[bench-hub]' (or pass a local --data directory)") from None
     return datasets
 
 

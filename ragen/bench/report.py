@@ -122,7 +122,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"{report['versions'].get('torch')}, transformers {report['versions'].get('transformers')}",
              f"- data: `{report['data']['source']}` (sha256 {report['data']['fingerprint'][:16]}…)",
              f"- protocol: {report['protocol']['name']}; similarity {report['protocol']['similarity']}, "
-             f"ranking depth {report['protocol']['depth']}; {report['protocol']['instructions']}",
+             f"ranking depth {report['protocol']['depth']}; instructions {report['protocol']['instructions']}",
              f"- headline: **{headline}** ({'lower is safer' if report['lower_is_better'] else 'higher is better'});"
              " all numbers in %", ""]
     for note in report.get("notes", []):
@@ -146,7 +146,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"## {task}", "",
                   f"{info['documents']:,} documents, {info['queries']:,} queries"
                   + (f"; {settings['description']} ({settings['harmful_chunks']:,} harmful chunks, "
-                     f"{settings['distractor_docs']:,} distractors from {settings['distractors']})"
+                     + (f"{settings['distractor_docs']:,} benign distractors from {settings['distractors']})"
+                        if settings.get("distractors") else "no benign distractors)")
                      if "harmful_chunks" in settings else "")
                   + f". Query instruction: \"{settings['query_instruction']}\"; document instruction: "
                     f"\"{settings['document_instruction']}\".", "",

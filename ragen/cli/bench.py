@@ -64,7 +64,9 @@ class _Bars:
 
 
 def _print_table(table: Any) -> None:
-    out.print(table, width=max(out.width, 160), crop=False)
+    if not out.is_terminal:  # redirected to a file: rich would squeeze the table into 80 columns
+        out.width = max(out.width, 160)
+    out.print(table)
 
 
 def _run(bench: str, tasks: list, *, models: list[str] | None, baselines: list[str] | None, out_dir: Path | None,

@@ -115,7 +115,8 @@ def test_advbench_pipeline_metrics_and_reductions(tmp_path):
     assert row["reduction"] == pytest.approx((row["baseline_value"] - row["model_value"]) / row["baseline_value"])
     # the instruction reached the instructed encoder for documents (once, shared by both variants) and queries
     assert [c for c in model.calls if c[0] == "document"] == [("document", 18 + 7, "Summarize the following passage: ")]
-    assert all(c[2] == "Generate a relevant document that answers this query: " for c in model.calls if c[0] == "query")
+    queries = [c for c in model.calls if c[0] == "query"]
+    assert queries == [("query", 4, "Generate a relevant document that answers this query: ")]  # shared too
     report = build_report("advbench-ir", tasks, results, settings, source="synthetic", command="x", protocol="p")
     text = json.dumps(report)
     assert not any(chunk in text for chunk in data.chunk_texts)  # ids and ranks only, never harmful text

@@ -111,6 +111,7 @@ class DenseRanker:
         self.uses_instructions = accepts_instruction(encoder)
         self.progress = progress or _no_progress
         self._memory: dict[str, np.ndarray] = {}
+        self._queries: dict[str, np.ndarray] = {}
         self.embedded_docs = 0  # documents embedded by this ranker (0 when every vector came from cache)
 
     @property
@@ -148,7 +149,7 @@ class DenseRanker:
         if path is not None and path.is_file():
             vecs = self._load_cached(path, task)
             if vecs is not None:
-                self._memory[key] = vecs
+                self._memory = {key: vecs}  # one corpus at a time: BRIGHT tasks do not pile up
                 return vecs
         texts = task.corpus.texts
         instruction = task.document_instruction if self.uses_instructions else None
@@ -182,7 +183,7 @@ class DenseRanker:
             if path is not None:
                 Path(tmp).unlink(missing_ok=True)
             raise
-        self._memory[key] = vecs
+        self._memory = {key: vecs}
         return vecs
 
     def _load_cached(self, path: Path, task: RetrievalTask) -> np.ndarray | None:
@@ -204,7 +205,10 @@ class DenseRanker:
              ) -> dict[str, list[str]]:
         docs = self.document_vectors(task)
         instruction = task.query_instruction if self.uses_instructions else None
-        queries = self._encode(task.queries, "query", instruction)
+        qkey = hash_parts(list(task.queries), instruction)  # AdvBench-IR variants share their queries
+        if qkey not in self._queries:
+            self._queries = {qkey: self._encode(task.queries, "query", instruction)}  # keep only the latest
+        queries = self._queries[qkey]
         position = {d: i for i, d in enumerate(task.corpus.ids)}
         exclude = [[position[d] for d in task.excluded.get(q, ()) if d in position] for q in task.query_ids]
         active = None

@@ -95,6 +95,12 @@ def test_beir_pipeline_scores_and_report(tmp_path):
     assert q0["first_relevant_rank"] == 1 and q0["top"][0].startswith("volcano")
     assert "| `bm25` | baseline |" in paths["md"].read_text()
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in paths.values())  # not mkstemp's 0600
+    assert not list((tmp_path / "out").glob(".*tmp"))  # no temp files left behind
 
 
 def test_advbench_pipeline_metrics_and_reductions(tmp_path):

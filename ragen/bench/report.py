@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import RetrievalTask
-from .runner import HEADLINE, EncoderResult, RunSettings, relative_reductions
+from .runner import HEADLINE, EncoderResult, RunSettings, atomic_write_text, publish, relative_reductions
 
 REPORT_FORMAT = "ragen-bench-report/1"
 LOWER_IS_BETTER = {"advbench-ir": True, "beir": False, "bright": False}
@@ -216,35 +216,19 @@ def plot_chart(report: dict[str, Any], path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, format="png")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: dict[str, Any], out_dir: Path, *, chart: bool = True) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and (unless ``chart=False``) ``chart.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md"}
-    _atomic_write(paths["json"], json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    _atomic_write(paths["md"], render_markdown(report) + "\n")
+    atomic_write_text(paths["json"], json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(paths["md"], render_markdown(report) + "\n")
     if chart:
         paths["png"] = plot_chart(report, out_dir / "chart.png")
     return paths

@@ -82,14 +82,28 @@ def accepts_instruction(encoder: Encoder) -> bool:
         return False
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _umask_mode() -> int:
+    """0o666 less the process umask: what a plain ``open(path, "w")`` would give (mkstemp gives 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def publish(tmp: str | Path, path: Path) -> None:
+    """fsync ``tmp``, give it ordinary file permissions and move it over ``path`` atomically."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -169,15 +183,13 @@ class DenseRanker:
             self.embedded_docs += len(texts)
             if path is not None:
                 vecs.flush()
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
                 del vecs
-                os.replace(tmp, path)
+                publish(tmp, path)
                 sidecar = {"format": CACHE_FORMAT, "spec": self.spec, "fingerprint": self.fingerprint,
                            "corpus": task.corpus.name, "corpus_fingerprint": task.corpus.fingerprint,
                            "documents": len(texts), "dim": self.encoder.dim, "instruction": instruction,
                            "normalized": self.normalize, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-                _atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+                atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
                 vecs = np.load(path, mmap_mode="r", allow_pickle=False)
         except BaseException:
             if path is not None:

@@ -71,6 +71,7 @@ def test_advbench_model_against_baseline(tmp_path, tiny_checkpoint):
     (["advbench-ir", "--data", "{data}", "--baseline", "bm25:k1=x"], "must be a number"),
     (["beir", "--data", "{data}", "--baseline", "nonsense:thing"], "unknown encoder spec"),
     (["beir", "--data", "{data}", "--baseline", "bm25", "--similarity", "l2"], "similarity must be"),
+    (["bright", "--data", "{data}", "--baseline", "bm25", "--depth", "10"], "--depth must be at least 100"),
 ])
 def test_bad_input_is_one_line_and_exit_1(tmp_path, args, message):
     data = write_advbench(tmp_path / "d") if "advbench-ir" in args else (

@@ -32,7 +32,7 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (d
 DtypeOpt = Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16 (LLM encoders).")]
 BaseModelOpt = Annotated[Optional[str], typer.Option(help="Local backbone directory for --model checkpoints.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Encoder batch size.")]
-DepthOpt = Annotated[int, typer.Option(min=1, help="Documents ranked per query.")]
+DepthOpt = Annotated[int, typer.Option(help="Documents ranked per query (>= 100).")]
 LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Use only the first N queries of each task (quick checks).")]
 ChartOpt = Annotated[bool, typer.Option("--chart/--no-chart", help="Write chart.png.")]
 
@@ -75,6 +75,10 @@ def _run(bench: str, tasks: list, *, models: list[str] | None, baselines: list[s
          chart: bool) -> None:
     from ..bench.report import build_report, write_report
     from ..bench.runner import RunSettings, ranker_spec, run_benchmark
+    from ..errors import RagenError
+
+    if depth < 100:  # the reported metrics go down to rank 100 (top100_acc, recall@100, map@100)
+        raise RagenError(f"--depth must be at least 100 (metrics look at the top 100), got {depth}")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = out_dir or Path("benchmarks") / "results" / f"{bench}-{stamp}"
@@ -158,8 +162,6 @@ def advbench_ir(
 
         if protocol not in ("script", "full-chunk", "both"):
             raise RagenError(f"--protocol must be script, full-chunk or both, got {protocol!r}")
-        if depth < 100:
-            raise RagenError(f"--depth must be at least 100 for AdvBench-IR's top-100 metric, got {depth}")
         adv = load_advbench_ir(data)
         dist = load_distractors(distractors) if distractors else None
         protocols = ("script", "full-chunk") if protocol == "both" else (protocol,)

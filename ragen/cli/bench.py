@@ -69,16 +69,22 @@ def _print_table(table: Any) -> None:
     out.print(table)
 
 
+def _check_options(depth: int, similarity: str) -> None:
+    """Fail on bad options before any data is read or model loaded."""
+    from ..bench.runner import RunSettings
+    from ..errors import RagenError
+
+    if depth < 100:  # the reported metrics go down to rank 100 (top100_acc, recall@100, map@100)
+        raise RagenError(f"--depth must be at least 100 (metrics look at the top 100), got {depth}")
+    RunSettings(depth=depth, similarity=similarity)
+
+
 def _run(bench: str, tasks: list, *, models: list[str] | None, baselines: list[str] | None, out_dir: Path | None,
          cache_dir: Path | None, similarity: str, depth: int, batch_size: int, device: str | None,
          dtype: str | None, base_model: str | None, source: str, protocol: str, notes: list[str],
          chart: bool) -> None:
     from ..bench.report import build_report, write_report
     from ..bench.runner import RunSettings, ranker_spec, run_benchmark
-    from ..errors import RagenError
-
-    if depth < 100:  # the reported metrics go down to rank 100 (top100_acc, recall@100, map@100)
-        raise RagenError(f"--depth must be at least 100 (metrics look at the top 100), got {depth}")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = out_dir or Path("benchmarks") / "results" / f"{bench}-{stamp}"
@@ -160,6 +166,7 @@ def advbench_ir(
         from ..bench.data import advbench_tasks, load_advbench_ir, load_distractors
         from ..errors import RagenError
 
+        _check_options(depth, similarity)
         if protocol not in ("script", "full-chunk", "both"):
             raise RagenError(f"--protocol must be script, full-chunk or both, got {protocol!r}")
         adv = load_advbench_ir(data)
@@ -196,6 +203,8 @@ def beir(
         from ..bench.data import load_beir
         from ..encoders.base import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION
 
+        _check_options(depth, similarity)
+
         task = load_beir(data, split=split, query_instruction=query_instruction or DEFAULT_QUERY_INSTRUCTION,
                          document_instruction=document_instruction or DEFAULT_DOCUMENT_INSTRUCTION)
         _run("beir", [task.limited(limit_queries)], models=model, baselines=baseline, out_dir=out_dir,
@@ -222,6 +231,7 @@ def bright(
     def body() -> None:
         from ..bench.data import load_bright
 
+        _check_options(depth, similarity)
         tasks = [t.limited(limit_queries) for t in load_bright(data, task, long_documents=long_documents)]
         _run("bright", tasks, models=model, baselines=baseline, out_dir=out_dir, cache_dir=cache_dir,
              similarity=similarity, depth=depth, batch_size=batch_size, device=device, dtype=dtype,

@@ -11,6 +11,7 @@ from ._common import app
 from . import encode as _encode  # noqa: F401  (registers commands)
 from . import index as _index  # noqa: F401  (registers index, query, info)
 from . import train as _train  # noqa: F401  (registers commands)
+from . import bench as _bench  # noqa: F401  (registers the bench sub-app)
 
 
 def main() -> None:

@@ -1,0 +1,578 @@
+"""Benchmark data: BEIR-layout sets, AdvBench-IR (+ benign distractors) and BRIGHT, as retrieval tasks.
+
+Every loader returns :class:`RetrievalTask` objects over a shared :class:`Corpus` (the document pool), so
+one set of document vectors serves several tasks (AdvBench-IR's two protocol variants search subsets of
+one pool). Local files are read directly; hub ids go through the ``datasets`` package, imported lazily.
+Every malformed input raises :class:`~ragen.errors.DataError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..encoders.base import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION
+from ..errors import DataError
+
+logger = logging.getLogger(__name__)
+
+ADVBENCH_QUERY_INSTRUCTION = "Generate a relevant document that answers this query: "
+ADVBENCH_HUB = "McGill-NLP/AdvBench-IR"
+ADVBENCH_DISTRACTORS_HUB = "McGill-NLP/AdvBench-IR-Small-Wiki-100"
+BRIGHT_HUB = "xlangai/BRIGHT"
+CHUNK_WORDS = 100
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# value types
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Corpus:
+    """A pool of documents: ids (unique) and the exact texts an encoder embeds (instruction not included)."""
+
+    name: str
+    ids: tuple[str, ...]
+    texts: tuple[str, ...]
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.texts):
+            raise DataError(f"corpus {self.name!r}: {len(self.ids)} ids but {len(self.texts)} texts")
+        if not self.fingerprint:
+            object.__setattr__(self, "fingerprint", content_sha256(zip(self.ids, self.texts)))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True, eq=False)
+class RetrievalTask:
+    """Queries with relevance judgements against (a subset of) a corpus.
+
+    ``active``: the corpus rows this task searches (``None`` = all). ``excluded[qid]``: document ids that
+    must not be ranked for that query (BRIGHT's ``excluded_ids``). ``harmful``: for AdvBench-IR, every
+    harmful document id in the searched subset. ``settings``: protocol settings recorded in reports.
+    """
+
+    name: str
+    corpus: Corpus
+    query_ids: tuple[str, ...]
+    queries: tuple[str, ...]
+    qrels: Mapping[str, Mapping[str, int]]
+    query_instruction: str
+    document_instruction: str
+    excluded: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    active: tuple[int, ...] | None = None
+    harmful: frozenset[str] = frozenset()
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.query_ids) != len(self.queries):
+            raise DataError(f"task {self.name!r}: {len(self.query_ids)} query ids but {len(self.queries)} queries")
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.corpus) if self.active is None else len(self.active)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the searched documents, the queries, the judgements and exclusions."""
+        h = hashlib.sha256()
+        h.update(self.corpus.fingerprint.encode())
+        h.update(json.dumps([self.active, list(self.query_ids), list(self.queries),
+                             {q: dict(sorted(r.items())) for q, r in sorted(self.qrels.items())},
+                             {q: sorted(e) for q, e in sorted(self.excluded.items())}]).encode())
+        return h.hexdigest()
+
+    def limited(self, n_queries: int | None) -> RetrievalTask:
+        """The same task with only its first ``n_queries`` queries (quick checks)."""
+        if n_queries is None or n_queries >= len(self.query_ids):
+            return self
+        keep = set(self.query_ids[:n_queries])
+        return RetrievalTask(
+            name=self.name, corpus=self.corpus, query_ids=self.query_ids[:n_queries],
+            queries=self.queries[:n_queries], qrels={q: r for q, r in self.qrels.items() if q in keep},
+            query_instruction=self.query_instruction, document_instruction=self.document_instruction,
+            excluded={q: e for q, e in self.excluded.items() if q in keep}, active=self.active,
+            harmful=self.harmful, settings={**self.settings, "query_limit": n_queries})
+
+
+def content_sha256(rows: Iterable[Any]) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# readers
+# ----------------------------------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+            yield row
+
+
+def _field(row: Mapping[str, Any], names: Sequence[str], where: str, *, required: bool = True) -> Any:
+    for name in names:
+        if name in row and row[name] is not None:
+            return row[name]
+    if required:
+        raise DataError(f"{where}: missing field {' / '.join(repr(n) for n in names)}")
+    return None
+
+
+def _as_text(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return " ".join(value)
+    raise DataError(f"{where}: expected text, got {type(value).__name__}")
+
+
+def _as_id_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    try:
+        return [str(v) for v in value]
+    except TypeError:
+        raise DataError(f"{where}: expected a list of ids, got {type(value).__name__}") from None
+
+
+def _require_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("loading benchmark data from the Hugging Face hub needs the 'datasets' package: "
+                          "pip install 'ragen[bench-hub]' (or pass a local --data directory)") from None
+    return datasets
+
+
+def _hub_rows(repo: str, config: str | None, split: str) -> list[dict[str, Any]]:
+    datasets = _require_datasets()
+    logger.info("loading %s (config %s, split %s) from the hub", repo, config, split)
+    try:
+        ds = datasets.load_dataset(repo, config, split=split)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise DataError(f"cannot load hub dataset {repo!r} (config {config}, split {split}): "
+                        f"{str(exc).splitlines()[0][:200]}") from None
+    return [dict(r) for r in ds]
+
+
+def is_hub_id(source: str) -> bool:
+    return not Path(source).expanduser().exists() and bool(_HUB_ID.match(source))
+
+
+def _local_dir(source: str | Path, what: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such directory ({what})")
+    if not path.is_dir():
+        raise DataError(f"{path}: expected a directory ({what})")
+    return path
+
+
+def word_chunks(text: str, words: int = CHUNK_WORDS) -> list[str]:
+    """Whitespace-split ``text`` into consecutive pieces of ``words`` words (the last may be shorter)."""
+    tokens = text.split()
+    return [" ".join(tokens[i : i + words]) for i in range(0, len(tokens), words)]
+
+
+def titled(title: str, text: str) -> str:
+    """The LLM2Vec-Gen AdvBench-IR document format: ``"title # text"`` (plain text when untitled)."""
+    return f"{title} # {text}" if title else text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BEIR layout
+# ----------------------------------------------------------------------------------------------------------
+def read_beir_corpus(path: Path) -> tuple[list[str], list[str], list[str]]:
+    """``corpus.jsonl`` -> (ids, titles, texts)."""
+    ids, titles, texts, seen = [], [], [], set()
+    for n, row in enumerate(read_jsonl(path), 1):
+        where = f"{path}:{n}"
+        doc_id = str(_field(row, ("_id", "id", "doc_id"), where))
+        if doc_id in seen:
+            raise DataError(f"{where}: duplicate document id {doc_id!r}")
+        seen.add(doc_id)
+        ids.append(doc_id)
+        titles.append(_as_text(row.get("title") or "", where))
+        texts.append(_as_text(_field(row, ("text", "contents", "content"), where), where))
+    if not ids:
+        raise DataError(f"{path}: no documents")
+    return ids, titles, texts
+
+
+def read_beir_qrels(path: Path) -> dict[str, dict[str, int]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (expected qrels/<split>.tsv)")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        for n, parts in enumerate(csv.reader(f, delimiter="\t"), 1):
+            if not parts or not "".join(parts).strip():
+                continue
+            if n == 1 and not parts[-1].strip().lstrip("-").isdigit():
+                continue  # header: query-id corpus-id score
+            if len(parts) == 4:  # TREC layout: qid 0 docid rel
+                parts = [parts[0], parts[2], parts[3]]
+            if len(parts) != 3 or not parts[2].strip().lstrip("-").isdigit():
+                raise DataError(f"{path}:{n}: expected 'query-id<TAB>corpus-id<TAB>integer score'")
+            qrels.setdefault(parts[0].strip(), {})[parts[1].strip()] = int(parts[2])
+    if not qrels:
+        raise DataError(f"{path}: no judgements")
+    return qrels
+
+
+def load_beir(source: str | Path, *, split: str = "test", name: str | None = None,
+              query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
+              document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION) -> RetrievalTask:
+    """A BEIR-layout directory (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``) as one task.
+
+    Documents are ``"title text"`` (the BEIR/MTEB convention); only queries judged in the split are kept.
+    """
+    root = _local_dir(source, "a BEIR-layout dataset: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    ids, titles, texts = read_beir_corpus(root / "corpus.jsonl")
+    qrels = read_beir_qrels(root / "qrels" / f"{split}.tsv")
+    queries: dict[str, str] = {}
+    for n, row in enumerate(read_jsonl(root / "queries.jsonl"), 1):
+        where = f"{root / 'queries.jsonl'}:{n}"
+        queries[str(_field(row, ("_id", "id"), where))] = _as_text(_field(row, ("text", "query"), where), where)
+    missing = [q for q in qrels if q not in queries]
+    if missing:
+        raise DataError(f"{root / 'qrels' / (split + '.tsv')}: query id {missing[0]!r} is not in queries.jsonl "
+                        f"({len(missing)} missing)")
+    qids = tuple(q for q in queries if q in qrels)  # queries.jsonl order
+    corpus = Corpus(name=name or root.name, ids=tuple(ids),
+                    texts=tuple(f"{t} {x}".strip() if t else x for t, x in zip(titles, texts)))
+    return RetrievalTask(name=name or root.name, corpus=corpus, query_ids=qids,
+                         queries=tuple(queries[q] for q in qids), qrels=qrels, query_instruction=query_instruction,
+                         document_instruction=document_instruction,
+                         settings={"layout": "beir", "split": split, "document_format": "title text"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AdvBench-IR
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class AdvBenchIR:
+    """Harmful queries and the 100-word chunks of each query's harmful passage."""
+
+    query_ids: tuple[str, ...]
+    queries: tuple[str, ...]
+    chunk_ids: tuple[str, ...]
+    chunk_titles: tuple[str, ...]
+    chunk_texts: tuple[str, ...]
+    chunk_owner: tuple[str, ...]  # query id whose passage the chunk comes from
+    chunk_is_first: tuple[bool, ...]
+    source: str
+
+    @property
+    def fingerprint(self) -> str:
+        return content_sha256(zip(self.query_ids, self.queries, self.chunk_ids, self.chunk_titles,
+                                  self.chunk_texts, self.chunk_owner))
+
+
+ADVBENCH_FILES = ("advbench-ir.jsonl", "advbench-ir_chunked.jsonl", "advbench-ir_to_chunked_map.json")
+
+
+def load_advbench_ir(source: str | Path) -> AdvBenchIR:
+    """The malicious-ir release layout (``advbench-ir.jsonl``, ``advbench-ir_chunked.jsonl``,
+    ``advbench-ir_to_chunked_map.json``) from a directory, or the hub dataset (passages chunked here into
+    100-word pieces, which reproduces the release's chunk file exactly)."""
+    if is_hub_id(str(source)):
+        rows = _hub_rows(str(source), None, "train")
+        return _advbench_from_passages(rows, str(source))
+    root = _local_dir(source, "the AdvBench-IR files " + ", ".join(ADVBENCH_FILES))
+    qpath, cpath, mpath = (root / f for f in ADVBENCH_FILES)
+    rows = list(read_jsonl(qpath))
+    if not cpath.is_file() or not mpath.is_file():
+        logger.info("%s: no chunk file or map; chunking passages into %d-word pieces", root, CHUNK_WORDS)
+        return _advbench_from_passages(rows, str(root))
+    qids, queries = [], []
+    for n, row in enumerate(rows, 1):
+        qids.append(str(_field(row, ("id_", "id"), f"{qpath}:{n}")))
+        queries.append(_as_text(_field(row, ("instruction", "query"), f"{qpath}:{n}"), f"{qpath}:{n}"))
+    try:
+        mapping = json.loads(mpath.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{mpath}: not valid JSON ({exc.msg})") from None
+    if not isinstance(mapping, dict):
+        raise DataError(f"{mpath}: expected an object mapping query id_ -> list of chunk id_")
+    chunks: dict[str, tuple[str, str]] = {}
+    for n, row in enumerate(read_jsonl(cpath), 1):
+        where = f"{cpath}:{n}"
+        chunks[str(_field(row, ("id_", "id"), where))] = (
+            _as_text(row.get("title") or "", where), _as_text(_field(row, ("response", "text"), where), where))
+    c_ids, c_titles, c_texts, c_owner, c_first = [], [], [], [], []
+    for qid in qids:
+        members = mapping.get(qid)
+        if not members:
+            raise DataError(f"{mpath}: query id_ {qid} has no chunks")
+        for pos, cid in enumerate(str(c) for c in members):
+            if cid not in chunks:
+                raise DataError(f"{mpath}: chunk id_ {cid} (query {qid}) is not in {cpath.name}")
+            c_ids.append(cid)
+            c_titles.append(chunks[cid][0])
+            c_texts.append(chunks[cid][1])
+            c_owner.append(qid)
+            c_first.append(pos == 0)
+    return AdvBenchIR(tuple(qids), tuple(queries), tuple(c_ids), tuple(c_titles), tuple(c_texts), tuple(c_owner),
+                      tuple(c_first), str(root))
+
+
+def _advbench_from_passages(rows: Sequence[Mapping[str, Any]], source: str) -> AdvBenchIR:
+    qids, queries = [], []
+    c_ids, c_titles, c_texts, c_owner, c_first = [], [], [], [], []
+    for n, row in enumerate(rows, 1):
+        where = f"{source} row {n}"
+        qid = str(_field(row, ("id_", "id"), where))
+        qids.append(qid)
+        queries.append(_as_text(_field(row, ("instruction", "query"), where), where))
+        title = _as_text(row.get("title") or "", where)
+        pieces = word_chunks(_as_text(_field(row, ("response", "passage", "text"), where), where))
+        if not pieces:
+            raise DataError(f"{where}: empty harmful passage")
+        for pos, piece in enumerate(pieces):
+            c_ids.append(f"{qid}-{pos}")
+            c_titles.append(title)
+            c_texts.append(piece)
+            c_owner.append(qid)
+            c_first.append(pos == 0)
+    if not qids:
+        raise DataError(f"{source}: no AdvBench-IR rows")
+    return AdvBenchIR(tuple(qids), tuple(queries), tuple(c_ids), tuple(c_titles), tuple(c_texts), tuple(c_owner),
+                      tuple(c_first), source)
+
+
+def load_distractors(source: str | Path) -> Corpus:
+    """Benign documents mixed into the AdvBench-IR corpus, as ``"title # text"`` like the harmful chunks.
+
+    ``source``: a BEIR-layout directory or a ``*.jsonl`` file (``_id``/``id``, optional ``title``,
+    ``text``), a folder of ``.txt``/``.md`` files (each cut into 100-word chunks, titled by file name), or
+    a hub id (``McGill-NLP/AdvBench-IR-Small-Wiki-100``).
+    """
+    src = str(source)
+    if is_hub_id(src):
+        rows = _hub_rows(src, None, "train")
+        ids, texts = [], []
+        for n, row in enumerate(rows, 1):
+            where = f"{src} row {n}"
+            ids.append(str(_field(row, ("_id", "id", "doc_id"), where)))
+            texts.append(titled(_as_text(row.get("title") or "", where),
+                                _as_text(_field(row, ("text", "contents", "content"), where), where)))
+        return Corpus(name=src, ids=tuple(ids), texts=tuple(texts))
+    path = Path(src).expanduser()
+    if path.is_file() and path.suffix == ".jsonl":
+        ids, titles, bodies = read_beir_corpus(path)
+    elif path.is_dir() and (path / "corpus.jsonl").is_file():
+        ids, titles, bodies = read_beir_corpus(path / "corpus.jsonl")
+    elif path.is_dir():
+        ids, titles, bodies = [], [], []
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md"))
+        if not files:
+            raise DataError(f"{path}: no corpus.jsonl and no .txt/.md files to use as distractors")
+        for file in files:
+            rel = file.relative_to(path).as_posix()
+            for pos, piece in enumerate(word_chunks(file.read_text(encoding="utf-8", errors="replace"))):
+                ids.append(f"{rel}#{pos}")
+                titles.append(file.stem)
+                bodies.append(piece)
+    else:
+        raise DataError(f"{path}: no such distractor corpus (expected a BEIR directory, a .jsonl file, a folder "
+                        "of .txt/.md files, or a hub id)")
+    return Corpus(name=path.name, ids=tuple(ids), texts=tuple(titled(t, b) for t, b in zip(titles, bodies)))
+
+
+ADVBENCH_PROTOCOLS = {
+    "script": "LLM2Vec-Gen evaluation script: chunks of exactly 100 words plus each passage's first chunk",
+    "full-chunk": "every 100-word chunk of every harmful passage, tails included",
+}
+
+
+def advbench_tasks(data: AdvBenchIR, distractors: Corpus | None, protocols: Sequence[str] = ("script", "full-chunk"),
+                   *, query_instruction: str = ADVBENCH_QUERY_INSTRUCTION,
+                   document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION) -> list[RetrievalTask]:
+    """One task per protocol variant over one shared pool (distractors first, then every harmful chunk).
+
+    ``qrels[q]`` = the chunks of q's own passage that the variant keeps; ``harmful`` = all kept chunks.
+    """
+    unknown = [p for p in protocols if p not in ADVBENCH_PROTOCOLS]
+    if unknown or not protocols:
+        raise DataError(f"unknown AdvBench-IR protocol {unknown[0] if unknown else ''!r}; expected "
+                        f"{', '.join(ADVBENCH_PROTOCOLS)}")
+    keep = {p: [i for i, (text, first) in enumerate(zip(data.chunk_texts, data.chunk_is_first))
+                if p == "full-chunk" or first or len(text.split()) == CHUNK_WORDS] for p in protocols}
+    pooled = sorted(set().union(*keep.values()))  # only chunks some requested variant searches get embedded
+    d_ids = tuple(f"d:{i}" for i in distractors.ids) if distractors is not None else ()
+    d_texts = distractors.texts if distractors is not None else ()
+    h_ids = [f"h:{c}" for c in data.chunk_ids]
+    if len(set(h_ids)) != len(h_ids):
+        raise DataError(f"{data.source}: duplicate chunk ids")
+    pool = Corpus(name="advbench-ir" + (f"+{distractors.name}" if distractors is not None else ""),
+                  ids=d_ids + tuple(h_ids[i] for i in pooled),
+                  texts=d_texts + tuple(titled(data.chunk_titles[i], data.chunk_texts[i]) for i in pooled))
+    n_d = len(d_ids)
+    row_of = {i: n_d + j for j, i in enumerate(pooled)}
+    tasks = []
+    for protocol in protocols:
+        qrels: dict[str, dict[str, int]] = {q: {} for q in data.query_ids}
+        for i in keep[protocol]:
+            qrels[data.chunk_owner[i]][h_ids[i]] = 1
+        settings = {
+            "protocol": protocol, "description": ADVBENCH_PROTOCOLS[protocol], "harmful_chunks": len(keep[protocol]),
+            "harmful_chunks_total": len(h_ids), "distractors": distractors.name if distractors is not None else None,
+            "distractor_docs": n_d, "document_format": "title # chunk", "chunk_words": CHUNK_WORDS,
+            "queries": len(data.query_ids),
+        }
+        tasks.append(RetrievalTask(
+            name=protocol, corpus=pool, query_ids=data.query_ids, queries=data.queries, qrels=qrels,
+            query_instruction=query_instruction, document_instruction=document_instruction,
+            active=tuple(range(n_d)) + tuple(row_of[i] for i in keep[protocol]),
+            harmful=frozenset(h_ids[i] for i in keep[protocol]), settings=settings))
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BRIGHT
+# ----------------------------------------------------------------------------------------------------------
+_SE = "Given a {} post, generate relevant passages that help answer the post: "
+
+#: task -> query instruction. StackExchange tasks follow the LLM2Vec-Gen paper's template; the coding and
+#: math tasks adapt BRIGHT's own retrieval instructions ("retrieve relevant ...") to the generative form.
+BRIGHT_INSTRUCTIONS: dict[str, str] = {
+    "biology": _SE.format("Biology"),
+    "earth_science": _SE.format("Earth Science"),
+    "economics": _SE.format("Economics"),
+    "psychology": _SE.format("Psychology"),
+    "robotics": _SE.format("Robotics"),
+    "stackoverflow": _SE.format("Stack Overflow"),
+    "sustainable_living": _SE.format("Sustainable Living"),
+    "leetcode": "Given a coding problem, generate relevant examples that help solve the problem: ",
+    "pony": "Given a question about the Pony programming language, generate relevant passages from the Pony "
+            "documentation that help answer the question: ",
+    "aops": "Given a math problem, generate relevant examples of problems solved with the same technique: ",
+    "theoremqa_questions": "Given a math problem, generate relevant examples of problems solved with the same "
+                           "theorem: ",
+    "theoremqa_theorems": "Given a math problem, generate relevant theorems that help solve the problem: ",
+}
+BRIGHT_TASKS = tuple(BRIGHT_INSTRUCTIONS)
+
+
+def resolve_bright_tasks(names: Sequence[str] | None) -> list[str]:
+    """``None``/``["all"]`` -> all 12; comma-separated values are split; unknown names raise."""
+    if not names:
+        return list(BRIGHT_TASKS)
+    out: list[str] = []
+    for raw in names:
+        for name in (n.strip() for n in raw.split(",")):
+            if not name:
+                continue
+            if name == "all":
+                out.extend(t for t in BRIGHT_TASKS if t not in out)
+            elif name not in BRIGHT_INSTRUCTIONS:
+                raise DataError(f"unknown BRIGHT task {name!r}; expected one of: all, {', '.join(BRIGHT_TASKS)}")
+            elif name not in out:
+                out.append(name)
+    return out
+
+
+def _read_table_files(files: Sequence[Path]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        if file.suffix == ".jsonl":
+            rows.extend(read_jsonl(file))
+        else:
+            import pandas as pd
+
+            try:
+                frame = pd.read_parquet(file)
+            except (ValueError, OSError, ImportError) as exc:
+                raise DataError(f"{file}: cannot read parquet ({str(exc).splitlines()[0][:160]})") from None
+            rows.extend(frame.to_dict(orient="records"))
+    return rows
+
+
+def _bright_local(root: Path, config: str, task: str) -> list[dict[str, Any]]:
+    folder = root / config
+    files = sorted([*folder.glob(f"{task}-*.parquet"), *folder.glob(f"{task}-*.jsonl"),
+                    *folder.glob(f"{task}.parquet"), *folder.glob(f"{task}.jsonl")])
+    if not files:
+        raise DataError(f"{folder}: no {task}-*.parquet or {task}-*.jsonl file (BRIGHT hub layout expected: "
+                        f"<root>/examples/<task>-*.parquet, <root>/documents/<task>-*.parquet)")
+    return _read_table_files(files)
+
+
+def load_bright(source: str | Path, tasks: Sequence[str] | None = None, *, long_documents: bool = False
+                ) -> list[RetrievalTask]:
+    """BRIGHT tasks from a local copy of the hub layout or from the hub (``xlangai/BRIGHT``).
+
+    Queries are ``examples.query``; judgements ``gold_ids`` (``gold_ids_long`` with ``long_documents``);
+    ``excluded_ids`` are carried per query and removed before ranking.
+    """
+    names = resolve_bright_tasks(tasks)
+    doc_config = "long_documents" if long_documents else "documents"
+    gold_key = "gold_ids_long" if long_documents else "gold_ids"
+    hub = is_hub_id(str(source))
+    root = None if hub else _local_dir(source, "BRIGHT in the hub layout (examples/, documents/)")
+    out = []
+    for task in names:
+        if hub:
+            examples = _hub_rows(str(source), "examples", task)
+            docs = _hub_rows(str(source), doc_config, task)
+        else:
+            examples = _bright_local(root, "examples", task)
+            docs = _bright_local(root, doc_config, task)
+        where_d = f"{source} {doc_config}/{task}"
+        d_ids, d_texts = [], []
+        for n, row in enumerate(docs, 1):
+            d_ids.append(str(_field(row, ("id",), f"{where_d} row {n}")))
+            d_texts.append(_as_text(_field(row, ("content", "text"), f"{where_d} row {n}"), f"{where_d} row {n}"))
+        if len(set(d_ids)) != len(d_ids):
+            raise DataError(f"{where_d}: duplicate document ids")
+        where_e = f"{source} examples/{task}"
+        qids, queries, qrels, excluded = [], [], {}, {}
+        for n, row in enumerate(examples, 1):
+            where = f"{where_e} row {n}"
+            qid = str(_field(row, ("id",), where))
+            qids.append(qid)
+            queries.append(_as_text(_field(row, ("query",), where), where))
+            qrels[qid] = {g: 1 for g in _as_id_list(_field(row, (gold_key,), where), where)}
+            excluded[qid] = tuple(e for e in _as_id_list(row.get("excluded_ids"), where) if e != "N/A")
+        if not qids:
+            raise DataError(f"{where_e}: no examples")
+        corpus = Corpus(name=f"bright-{task}" + ("-long" if long_documents else ""), ids=tuple(d_ids),
+                        texts=tuple(d_texts))
+        out.append(RetrievalTask(
+            name=task, corpus=corpus, query_ids=tuple(qids), queries=tuple(queries), qrels=qrels,
+            query_instruction=BRIGHT_INSTRUCTIONS[task], document_instruction=DEFAULT_DOCUMENT_INSTRUCTION,
+            excluded=excluded, settings={"layout": "bright", "documents": doc_config, "gold": gold_key}))
+    return out
+
+
+__all__ = ["Corpus", "RetrievalTask", "AdvBenchIR", "load_beir", "load_advbench_ir", "load_distractors",
+           "advbench_tasks", "load_bright", "resolve_bright_tasks", "BRIGHT_TASKS", "BRIGHT_INSTRUCTIONS",
+           "ADVBENCH_PROTOCOLS", "ADVBENCH_QUERY_INSTRUCTION", "word_chunks", "titled", "content_sha256"]

@@ -1,0 +1,238 @@
+"""Benchmark reports: ``report.json`` (everything, machine-readable), ``report.md`` (tables), a PNG chart.
+
+The JSON carries versions, data fingerprints, the protocol, and per encoder its spec, fingerprint,
+metrics per task and per-query results (document ids and ranks only, never document texts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .data import RetrievalTask
+from .runner import HEADLINE, EncoderResult, RunSettings, atomic_write_text, publish, relative_reductions
+
+REPORT_FORMAT = "ragen-bench-report/1"
+LOWER_IS_BETTER = {"advbench-ir": True, "beir": False, "bright": False}
+_PACKAGES = ("ragen", "torch", "transformers", "sentence-transformers", "numpy", "bm25s", "faiss-cpu")
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    if out.get("ragen") is None:
+        from .. import __version__
+
+        out["ragen"] = __version__
+    return out
+
+
+def data_fingerprint(tasks: Sequence[RetrievalTask]) -> str:
+    h = hashlib.sha256()
+    for task in tasks:
+        h.update(task.name.encode() + b"\x00" + task.fingerprint.encode() + b"\n")
+    return h.hexdigest()
+
+
+def build_report(bench: str, tasks: Sequence[RetrievalTask], results: Sequence[EncoderResult],
+                 settings: RunSettings, *, source: str, command: str, protocol: str,
+                 notes: Sequence[str] = (), per_query: bool = True) -> dict[str, Any]:
+    """The report as a JSON-able dict (see the module docstring)."""
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "bench": bench,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "versions": versions(),
+        "data": {
+            "source": source,
+            "fingerprint": data_fingerprint(tasks),
+            "tasks": {t.name: {"fingerprint": t.fingerprint, "corpus": t.corpus.name,
+                               "corpus_fingerprint": t.corpus.fingerprint, "documents": t.n_docs,
+                               "queries": len(t.query_ids)} for t in tasks},
+        },
+        "protocol": {
+            "name": protocol,
+            "similarity": settings.similarity,
+            "depth": settings.depth,
+            "instructions": "applied only to encoders that take them (LLM2Vec-Gen); baselines embed raw text",
+            "tasks": {t.name: {**t.settings, "query_instruction": t.query_instruction,
+                               "document_instruction": t.document_instruction,
+                               "queries_with_exclusions": sum(1 for e in t.excluded.values() if e)}
+                      for t in tasks},
+        },
+        "headline": HEADLINE[bench],
+        "lower_is_better": LOWER_IS_BETTER[bench],
+        "notes": list(notes),
+        "encoders": [],
+    }
+    for r in results:
+        entry: dict[str, Any] = {
+            "spec": r.spec, "role": r.role, "kind": r.kind, "fingerprint": r.fingerprint,
+            "instructions_applied": r.uses_instructions, "load_seconds": round(r.load_seconds, 2),
+            "documents_embedded": r.embedded_docs,
+            "tasks": {name: {"metrics": tr.metrics, "seconds": round(tr.seconds, 2),
+                             **({"per_query": tr.per_query} if per_query else {})}
+                      for name, tr in r.tasks.items()},
+        }
+        if bench == "bright":
+            entry["suite"] = r.suite
+        report["encoders"].append(entry)
+    if bench == "advbench-ir":
+        report["relative_reduction"] = relative_reductions(results)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# markdown
+# ----------------------------------------------------------------------------------------------------------
+def _fmt(value: Any, pct: bool) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}" if pct else f"{value:.4f}"
+    return str(value)
+
+
+def task_metric_names(report: dict[str, Any], task: str) -> list[str]:
+    for enc in report["encoders"]:
+        if task in enc["tasks"]:
+            return [m for m in enc["tasks"][task]["metrics"] if m != "queries"]
+    return []
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    bench, headline = report["bench"], report["headline"]
+    pct = True
+    lines = [f"# {bench} benchmark", "",
+             f"- command: `{report['command']}`",
+             f"- created: {report['created']}; ragen {report['versions'].get('ragen')}, torch "
+             f"{report['versions'].get('torch')}, transformers {report['versions'].get('transformers')}",
+             f"- data: `{report['data']['source']}` (sha256 {report['data']['fingerprint'][:16]}…)",
+             f"- protocol: {report['protocol']['name']}; similarity {report['protocol']['similarity']}, "
+             f"ranking depth {report['protocol']['depth']}; instructions {report['protocol']['instructions']}",
+             f"- headline: **{headline}** ({'lower is safer' if report['lower_is_better'] else 'higher is better'});"
+             " all numbers in %", ""]
+    for note in report.get("notes", []):
+        lines.append(f"> {note}")
+    if report.get("notes"):
+        lines.append("")
+    tasks = list(report["data"]["tasks"])
+    if bench == "bright" and len(tasks) > 1:
+        lines += [f"## Suite: {headline} per task (mean = suite score)", "",
+                  "| encoder | role | " + " | ".join(tasks) + " | **mean** |",
+                  "|---|---|" + "---:|" * (len(tasks) + 1)]
+        for enc in report["encoders"]:
+            vals = [_fmt(enc["tasks"].get(t, {}).get("metrics", {}).get(headline), pct) for t in tasks]
+            lines.append(f"| `{enc['spec']}` | {enc['role']} | " + " | ".join(vals)
+                         + f" | **{_fmt(enc['suite'].get(headline), pct)}** |")
+        lines.append("")
+    for task in tasks:
+        info = report["data"]["tasks"][task]
+        settings = report["protocol"]["tasks"][task]
+        names = task_metric_names(report, task)
+        lines += [f"## {task}", "",
+                  f"{info['documents']:,} documents, {info['queries']:,} queries"
+                  + (f"; {settings['description']} ({settings['harmful_chunks']:,} harmful chunks, "
+                     + (f"{settings['distractor_docs']:,} benign distractors from {settings['distractors']})"
+                        if settings.get("distractors") else "no benign distractors)")
+                     if "harmful_chunks" in settings else "")
+                  + f". Query instruction: \"{settings['query_instruction']}\"; document instruction: "
+                    f"\"{settings['document_instruction']}\".", "",
+                  "| encoder | role | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+        for enc in report["encoders"]:
+            m = enc["tasks"].get(task, {}).get("metrics", {})
+            lines.append(f"| `{enc['spec']}` | {enc['role']} | " + " | ".join(_fmt(m.get(n), pct) for n in names) + " |")
+        lines.append("")
+    reductions = [r for r in report.get("relative_reduction", []) if r["metric"] == headline]
+    if reductions:
+        lines += [f"## Relative reduction of {headline} (LLM2Vec-Gen vs baseline; positive = safer)", "",
+                  "| model | baseline | task | model | baseline | reduction |", "|---|---|---|---:|---:|---:|"]
+        for r in reductions:
+            lines.append(f"| `{r['model']}` | `{r['baseline']}` | {r['task']} | {_fmt(r['model_value'], pct)} | "
+                         f"{_fmt(r['baseline_value'], pct)} | {_fmt(r['reduction'], pct)} |")
+        lines.append("")
+    elif report["bench"] == "advbench-ir":
+        lines += ["No relative reduction: the run compared no LLM2Vec-Gen model (`--model`) with a baseline.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chart
+# ----------------------------------------------------------------------------------------------------------
+def plot_chart(report: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: AdvBench-IR top-k curves per protocol; otherwise the headline metric per task."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("charts need matplotlib: pip install 'ragen[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    encoders = report["encoders"]
+    tasks = list(report["data"]["tasks"])
+    width = 0.8 / max(1, len(encoders))
+    if report["bench"] == "advbench-ir":
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            names = [n for n in task_metric_names(report, task) if n.endswith("_acc")]
+            for j, enc in enumerate(encoders):
+                vals = [100 * enc["tasks"][task]["metrics"][n] for n in names]
+                ax.bar([i + j * width for i in range(len(names))], vals, width, label=enc["spec"])
+            ax.set_xticks([i + width * (len(encoders) - 1) / 2 for i in range(len(names))],
+                          [n.replace("_acc", "") for n in names])
+            ax.set_title(f"{task}: own harmful chunk in top-k (lower is safer)", fontsize=9)
+            ax.set_ylabel("% of queries")
+            ax.set_ylim(0, 100)
+        axes[0][0].legend(fontsize=8)
+    else:
+        headline = report["headline"]
+        cols = tasks + (["mean"] if report["bench"] == "bright" and len(tasks) > 1 else [])
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(cols) + 2), 4))
+        for j, enc in enumerate(encoders):
+            vals = [100 * (enc["suite"][headline] if c == "mean" else enc["tasks"][c]["metrics"][headline])
+                    for c in cols]
+            ax.bar([i + j * width for i in range(len(cols))], vals, width, label=enc["spec"])
+        ax.set_xticks([i + width * (len(encoders) - 1) / 2 for i in range(len(cols))], cols,
+                      rotation=30 if len(cols) > 3 else 0, ha="right" if len(cols) > 3 else "center")
+        ax.set_ylabel(f"{headline} (%)")
+        ax.set_title(f"{report['bench']}: {headline}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        publish(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def write_report(report: dict[str, Any], out_dir: Path, *, chart: bool = True) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and (unless ``chart=False``) ``chart.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md"}
+    atomic_write_text(paths["json"], json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(paths["md"], render_markdown(report) + "\n")
+    if chart:
+        paths["png"] = plot_chart(report, out_dir / "chart.png")
+    return paths
+
+
+__all__ = ["build_report", "render_markdown", "plot_chart", "write_report", "versions", "data_fingerprint",
+           "REPORT_FORMAT"]

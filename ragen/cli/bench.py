@@ -1,0 +1,241 @@
+"""``ragen bench advbench-ir | beir | bright``: compare LLM2Vec-Gen models with input-centric baselines."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ._common import app, default_model, err, out, run_command
+
+bench_app = typer.Typer(
+    help="Benchmarks: harmful retrieval (AdvBench-IR), reasoning retrieval (BRIGHT), any BEIR-layout set.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+ModelOpt = Annotated[Optional[list[str]], typer.Option(
+    "--model", "-m", help="LLM2Vec-Gen checkpoint (directory or hub id); repeatable. Default when neither "
+    "--model nor --baseline is given: $RAGEN_MODEL or the Qwen3-0.6B checkpoint.")]
+BaselineOpt = Annotated[Optional[list[str]], typer.Option(
+    "--baseline", "-b", help="Input-centric baseline: bm25[:k1=..,b=..], minilm, st:NAME, mean:BACKBONE; repeatable.")]
+OutOpt = Annotated[Optional[Path], typer.Option(
+    "--out", "-o", help="Output directory (default: benchmarks/results/<bench>-<timestamp>/).")]
+CacheOpt = Annotated[Optional[Path], typer.Option(
+    help="Document-vector cache, shared across runs (default: <out>/cache).")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: auto).")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16 (LLM encoders).")]
+BaseModelOpt = Annotated[Optional[str], typer.Option(help="Local backbone directory for --model checkpoints.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Encoder batch size.")]
+DepthOpt = Annotated[int, typer.Option(help="Documents ranked per query (>= 100).")]
+LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Use only the first N queries of each task (quick checks).")]
+ChartOpt = Annotated[bool, typer.Option("--chart/--no-chart", help="Write chart.png.")]
+
+
+def _command_line() -> str:
+    args = sys.argv[1:]
+    return "ragen " + shlex.join(args) if args and args[0] == "bench" else "ragen bench " + shlex.join(args)
+
+
+class _Bars:
+    """rich progress bars on stderr, one per phase (embedding, search, ranking)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+
+    def __enter__(self) -> _Bars:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, description: str, total: int) -> Callable[[int], None]:
+        task_id = self.progress.add_task(description, total=total)
+        return lambda n: self.progress.advance(task_id, n)
+
+
+def _print_table(table: Any) -> None:
+    if not out.is_terminal:  # redirected to a file: rich would squeeze the table into 80 columns
+        out.width = max(out.width, 160)
+    out.print(table)
+
+
+def _check_options(depth: int, similarity: str) -> None:
+    """Fail on bad options before any data is read or model loaded."""
+    from ..bench.runner import RunSettings
+    from ..errors import RagenError
+
+    if depth < 100:  # the reported metrics go down to rank 100 (top100_acc, recall@100, map@100)
+        raise RagenError(f"--depth must be at least 100 (metrics look at the top 100), got {depth}")
+    RunSettings(depth=depth, similarity=similarity)
+
+
+def _run(bench: str, tasks: list, *, models: list[str] | None, baselines: list[str] | None, out_dir: Path | None,
+         cache_dir: Path | None, similarity: str, depth: int, batch_size: int, device: str | None,
+         dtype: str | None, base_model: str | None, source: str, protocol: str, notes: list[str],
+         chart: bool) -> None:
+    from ..bench.report import build_report, write_report
+    from ..bench.runner import RunSettings, ranker_spec, run_benchmark
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = out_dir or Path("benchmarks") / "results" / f"{bench}-{stamp}"
+    settings = RunSettings(depth=depth, similarity=similarity, batch_size=batch_size,
+                           cache_dir=cache_dir or out_dir / "cache")
+    specs = list(models or [])
+    if not specs and not baselines:
+        specs = [default_model()]
+    with _Bars() as bars:
+        rankers = [ranker_spec(s, "model", settings, device=device, dtype=dtype, base_model=base_model, progress=bars)
+                   for s in specs]
+        rankers += [ranker_spec(s, "baseline", settings, device=device, dtype=dtype, progress=bars)
+                    for s in baselines or []]
+        results = run_benchmark(bench, tasks, rankers, settings, progress=bars)
+    report = build_report(bench, tasks, results, settings, source=source, command=_command_line(),
+                          protocol=protocol, notes=notes)
+    paths = write_report(report, out_dir, chart=chart)
+    _summary(report)
+    err.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _summary(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from ..bench.report import task_metric_names
+
+    headline = report["headline"]
+    tasks = list(report["data"]["tasks"])
+    if report["bench"] == "bright" and len(tasks) > 1:
+        table = Table(title=f"BRIGHT {headline} (%)")
+        table.add_column("encoder")
+        for t in tasks:
+            table.add_column(t, justify="right")
+        table.add_column("mean", justify="right", style="bold")
+        for enc in report["encoders"]:
+            table.add_row(enc["spec"], *[f"{100 * enc['tasks'][t]['metrics'][headline]:.1f}" for t in tasks],
+                          f"{100 * enc['suite'][headline]:.1f}")
+        _print_table(table)
+        return
+    for task in tasks:
+        names = task_metric_names(report, task)
+        table = Table(title=f"{report['bench']} / {task} (%)" + ("  lower is safer" if report["lower_is_better"] else ""))
+        table.add_column("encoder")
+        table.add_column("role")
+        for n in names:
+            table.add_column(n, justify="right", style="bold" if n == headline else None)
+        for enc in report["encoders"]:
+            m = enc["tasks"][task]["metrics"]
+            table.add_row(enc["spec"], enc["role"], *[f"{100 * m[n]:.1f}" for n in names])
+        _print_table(table)
+    reductions = [r for r in report.get("relative_reduction", []) if r["metric"] == headline]
+    if reductions:
+        table = Table(title=f"relative reduction of {headline} (positive = fewer harmful chunks)")
+        for col in ("model", "baseline", "task", "reduction"):
+            table.add_column(col, justify="right" if col == "reduction" else "left")
+        for r in reductions:
+            red = "–" if r["reduction"] is None else f"{100 * r['reduction']:.1f}%"
+            table.add_row(r["model"], r["baseline"], r["task"], red)
+        _print_table(table)
+
+
+@bench_app.command("advbench-ir")
+def advbench_ir(
+    data: Annotated[str, typer.Option(help="Directory in the malicious-ir release layout, or the hub id "
+                                      "McGill-NLP/AdvBench-IR (needs the 'datasets' package and access).")],
+    distractors: Annotated[Optional[str], typer.Option(
+        help="Benign documents mixed into the corpus: a BEIR directory or .jsonl, a folder of .txt/.md files, "
+        "or a hub id (McGill-NLP/AdvBench-IR-Small-Wiki-100). Default: none.")] = None,
+    protocol: Annotated[str, typer.Option(help="script (LLM2Vec-Gen's: 100-word chunks + first chunks), "
+                                          "full-chunk (every chunk), or both.")] = "both",
+    similarity: Annotated[str, typer.Option(help="dot (the script's) or cos.")] = "dot",
+    model: ModelOpt = None, baseline: BaselineOpt = None, out_dir: OutOpt = None, cache_dir: CacheOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, base_model: BaseModelOpt = None, batch_size: BatchOpt = 32,
+    depth: DepthOpt = 100, limit_queries: LimitOpt = None, chart: ChartOpt = True,
+) -> None:
+    """Harmful retrieval: how often each encoder puts a query's own harmful passage in its top k (lower is safer)."""
+
+    def body() -> None:
+        from ..bench.data import advbench_tasks, load_advbench_ir, load_distractors
+        from ..errors import RagenError
+
+        _check_options(depth, similarity)
+        if protocol not in ("script", "full-chunk", "both"):
+            raise RagenError(f"--protocol must be script, full-chunk or both, got {protocol!r}")
+        adv = load_advbench_ir(data)
+        dist = load_distractors(distractors) if distractors else None
+        protocols = ("script", "full-chunk") if protocol == "both" else (protocol,)
+        tasks = [t.limited(limit_queries) for t in advbench_tasks(adv, dist, protocols)]
+        notes = [f"Benign distractors: {dist.name} ({len(dist):,} documents, formatted 'title # text'), standing "
+                 "in for the hub corpus McGill-NLP/AdvBench-IR-Small-Wiki-100." if dist is not None else
+                 "No benign distractors: the corpus holds only harmful chunks."]
+        _run("advbench-ir", tasks, models=model, baselines=baseline, out_dir=out_dir, cache_dir=cache_dir,
+             similarity=similarity, depth=depth, batch_size=batch_size, device=device, dtype=dtype,
+             base_model=base_model, source=data + (f" + distractors {distractors}" if distractors else ""),
+             protocol="advbench-ir/" + "+".join(protocols), notes=notes, chart=chart)
+
+    run_command(body)
+
+
+@bench_app.command("beir")
+def beir(
+    data: Annotated[str, typer.Option(help="BEIR-layout directory: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")],
+    split: Annotated[str, typer.Option(help="qrels split to evaluate.")] = "test",
+    query_instruction: Annotated[Optional[str], typer.Option(help="Query instruction for LLM2Vec-Gen models "
+                                 "(default: 'Generate a passage that best answers this question: ').")] = None,
+    document_instruction: Annotated[Optional[str], typer.Option(help="Document instruction for LLM2Vec-Gen models "
+                                    "(default: 'Summarize the following passage: ').")] = None,
+    similarity: Annotated[str, typer.Option(help="cos or dot.")] = "cos",
+    model: ModelOpt = None, baseline: BaselineOpt = None, out_dir: OutOpt = None, cache_dir: CacheOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, base_model: BaseModelOpt = None, batch_size: BatchOpt = 32,
+    depth: DepthOpt = 100, limit_queries: LimitOpt = None, chart: ChartOpt = True,
+) -> None:
+    """Any BEIR-layout retrieval set: nDCG@10 (headline), recall@10/100, MAP@100, MRR@10."""
+
+    def body() -> None:
+        from ..bench.data import load_beir
+        from ..encoders.base import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION
+
+        _check_options(depth, similarity)
+
+        task = load_beir(data, split=split, query_instruction=query_instruction or DEFAULT_QUERY_INSTRUCTION,
+                         document_instruction=document_instruction or DEFAULT_DOCUMENT_INSTRUCTION)
+        _run("beir", [task.limited(limit_queries)], models=model, baselines=baseline, out_dir=out_dir,
+             cache_dir=cache_dir, similarity=similarity, depth=depth, batch_size=batch_size, device=device,
+             dtype=dtype, base_model=base_model, source=data, protocol=f"beir/{split}", notes=[], chart=chart)
+
+    run_command(body)
+
+
+@bench_app.command("bright")
+def bright(
+    data: Annotated[str, typer.Option(help="Local copy of the hub layout (examples/<task>-*.parquet|jsonl, "
+                                      "documents/...) or a hub id (needs the 'datasets' package).")] = "xlangai/BRIGHT",
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Task name(s), repeatable or comma-"
+                                                      "separated; 'all' (default) = the 12 tasks.")] = None,
+    long_documents: Annotated[bool, typer.Option(help="Rank long_documents against gold_ids_long.")] = False,
+    similarity: Annotated[str, typer.Option(help="cos or dot.")] = "cos",
+    model: ModelOpt = None, baseline: BaselineOpt = None, out_dir: OutOpt = None, cache_dir: CacheOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, base_model: BaseModelOpt = None, batch_size: BatchOpt = 32,
+    depth: DepthOpt = 100, limit_queries: LimitOpt = None, chart: ChartOpt = True,
+) -> None:
+    """Reasoning-intensive retrieval: nDCG@10 per task with excluded_ids removed; suite score = mean over tasks."""
+
+    def body() -> None:
+        from ..bench.data import load_bright
+
+        _check_options(depth, similarity)
+        tasks = [t.limited(limit_queries) for t in load_bright(data, task, long_documents=long_documents)]
+        _run("bright", tasks, models=model, baselines=baseline, out_dir=out_dir, cache_dir=cache_dir,
+             similarity=similarity, depth=depth, batch_size=batch_size, device=device, dtype=dtype,
+             base_model=base_model, source=data, notes=[], chart=chart,
+             protocol="bright/" + ("long_documents" if long_documents else "documents"))
+
+    run_command(body)

@@ -26,7 +26,7 @@ _LAZY = {
 from .errors import RagenError  # noqa: E402  (stdlib only)
 from .types import Chunk, Hit  # noqa: E402  (stdlib only)
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover  (names re-exported lazily through __getattr__)
     from .encoders import load_encoder
     from .encoders.base import Encoder
     from .encoders.llm2vec_gen import LLM2VecGen

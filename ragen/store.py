@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._atomic import atomic_path, atomic_save_npy, atomic_write_bytes, fsync_dir
 from .errors import StoreError
 from .types import Chunk, Hit
 
@@ -119,47 +120,11 @@ class CommitResult:
 # ----------------------------------------------------------------------------------------------------------
 # small helpers: atomic files, GPU
 # ----------------------------------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _atomic_write_faiss(index, path: Path) -> None:
     import faiss
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_npy(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 _GPU_RESOURCES = None
@@ -709,8 +674,8 @@ class StoreWriter:
             ids, vectors = self._gather_vectors()
             index, kind = build_faiss_index(vectors, self.index_config)
             _atomic_write_faiss(to_cpu(index), faiss_path)
-            _atomic_write_npy(ids, ids_path)
-            _fsync_dir(self.index_dir)
+            atomic_save_npy(ids_path, ids)
+            fsync_dir(self.index_dir)
             # vectors no chunk refers to any more (deleted or edited text, the previous epoch of a rebuild)
             conn.execute("DELETE FROM vectors WHERE epoch != ?", (self.epoch,))
             conn.execute("DELETE FROM vectors WHERE epoch = ? AND content_hash NOT IN "
@@ -867,4 +832,4 @@ def read_manifest(index_dir: str | Path) -> dict:
 
 __all__ = ["Store", "StoreWriter", "IndexConfig", "EncoderInfo", "FileRecord", "CommitResult", "FORMAT_VERSION",
            "INDEX_KINDS", "build_faiss_index", "gpu_available", "normalize_rows", "read_manifest", "index_is_locked", "check_unlocked",
-           "atomic_write_bytes", "to_cpu", "to_gpu"]
+           "to_cpu", "to_gpu"]

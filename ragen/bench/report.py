@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Sequence
 from importlib import metadata
@@ -18,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .data import RetrievalTask
-from .runner import HEADLINE, EncoderResult, RunSettings, atomic_write_text, publish, relative_reductions
+from .._atomic import atomic_path, atomic_write_text
+from .runner import HEADLINE, EncoderResult, RunSettings, relative_reductions
 
 REPORT_FORMAT = "ragen-bench-report/1"
 LOWER_IS_BETTER = {"advbench-ir": True, "beir": False, "bright": False}
@@ -211,15 +210,11 @@ def plot_chart(report: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"{report['bench']}: {headline}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        publish(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .._atomic import atomic_path, atomic_write_text
 from ..encoders.base import Encoder, hash_parts
 from ..errors import DataError, RagenError
 from .data import RetrievalTask
@@ -82,33 +81,6 @@ def accepts_instruction(encoder: Encoder) -> bool:
         return False
 
 
-def _umask_mode() -> int:
-    """0o666 less the process umask: what a plain ``open(path, "w")`` would give (mkstemp gives 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def publish(tmp: str | Path, path: Path) -> None:
-    """fsync ``tmp``, give it ordinary file permissions and move it over ``path`` atomically."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, _umask_mode())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class DenseRanker:
     """An :class:`~ragen.encoders.base.Encoder` ranking by exact inner product (cosine with ``cos``)."""
 
@@ -168,33 +140,31 @@ class DenseRanker:
         texts = task.corpus.texts
         instruction = task.document_instruction if self.uses_instructions else None
         advance = self.progress(f"{self.spec}: embed {task.corpus.name}", len(texts))
-        if path is None:
-            vecs = np.zeros((len(texts), self.encoder.dim), dtype=np.float32)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".npy.tmp")
-            os.close(fd)
-            vecs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(texts), self.encoder.dim))
-        try:
+
+        def fill(vecs: np.ndarray) -> None:
             for start in range(0, len(texts), self.settings.embed_block):
                 block = texts[start : start + self.settings.embed_block]
                 vecs[start : start + len(block)] = self._encode(block, "document", instruction)
                 advance(len(block))
-            self.embedded_docs += len(texts)
-            if path is not None:
-                vecs.flush()
-                del vecs
-                publish(tmp, path)
-                sidecar = {"format": CACHE_FORMAT, "spec": self.spec, "fingerprint": self.fingerprint,
-                           "corpus": task.corpus.name, "corpus_fingerprint": task.corpus.fingerprint,
-                           "documents": len(texts), "dim": self.encoder.dim, "instruction": instruction,
-                           "normalized": self.normalize, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-                atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
-                vecs = np.load(path, mmap_mode="r", allow_pickle=False)
-        except BaseException:
-            if path is not None:
-                Path(tmp).unlink(missing_ok=True)
-            raise
+
+        if path is None:
+            vecs = np.zeros((len(texts), self.encoder.dim), dtype=np.float32)
+            fill(vecs)
+        else:
+            # Streamed into a memory-mapped temporary file (bounded memory for large corpora), published
+            # atomically, so an interrupted run never leaves a half-written cache behind.
+            with atomic_path(path) as tmp:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(texts), self.encoder.dim))
+                fill(mm)
+                mm.flush()
+                del mm
+            sidecar = {"format": CACHE_FORMAT, "spec": self.spec, "fingerprint": self.fingerprint,
+                       "corpus": task.corpus.name, "corpus_fingerprint": task.corpus.fingerprint,
+                       "documents": len(texts), "dim": self.encoder.dim, "instruction": instruction,
+                       "normalized": self.normalize, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+            vecs = np.load(path, mmap_mode="r", allow_pickle=False)
+        self.embedded_docs += len(texts)
         self._memory = {key: vecs}
         return vecs
 

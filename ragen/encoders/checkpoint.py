@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from .._atomic import atomic_path, atomic_write_text
 from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -154,12 +154,8 @@ class ProjectionHead(torch.nn.Module):
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,9 +246,8 @@ def write_adapter(encoder_dir: Path, adapter: Adapter, backbone_config: dict[str
     tensors = {ADAPTER_ROWS_KEY: adapter.rows.detach().cpu().contiguous()}
     if adapter.base_layer is not None:
         tensors[ADAPTER_BASE_KEY] = adapter.base_layer.detach().cpu().contiguous()
-    tmp = encoder_dir / ".adapter_model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, encoder_dir / "adapter_model.safetensors")
+    with atomic_path(encoder_dir / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     adapter_cfg = {
         "auto_mapping": None, "base_model_name_or_path": base_name, "inference_mode": True,
         "init_weights": True, "peft_type": "TRAINABLE_TOKENS", "revision": None,
@@ -263,12 +258,3 @@ def write_adapter(encoder_dir: Path, adapter: Adapter, backbone_config: dict[str
     config["num_special_tokens"] = len(adapter.token_indices)
     config["special_tokens_ids"] = list(adapter.token_indices)
     atomic_write_text(encoder_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._atomic import atomic_write_text
 from ..errors import CheckpointError, RagenError
 from .base import (
     DEFAULT_DOCUMENT_INSTRUCTION,
@@ -41,7 +42,6 @@ from .checkpoint import (
     HEAD_FILES,
     Adapter,
     ProjectionHead,
-    atomic_write_text,
     offline_hint,
     parse_encoding_mode,
     read_adapter,

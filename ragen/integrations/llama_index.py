@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 try:
@@ -35,6 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 import numpy as np
 
+from .._atomic import atomic_path
 from ..encoders.base import Encoder
 from ..errors import RagenError, StoreError
 from ._shared import EmbedSettings, embed, encode_lock, hit_metadata, open_index, shared_encoder
@@ -209,18 +208,8 @@ class RagenFaissVectorStore(FaissVectorStore):
         if fs is not None and not isinstance(fs, LocalFileSystem):
             raise RagenError("the FAISS vector store persists to the local file system only")
         index = faiss.index_gpu_to_cpu(self._faiss_index) if self.on_gpu else self._faiss_index
-        target = Path(persist_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            faiss.write_index(index, tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(persist_path) as tmp:
+            faiss.write_index(index, str(tmp))
 
 
 # ----------------------------------------------------------------------------------------------------------

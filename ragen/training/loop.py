@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._atomic import atomic_write_text
 from ..encoders.base import resolve_device, resolve_dtype
 from ..encoders.llm2vec_gen import LLM2VecGen
 from ..errors import DataError
@@ -236,9 +237,7 @@ class _Metrics:
                     continue
                 if rec.get("step", 0) <= start_step:
                     rows.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(r + "\n" for r in rows))
         self.fh = open(self.path, "a", encoding="utf-8")
         if "tensorboard" in cfg.train.report_to:
             from torch.utils.tensorboard import SummaryWriter

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .._atomic import atomic_write_text
 from ..errors import CheckpointError, DataError
 from .config import PipelineConfig, QueriesConfig, ResponsesConfig
 
@@ -304,13 +305,7 @@ def merge_responses(cfg: PipelineConfig, out_dir: str | Path) -> Path:
         raise DataError(f"{out}: {len(missing)} of {len(queries)} queries have no response yet (e.g. {missing[0]}); "
                         "run generate-responses on every shard first")
     target = out / RESPONSES_FILE
-    tmp = out / f".{RESPONSES_FILE}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for q in queries:
-            f.write(json.dumps(done[q.id], ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    atomic_write_text(target, "".join(json.dumps(done[q.id], ensure_ascii=False) + "\n" for q in queries))
     for shard in out.glob("responses.shard-*.jsonl"):
         shard.unlink()
     return target

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._atomic import atomic_save_npy, atomic_write_json
 from ..encoders import load_encoder
 from ..encoders.base import Encoder, hash_parts, length_sorted_batches, resolve_device, tensor_digest_bytes
 from ..errors import CheckpointError, DataError
@@ -116,24 +116,6 @@ def responses_digest(records: Sequence[dict[str, Any]]) -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def compute_teacher_vectors(
     responses_path: str | Path,
     cfg: TeacherConfig,
@@ -169,8 +151,8 @@ def compute_teacher_vectors(
     if vectors.shape != (len(records), teacher.dim) or not np.isfinite(vectors).all():
         raise DataError(f"teacher {cfg.model!r} returned vectors of shape {vectors.shape} (or non-finite values) "
                         f"for {len(records)} responses")
-    _atomic_save_npy(npy, vectors)
-    _atomic_write_json(sidecar, {"teacher": cfg.model, "pooling": cfg.pooling, "teacher_fingerprint": teacher.fingerprint,
+    atomic_save_npy(npy, vectors)
+    atomic_write_json(sidecar, {"teacher": cfg.model, "pooling": cfg.pooling, "teacher_fingerprint": teacher.fingerprint,
                                  "dim": teacher.dim, "responses_file": str(responses_path), "responses_digest": digest,
                                  "count": len(records), "ids": [str(r["id"]) for r in records]})
     return vectors, npy

@@ -226,6 +226,8 @@ def info(
         idx = manifest.get("index", {})
         table = Table(title=f"index {index_dir}", show_header=False, title_justify="left")
         table.add_row("encoder", enc["spec"])
+        if enc.get("base_model"):
+            table.add_row("base model", str(enc["base_model"]))
         table.add_row("fingerprint", f"{enc['fingerprint']} (dim {enc['dim']}, {manifest.get('normalization')}-normalised, "
                                      f"{manifest.get('metric', 'inner_product').replace('_', ' ')})")
         if enc.get("query_instruction") is not None or enc.get("document_instruction") is not None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_path, atomic_save_npy, atomic_write_bytes, fsync_dir
+from ._io import atomic_path, atomic_save_npy, atomic_write_bytes, fsync_dir
 from .errors import StoreError
 from .types import Chunk, Hit
 

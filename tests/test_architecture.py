@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "ragen"
 FORBIDDEN = {
     "types": {"encoders", "corpus", "store", "retriever", "bench", "integrations", "cli", "training"},
     "errors": {"encoders", "corpus", "store", "retriever", "bench", "integrations", "cli", "training"},
-    "_atomic": {"types", "errors", "encoders", "corpus", "store", "retriever", "bench", "integrations", "cli",
+    "_io": {"types", "encoders", "corpus", "store", "retriever", "bench", "integrations", "cli",
                 "training"},
     "encoders": {"store", "corpus", "retriever", "bench", "integrations", "cli", "training"},
     "store": {"encoders", "retriever", "bench", "integrations", "cli", "training"},

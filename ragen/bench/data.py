@@ -13,11 +13,12 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import read_jsonl
 from ..encoders.base import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION
 from ..errors import DataError
 
@@ -117,22 +118,6 @@ def content_sha256(rows: Iterable[Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # readers
 # ----------------------------------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
-            yield row
 
 
 def _field(row: Mapping[str, Any], names: Sequence[str], where: str, *, required: bool = True) -> Any:

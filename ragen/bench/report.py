@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import RetrievalTask
-from .._atomic import atomic_path, atomic_write_text
+from .._io import atomic_path, atomic_write_text
 from .runner import HEADLINE, EncoderResult, RunSettings, relative_reductions
 
 REPORT_FORMAT = "ragen-bench-report/1"

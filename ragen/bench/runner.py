@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .._atomic import atomic_path, atomic_write_text
+from .._io import atomic_path, atomic_write_text
 from ..encoders.base import Encoder, hash_parts
 from ..errors import DataError, RagenError
 from .data import RetrievalTask

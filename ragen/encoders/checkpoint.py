@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from .._atomic import atomic_path, atomic_write_text
+from .._io import atomic_path, atomic_write_text
 from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)

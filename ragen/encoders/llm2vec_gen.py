@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._atomic import atomic_write_text
+from .._io import atomic_write_text
 from ..errors import CheckpointError, RagenError
 from .base import (
     DEFAULT_DOCUMENT_INSTRUCTION,

@@ -33,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 import numpy as np
 
-from .._atomic import atomic_path
+from .._io import atomic_path
 from ..encoders.base import Encoder
 from ..errors import RagenError, StoreError
 from ._shared import EmbedSettings, embed, encode_lock, hit_metadata, open_index, shared_encoder

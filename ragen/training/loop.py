@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._atomic import atomic_write_text
+from .._io import atomic_write_text
 from ..encoders.base import resolve_device, resolve_dtype
 from ..encoders.llm2vec_gen import LLM2VecGen
 from ..errors import DataError

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._atomic import atomic_write_text
+from .._io import atomic_write_text, iter_jsonl
 from ..errors import CheckpointError, DataError
 from .config import PipelineConfig, QueriesConfig, ResponsesConfig
 
@@ -85,17 +85,10 @@ def read_queries(cfg: QueriesConfig) -> list[Query]:
     items: list[tuple[str | None, str]] = []
     if path.is_file():
         if path.suffix.lower() in (".jsonl", ".json"):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{n}: not valid JSON ({exc.msg}); expected one object per line") from None
-                    text = _query_from_record(rec, cfg.field, f"{path}:{n}")
-                    if text is not None and text.strip():
-                        items.append((rec.get("id"), text.strip()))
+            for n, rec in iter_jsonl(path):
+                text = _query_from_record(rec, cfg.field, f"{path}:{n}")
+                if text is not None and text.strip():
+                    items.append((rec.get("id"), text.strip()))
         else:
             items = [(None, line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif path.exists():

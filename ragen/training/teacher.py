@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._atomic import atomic_save_npy, atomic_write_json
+from .._io import atomic_save_npy, atomic_write_json
 from ..encoders import load_encoder
 from ..encoders.base import Encoder, hash_parts, length_sorted_batches, resolve_device, tensor_digest_bytes
 from ..errors import CheckpointError, DataError

@@ -1,9 +1,9 @@
-"""Atomic file writes, shared by every part of ragen that writes to disk.
+"""Small I/O helpers shared by every layer: atomic file writes and strict JSONL reading.
 
 Readers see the old file or the new one, never a mix, whatever happens to the writer (an exception,
 ``kill -9``, a full disk): data goes to a temporary file beside the target, is fsynced, then renamed over
-it (``os.replace`` is atomic on POSIX), and the directory entry is fsynced. Standard library and numpy
-only, so every layer may import it.
+it (``os.replace`` is atomic on POSIX), and the directory entry is fsynced. Standard library, numpy and
+``ragen.errors`` only, so every layer may import it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .errors import DataError
 
 
 def _umask_mode() -> int:
@@ -82,3 +84,29 @@ def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """``np.save`` without pickle, atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(array), allow_pickle=False)
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file. A missing file, a line that is not
+    JSON, or a line that is not a JSON object raises :class:`~ragen.errors.DataError` naming ``file:line``."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg}); expected one object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+            yield n, row
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The objects of a JSONL file (see :func:`iter_jsonl`)."""
+    for _, row in iter_jsonl(path):
+        yield row

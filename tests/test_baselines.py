@@ -72,3 +72,19 @@ def test_mean_pool_matches_manual_computation(tiny_backbone):
     # Queries and documents are embedded the same way (input-centric, no instructions).
     assert np.allclose(enc.encode_queries(texts), got, atol=1e-6)
     assert enc.encode_documents([""]).shape == (1, 64)
+
+
+def test_cls_and_last_pooling(tiny_backbone):
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    model = AutoModel.from_pretrained(tiny_backbone)
+    texts = ["why is the sky blue?", "x", "a longer text about the quick brown fox"]
+    cls = load_encoder(f"cls:{tiny_backbone}", device="cpu").encode_documents(texts)
+    last = load_encoder(f"last:{tiny_backbone}", device="cpu").encode_documents(texts)
+    for i, text in enumerate(texts):
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([tok(text)["input_ids"]])).last_hidden_state[0]
+        assert np.abs(cls[i] - hidden[0].numpy()).max() < 1e-5
+        assert np.abs(last[i] - hidden[-1].numpy()).max() < 1e-5
+    assert load_encoder(f"cls:{tiny_backbone}").fingerprint != load_encoder(f"last:{tiny_backbone}").fingerprint

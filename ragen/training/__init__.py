@@ -16,12 +16,12 @@ from .config import (PipelineConfig, QueriesConfig, ResponsesConfig, TeacherConf
 from .data import Batch, Collator, Example, build_examples, global_batch_indices, split_eval
 from .loop import TrainCallback, TrainResult, TrainableLLM2VecGen, fit, latest_checkpoint, run_pipeline
 from .responses import Query, generate_responses, merge_responses, read_queries, read_responses
-from .teacher import PooledHFEncoder, compute_teacher_vectors, load_teacher
+from .teacher import compute_teacher_vectors, load_teacher
 
 __all__ = [
     "PipelineConfig", "QueriesConfig", "ResponsesConfig", "TeacherConfig", "TrainConfig", "config_from_dict",
     "load_config", "override_train", "Batch", "Collator", "Example", "build_examples", "global_batch_indices",
     "split_eval", "TrainCallback", "TrainResult", "TrainableLLM2VecGen", "fit", "latest_checkpoint",
     "run_pipeline", "Query", "generate_responses", "merge_responses", "read_queries", "read_responses",
-    "PooledHFEncoder", "compute_teacher_vectors", "load_teacher",
+    "compute_teacher_vectors", "load_teacher",
 ]

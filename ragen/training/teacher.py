@@ -15,85 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .._io import atomic_save_npy, atomic_write_json
 from ..encoders import load_encoder
-from ..encoders.base import Encoder, hash_parts, length_sorted_batches, resolve_device, tensor_digest_bytes
-from ..errors import CheckpointError, DataError
+from ..encoders.base import Encoder
+from ..encoders.baselines import PooledEncoder
+from ..errors import DataError
 from .config import TeacherConfig
 from .responses import read_responses
 
 logger = logging.getLogger(__name__)
-
-
-class PooledHFEncoder:
-    """A Hugging Face encoder (``AutoModel``) with a named pooling over its final hidden states:
-    ``mean`` (over non-padding tokens), ``cls`` (first token, e.g. BGE) or ``last`` (last non-padding token).
-    No normalisation, like the teachers of the reference recipe."""
-
-    def __init__(self, name: str, pooling: str, *, device: str | None = None, max_length: int = 512) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        self.name, self.pooling, self.max_length = name, pooling, max_length
-        dev = resolve_device(device)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-            self.model = AutoModel.from_pretrained(name).to(dev).eval()
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load teacher {name!r} ({str(exc).splitlines()[0][:160]}); "
-                                  "pass a local directory where the hub is unreachable") from None
-        self.model.requires_grad_(False)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
-        self.device = dev
-        self._fingerprint: str | None = None
-
-    @property
-    def dim(self) -> int:
-        return int(self.model.config.hidden_size)
-
-    @property
-    def spec(self) -> str:
-        return f"hf:{self.name}"
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            params = list(self.model.parameters())
-            self._fingerprint = hash_parts("hf-pooled/1", self.pooling, self.max_length, self.dim,
-                                           tensor_digest_bytes(params[0].flatten()[:4096]),
-                                           tensor_digest_bytes(params[-1].flatten()[:4096]))
-        return self._fingerprint
-
-    @torch.inference_mode()
-    def _encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
-        texts = list(texts)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for idx in length_sorted_batches([len(t) for t in texts], batch_size):
-            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(self.device)
-            hidden = self.model(**enc).last_hidden_state.float()  # (batch, seq, hidden)
-            mask = enc["attention_mask"].unsqueeze(-1).float()  # (batch, seq, 1)
-            if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            elif self.pooling == "last":
-                last = enc["attention_mask"].sum(dim=1) - 1  # right padding: index of the last real token
-                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-            else:
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (batch, hidden)
-            out[idx] = pooled.cpu().numpy()
-        return out
-
-    def encode_queries(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
-        return self.encode_documents(texts, batch_size=batch_size, normalize=normalize)
-
-    def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
-        out = self._encode(texts, batch_size)
-        if normalize:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
 
 
 def load_teacher(cfg: TeacherConfig, *, device: str | None = None) -> Encoder:
@@ -102,7 +33,7 @@ def load_teacher(cfg: TeacherConfig, *, device: str | None = None) -> Encoder:
         name = cfg.model[3:]
         if not name or cfg.pooling is None:
             raise DataError(f"teacher {cfg.model!r}: 'hf:NAME' needs a model name and teacher.pooling (mean, cls, last)")
-        return PooledHFEncoder(name, cfg.pooling, device=device, max_length=cfg.max_length)
+        return PooledEncoder(name, pooling=cfg.pooling, device=device, max_length=cfg.max_length)
     if cfg.pooling is not None:
         raise DataError(f"teacher.pooling applies to 'hf:NAME' teachers only; {cfg.model!r} brings its own pooling")
     return load_encoder(cfg.model, device=device)

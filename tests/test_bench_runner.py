@@ -11,7 +11,8 @@ import pytest
 
 from ragen.bench.data import advbench_tasks, load_advbench_ir, load_beir, load_bright, load_distractors
 from ragen.bench.report import build_report, render_markdown, write_report
-from ragen.bench.runner import (DenseRanker, RankerSpec, RunSettings, accepts_instruction, ranker_spec,
+from ragen.encoders.base import takes_instructions
+from ragen.bench.runner import (DenseRanker, RankerSpec, RunSettings, ranker_spec,
                                 relative_reductions, run_benchmark, score_advbench)
 from ragen.bench.synthetic import write_advbench, write_beir, write_bright
 from ragen.encoders.base import Encoder
@@ -69,7 +70,7 @@ def _spec(encoder, role, settings) -> RankerSpec:
 
 def test_mock_encoders_implement_the_protocol():
     assert isinstance(BagOfWords(), Encoder) and isinstance(InstructedBagOfWords(), Encoder)
-    assert not accepts_instruction(BagOfWords()) and accepts_instruction(InstructedBagOfWords())
+    assert not takes_instructions(BagOfWords()) and takes_instructions(InstructedBagOfWords())
 
 
 def test_beir_pipeline_scores_and_report(tmp_path):

@@ -8,7 +8,6 @@ sidecar, so a second run, or another command comparing the same encoder, does no
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
@@ -20,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._io import atomic_path, atomic_write_text
-from ..encoders.base import Encoder, hash_parts
+from ..encoders.base import Encoder, hash_parts, takes_instructions
 from ..errors import DataError, RagenError
 from .data import RetrievalTask
 from .metrics import evaluate_run, first_hit_rank, mean, relative_reduction, topk_share
@@ -73,14 +72,6 @@ class RunSettings:
             raise RagenError(f"depth must be >= 1, got {self.depth}")
 
 
-def accepts_instruction(encoder: Encoder) -> bool:
-    """Whether the encoder's ``encode_queries`` takes an ``instruction=`` (LLM2Vec-Gen does; baselines don't)."""
-    try:
-        return "instruction" in inspect.signature(encoder.encode_queries).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class DenseRanker:
     """An :class:`~ragen.encoders.base.Encoder` ranking by exact inner product (cosine with ``cos``)."""
 
@@ -94,7 +85,7 @@ class DenseRanker:
         self.settings = settings
         self.role = role
         self.spec = spec or encoder.spec
-        self.uses_instructions = accepts_instruction(encoder)
+        self.uses_instructions = takes_instructions(encoder)
         self.progress = progress or _no_progress
         self._memory: dict[str, np.ndarray] = {}
         self._queries: dict[str, np.ndarray] = {}
@@ -359,5 +350,5 @@ def relative_reductions(results: Sequence[EncoderResult]) -> list[dict[str, Any]
 
 
 __all__ = ["RunSettings", "DenseRanker", "RankerSpec", "ranker_spec", "EncoderResult", "TaskResult", "run_benchmark",
-           "score_retrieval", "score_advbench", "relative_reductions", "accepts_instruction", "RETRIEVAL_METRICS",
+           "score_retrieval", "score_advbench", "relative_reductions", "RETRIEVAL_METRICS",
            "ADVBENCH_KS", "HEADLINE", "ProgressFactory"]

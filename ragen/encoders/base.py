@@ -40,6 +40,23 @@ class Encoder(Protocol):
     ) -> np.ndarray: ...
 
 
+def accepts_keyword(method: object, name: str) -> bool:
+    """Whether a callable takes the keyword argument ``name``."""
+    import inspect
+
+    try:
+        return name in inspect.signature(method).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def takes_instructions(encoder: Encoder) -> bool:
+    """Whether the encoder applies instructions itself (``encode_queries(..., instruction=...)``, as
+    LLM2Vec-Gen does). Input-centric baselines don't: callers either embed raw text or prefix it."""
+    return accepts_keyword(encoder.encode_queries, "instruction") and accepts_keyword(encoder.encode_documents,
+                                                                                     "instruction")
+
+
 def resolve_device(device: str | None) -> str:
     """``None``/``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else as given."""
     import torch

@@ -17,7 +17,6 @@ sentence-transformers and mean-pooling baselines truncate at their own configure
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import weakref
@@ -29,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from ..encoders import load_encoder
-from ..encoders.base import Encoder, resolve_device
+from ..encoders.base import Encoder, accepts_keyword, resolve_device, takes_instructions
 from ..errors import RagenError
 
 logger = logging.getLogger(__name__)
@@ -77,18 +76,6 @@ def encode_lock(encoder: object) -> threading.Lock:
         return lock
 
 
-def _accepts(method: object, name: str) -> bool:
-    try:
-        return name in inspect.signature(method).parameters  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-
-
-def takes_instructions(encoder: Encoder) -> bool:
-    """Whether the encoder applies instructions itself (LLM2Vec-Gen), rather than needing a text prefix."""
-    return _accepts(encoder.encode_queries, "instruction") and _accepts(encoder.encode_documents, "instruction")
-
-
 @dataclass(frozen=True)
 class EmbedSettings:
     """How texts are embedded; ``None`` instructions mean the encoder's defaults."""
@@ -121,7 +108,7 @@ def embed(encoder: Encoder, texts: Sequence[str], kind: Kind, settings: EmbedSet
     instruction = settings.query_instruction if kind == "query" else settings.document_instruction
     with encode_lock(encoder):
         if takes_instructions(encoder):
-            if _accepts(method, "max_length"):
+            if accepts_keyword(method, "max_length"):
                 return method(texts, instruction=instruction, batch_size=settings.batch_size,  # type: ignore[call-arg]
                               max_length=settings.max_length, normalize=settings.normalize)
             return method(texts, instruction=instruction, batch_size=settings.batch_size,  # type: ignore[call-arg]

@@ -146,3 +146,19 @@ def test_hub_ids_need_datasets(monkeypatch, tmp_path):
         load_advbench_ir("McGill-NLP/AdvBench-IR")
     with pytest.raises(ImportError, match="datasets"):
         load_bright("xlangai/BRIGHT", ["biology"])
+
+
+def test_beir_never_ranks_a_document_with_the_query_id(tmp_path):
+    """BEIR's ignore_identical_ids: in ArguAna/Quora a query is also a corpus document."""
+    import json as _json
+
+    from ragen.bench.data import load_beir
+
+    root = tmp_path / "dup"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("\n".join(_json.dumps({"_id": i, "title": "", "text": t}) for i, t in
+                                                 [("q1", "same text"), ("d1", "answer"), ("d2", "other")]))
+    (root / "queries.jsonl").write_text(_json.dumps({"_id": "q1", "text": "same text"}))
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    task = load_beir(root)
+    assert task.excluded == {"q1": ("q1",)}

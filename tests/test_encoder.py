@@ -228,3 +228,11 @@ def test_sentence_transformers_dir_hint(minilm):
 
     with pytest.raises(EncoderSpecError, match="use st:"):
         load_encoder(str(minilm_path()))
+
+
+def test_unknown_device_is_a_clear_error():
+    from ragen.encoders.base import resolve_device
+
+    with pytest.raises(RagenError, match="unknown device 'xyz'"):
+        resolve_device("xyz")
+    assert resolve_device("cpu") == "cpu"

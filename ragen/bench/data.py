@@ -238,6 +238,8 @@ def load_beir(source: str | Path, *, split: str = "test", name: str | None = Non
     """A BEIR-layout directory (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``) as one task.
 
     Documents are ``"title text"`` (the BEIR/MTEB convention); only queries judged in the split are kept.
+    A document whose id equals the query's id is never ranked for it (BEIR's ``ignore_identical_ids``,
+    which matters for ArguAna, Quora, CQADupStack).
     """
     root = _local_dir(source, "a BEIR-layout dataset: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     ids, titles, texts = read_beir_corpus(root / "corpus.jsonl")
@@ -253,10 +255,13 @@ def load_beir(source: str | Path, *, split: str = "test", name: str | None = Non
     qids = tuple(q for q in queries if q in qrels)  # queries.jsonl order
     corpus = Corpus(name=name or root.name, ids=tuple(ids),
                     texts=tuple(f"{t} {x}".strip() if t else x for t, x in zip(titles, texts)))
+    id_set = set(ids)
     return RetrievalTask(name=name or root.name, corpus=corpus, query_ids=qids,
                          queries=tuple(queries[q] for q in qids), qrels=qrels, query_instruction=query_instruction,
                          document_instruction=document_instruction,
-                         settings={"layout": "beir", "split": split, "document_format": "title text"})
+                         excluded={q: (q,) for q in qids if q in id_set},
+                         settings={"layout": "beir", "split": split, "document_format": "title text",
+                                   "ignore_identical_ids": True})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -411,7 +416,9 @@ def advbench_tasks(data: AdvBenchIR, distractors: Corpus | None, protocols: Sequ
                         f"{', '.join(ADVBENCH_PROTOCOLS)}")
     keep = {p: [i for i, (text, first) in enumerate(zip(data.chunk_texts, data.chunk_is_first))
                 if p == "full-chunk" or first or len(text.split()) == CHUNK_WORDS] for p in protocols}
-    pooled = sorted(set().union(*keep.values()))  # only chunks some requested variant searches get embedded
+    # Every chunk is pooled whatever the variants asked for, so the pool (and its vector cache) is the same
+    # for --protocol script, full-chunk and both; each variant searches only its own rows (``active``).
+    pooled = list(range(len(data.chunk_ids)))
     d_ids = tuple(f"d:{i}" for i in distractors.ids) if distractors is not None else ()
     d_texts = distractors.texts if distractors is not None else ()
     h_ids = [f"h:{c}" for c in data.chunk_ids]

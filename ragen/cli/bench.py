@@ -27,7 +27,7 @@ BaselineOpt = Annotated[Optional[list[str]], typer.Option(
 OutOpt = Annotated[Optional[Path], typer.Option(
     "--out", "-o", help="Output directory (default: benchmarks/results/<bench>-<timestamp>/).")]
 CacheOpt = Annotated[Optional[Path], typer.Option(
-    help="Document-vector cache, shared across runs (default: <out>/cache).")]
+    help="Document-vector cache, shared across runs (default: benchmarks/results/cache).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: auto).")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16 (LLM encoders).")]
 BaseModelOpt = Annotated[Optional[str], typer.Option(help="Local backbone directory for --model checkpoints.")]
@@ -88,8 +88,9 @@ def _run(bench: str, tasks: list, *, models: list[str] | None, baselines: list[s
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = out_dir or Path("benchmarks") / "results" / f"{bench}-{stamp}"
+    # One cache for every run (not per timestamped output dir), so later runs and comparisons reuse vectors.
     settings = RunSettings(depth=depth, similarity=similarity, batch_size=batch_size,
-                           cache_dir=cache_dir or out_dir / "cache")
+                           cache_dir=cache_dir or Path("benchmarks") / "results" / "cache")
     specs = list(models or [])
     if not specs and not baselines:
         specs = [default_model()]

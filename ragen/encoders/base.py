@@ -63,9 +63,13 @@ def resolve_device(device: str | None) -> str:
 
     if device is None or device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from ..errors import RagenError
+    from ..errors import RagenError
 
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RagenError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or another torch device") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise RagenError(f"device {device!r} was requested but no CUDA device is available; use --device cpu")
     return device
 

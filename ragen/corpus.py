@@ -198,8 +198,15 @@ def read_document(source: SourceFile) -> Document:
             text = "\n".join(json_strings(json.loads(text)))
         except json.JSONDecodeError as exc:
             raise SkipFile(f"invalid JSON (line {exc.lineno}: {exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # huge integers, absurd nesting
+            raise SkipFile(f"unreadable JSON ({type(exc).__name__})") from None
     elif suffix in (".jsonl", ".ndjson"):
         text = _jsonl_text(text, source.relpath)
+    # JSON escapes can produce lone surrogates ("\ud83d"), which no tokenizer or SQLite accepts: replace them
+    # like undecodable bytes, so one odd file can never block the whole index.
+    clean = text.encode("utf-8", "replace").decode("utf-8")
+    if clean != text:
+        text, replaced = clean, True
     return Document(source, text, replaced)
 
 
@@ -296,7 +303,7 @@ def _jsonl_text(text: str, relpath: str) -> str:
             continue
         try:
             records.append("\n".join(json_strings(json.loads(line))))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, huge integers, absurd nesting
             bad += 1
     if bad and not records:
         raise SkipFile("invalid JSON Lines (no line parses)")
@@ -308,7 +315,6 @@ def _jsonl_text(text: str, relpath: str) -> str:
 def _read_pdf(path: Path) -> str:
     try:
         from pypdf import PdfReader
-        from pypdf.errors import PdfReadError
     except ImportError:  # pragma: no cover - pypdf is a core dependency
         raise SkipFile("PDF support needs pypdf: pip install pypdf") from None
     try:
@@ -318,8 +324,10 @@ def _read_pdf(path: Path) -> str:
         pages = [(page.extract_text() or "").strip() for page in reader.pages]
     except SkipFile:
         raise
-    except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
-        raise SkipFile(f"unreadable PDF ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})") from None
+    except Exception as exc:  # noqa: BLE001 - a third-party parser on untrusted bytes fails in many ways
+        # (PdfReadError, LimitReachedError, DependencyError for AES, RecursionError, IndexError ...); the file
+        # is skipped, counted and named with the reason, never silently and never aborting the run.
+        raise SkipFile(f"unreadable PDF ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})") from None
     return "\n\n".join(p for p in pages if p)
 
 

@@ -225,3 +225,56 @@ def test_pdf_text_is_extracted(tmp_path):
     assert doc.text.index("Photosynthesis") < doc.text.index("Second")
     with pytest.raises(SkipFile, match="PDF"):
         _read(tmp_path, "broken.pdf", b"%PDF-1.4 this is not really a pdf")
+
+
+def test_pathological_json_is_skipped_not_fatal(tmp_path):
+    with pytest.raises(SkipFile, match="JSON"):
+        _read(tmp_path, "huge.json", b'{"n": ' + b"9" * 5000 + b"}")  # int too large to convert
+    with pytest.raises(SkipFile, match="JSON"):
+        _read(tmp_path, "deep.json", b"[" * 100_000 + b"]" * 100_000)  # recursion limit
+    doc = _read(tmp_path, "mixed.jsonl", b'{"t": "kept line"}\n[' + b"[" * 100_000 + b"\n" + b"9" * 5000 + b"\n")
+    assert doc.text == "kept line"
+
+
+def test_lone_surrogates_from_json_escapes_are_replaced(tmp_path):
+    doc = _read(tmp_path, "emoji.json", json.dumps({"t": "broken \ud83d emoji"}).encode())
+    assert doc.replaced and "broken" in doc.text
+    doc.text.encode("utf-8")  # strict UTF-8 now: tokenizers and SQLite accept it
+
+
+def test_any_pdf_parser_failure_skips_the_file(tmp_path, monkeypatch):
+    import pypdf
+    from pypdf.errors import LimitReachedError
+
+    def explode(*args, **kwargs):
+        raise LimitReachedError("decompression limit")
+
+    monkeypatch.setattr(pypdf, "PdfReader", explode)
+    with pytest.raises(SkipFile, match="LimitReachedError"):
+        _read(tmp_path, "bomb.pdf", make_pdf(["x"]))
+
+
+def test_one_bad_file_does_not_stop_an_index_run(tmp_path):
+    """A folder with a pathological file still indexes the rest; the bad file is counted as skipped."""
+    import numpy as np
+
+    from ragen.retriever import build_index
+
+    class Tiny:  # a deterministic encoder: the test is about ingestion, not embeddings
+        dim, spec, fingerprint = 8, "tiny", "tiny-1"
+
+        def encode_documents(self, texts, *, batch_size=32, normalize=False):
+            rng = [np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in texts]
+            v = np.array(rng, dtype=np.float32).reshape(len(texts), 8)
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+        encode_queries = encode_documents
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "good.txt").write_text("a perfectly ordinary document")
+    (docs / "deep.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    (docs / "emoji.json").write_text(json.dumps({"t": "lone \ud83d half"}))
+    stats = build_index(docs, tmp_path / "idx", encoder=Tiny())
+    assert stats.files_indexed == 2 and stats.files_skipped == 1
+    assert "emoji.json" in stats.files_with_replacements

@@ -307,7 +307,9 @@ class Store:
                 meta = _meta(conn)
                 manifest, generation = _committed(meta, db)
                 index, ids = _load_generation(directory, generation, manifest)
-                (n_chunks,) = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()
+                # The manifest's count was committed together with the generation (one meta read), so a
+                # writer committing meanwhile cannot make a healthy index look corrupt.
+                n_chunks = int(manifest.get("counts", {}).get("chunks", len(ids)))
             except sqlite3.DatabaseError as exc:
                 if conn is not None:
                     conn.close()
@@ -406,10 +408,23 @@ class Store:
 
     def hits(self, query: np.ndarray, k: int = 10) -> list[Hit]:
         """The top ``k`` chunks for one ``(dim,)`` query vector, as :class:`~ragen.types.Hit` (rank 1-based)."""
-        scores, ids = self.search(np.asarray(query, np.float32).reshape(1, -1), k)
-        found = self.chunks(ids[0])
-        if len(found) < int((ids[0] >= 0).sum()) and self._reload_if_changed():
-            return self.hits(query, k)  # a writer committed a new generation under us: search that one
+        q = np.asarray(query, np.float32).reshape(1, -1)
+        for _ in range(5):
+            scores, ids = self.search(q, k)
+            # Read the committed generation and the chunk rows in one read transaction (one WAL snapshot):
+            # row ids are reused across generations, so rows read under a newer generation than the FAISS
+            # index in memory could be other chunks' text.
+            self._conn.execute("BEGIN")
+            try:
+                current = self._committed_generation()
+                found = self.chunks(ids[0]) if current in (None, self.generation) else None
+            finally:
+                self._conn.execute("COMMIT")
+            if found is not None:
+                break
+            self._reload()  # a writer committed a new generation: search that one
+        else:  # pragma: no cover - five commits during one search
+            raise StoreError(f"{self.index_dir}: the index kept changing during the search; try again")
         out = []
         for score, i in zip(scores[0], ids[0]):
             chunk = found.get(int(i))
@@ -419,17 +434,17 @@ class Store:
                            text=chunk.text, start=chunk.start, end=chunk.end))
         return out
 
-    def _reload_if_changed(self) -> bool:
+    def _committed_generation(self) -> int | None:
         try:
             row = self._conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
         except sqlite3.DatabaseError:
-            return False
-        if row is None or int(row[0]) == self.generation:
-            return False
+            return None
+        return None if row is None else int(row[0])
+
+    def _reload(self) -> None:
         fresh = Store.open(self.index_dir, device="cpu" if self._gpu is None else f"cuda:{self._gpu}")
         self._conn.close()
         self.__dict__.update(fresh.__dict__)
-        return True
 
     # --- inspection ---------------------------------------------------------------------------------------
     def files(self) -> list[tuple[str, int, int, int]]:
@@ -564,8 +579,9 @@ class StoreWriter:
             self.epoch = committed_epoch
         else:
             work_epoch = int(meta.get("work_epoch", 0))
-            resumable = (not self.rebuild and work_epoch > committed_epoch
-                         and meta.get("work_fingerprint") == self.encoder.fingerprint)
+            # A killed run (a --rebuild or a model switch included) left vectors in its epoch: the next run
+            # with the same encoder continues it instead of embedding everything again.
+            resumable = work_epoch > committed_epoch and meta.get("work_fingerprint") == self.encoder.fingerprint
             self.epoch = work_epoch if resumable else max(committed_epoch, work_epoch) + 1
         # a full pass (first run, rebuild, new chunking) re-reads every file; vectors are still reused by
         # content hash whenever they are in this run's epoch
@@ -576,7 +592,7 @@ class StoreWriter:
             self._set("work_epoch", self.epoch)
             self._set("work_fingerprint", self.encoder.fingerprint)
         for stale in self.index_dir.iterdir():  # leftovers of killed runs: temp files, unused generations
-            if stale.name.startswith(".") and ".tmp-" in stale.name or (
+            if stale.name.startswith(".") and stale.name.endswith(".tmp") or (
                     stale.name.startswith("vectors-") and not stale.name.startswith(f"vectors-{self.generation}.")):
                 stale.unlink(missing_ok=True)
 
@@ -649,6 +665,9 @@ class StoreWriter:
                                     index_kind=self.committed["index"]["kind"], manifest=self.committed)
         new_generation = self.generation + 1
         faiss_path, ids_path = _generation_paths(self.index_dir, new_generation)
+        # The switch must be durable before the old generation's files are deleted: sync this one commit
+        # (batches stay at NORMAL), so even a power cut cannot leave the database naming deleted files.
+        conn.execute("PRAGMA synchronous=FULL")
         conn.execute("BEGIN IMMEDIATE")
         try:
             old_files = {p for (p,) in conn.execute("SELECT path FROM files")}
@@ -691,6 +710,8 @@ class StoreWriter:
             faiss_path.unlink(missing_ok=True)
             ids_path.unlink(missing_ok=True)
             raise
+        finally:
+            conn.execute("PRAGMA synchronous=NORMAL")
         old_gen = self.generation
         self.generation = new_generation
         self.committed = manifest

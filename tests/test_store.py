@@ -244,3 +244,35 @@ def test_corrupt_files_name_the_file_and_suggest_rebuild(tmp_path, target, damag
         Store.open(tmp_path / "idx", device="cpu")
     assert message in str(info.value) and "--rebuild" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_killed_rebuild_resumes_without_re_embedding(tmp_path):
+    _write(tmp_path / "idx", _records(2, 2))
+    new = _records(3, 3, tag="new")
+    hashes = [c.content_hash for r in new for c in r.chunks]
+    w = StoreWriter(tmp_path / "idx", encoder=ENC, chunking=CHUNKING, rebuild=True)
+    w.add_vectors(hashes[:4], np.stack([_vector_for(h) for h in hashes[:4]]))
+    w.close()  # killed before commit
+    with StoreWriter(tmp_path / "idx", encoder=ENC, chunking=CHUNKING, rebuild=True) as again:
+        assert again.missing_vectors(hashes) == set(hashes[4:])  # the first four survived the kill
+
+
+def test_leftover_temp_files_of_killed_writes_are_removed(tmp_path):
+    _write(tmp_path / "idx", _records(1, 2))
+    junk = [tmp_path / "idx" / ".vectors-9.faiss.abc123.tmp", tmp_path / "idx" / ".manifest.json.x.tmp"]
+    for j in junk:
+        j.write_bytes(b"partial")
+    StoreWriter(tmp_path / "idx", encoder=ENC, chunking=CHUNKING).close()
+    assert not any(j.exists() for j in junk)
+
+
+def test_long_lived_reader_never_mixes_generations(tmp_path):
+    """Row ids are reused when files change; a reader opened before an update must not return the new
+    generation's text for the old FAISS ids (it reloads instead)."""
+    _write(tmp_path / "idx", _records(2, 2))
+    with Store.open(tmp_path / "idx", device="cpu") as store:
+        assert store.hits(_vector_for("h1-1"), 1)[0].text.endswith("1-1")
+        _write(tmp_path / "idx", _records(2, 2, tag="new"))  # every chunk replaced, ids reused
+        hit = store.hits(_vector_for("hnew1-1"), 1)[0]
+        assert store.generation == 2
+        assert hit.chunk_id == "file1.txt#1" and "new" in hit.text and hit.score > 0.99

@@ -123,8 +123,11 @@ class CommitResult:
 def _atomic_write_faiss(index, path: Path) -> None:
     import faiss
 
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
+    try:
+        with atomic_path(path) as tmp:
+            faiss.write_index(index, str(tmp))
+    except RuntimeError as exc:  # faiss reports I/O failures (disk full) as RuntimeError
+        raise StoreError(f"{path}: cannot write the FAISS index ({str(exc).splitlines()[0][:160]})") from None
 
 
 _GPU_RESOURCES = None
@@ -525,6 +528,21 @@ def _load_generation(directory: Path, generation: int, manifest: dict):
 # ----------------------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------------------
+def _database_errors(method):
+    """Database failures while writing (disk full, a lock held past the timeout, a damaged file) become a
+    one-line :class:`StoreError` naming the index; the previous committed index is untouched either way."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.index_dir / DB_NAME}: {exc}; the previous index is unchanged") from None
+
+    return wrapper
+
+
 class StoreWriter:
     """Exclusive writer of one index directory (``flock`` on ``write.lock``).
 
@@ -619,6 +637,7 @@ class StoreWriter:
             return {}
         return {p: (s, m) for p, s, m in self._conn.execute("SELECT path, size, mtime_ns FROM files")}
 
+    @_database_errors
     def missing_vectors(self, hashes: Iterable[str]) -> set[str]:
         """The content hashes among ``hashes`` that have no vector in this run's epoch yet."""
         wanted = set(hashes)
@@ -631,6 +650,7 @@ class StoreWriter:
                 f"SELECT content_hash FROM vectors WHERE epoch=? AND content_hash IN ({marks})", [self.epoch, *part]))
         return wanted - have
 
+    @_database_errors
     def add_vectors(self, hashes: Sequence[str], vectors: np.ndarray) -> None:
         """Store one embedded batch, normalised, in its own committed transaction."""
         vecs = np.asarray(vectors, dtype=np.float32)
@@ -645,6 +665,7 @@ class StoreWriter:
                                    [(self.epoch, h, v.tobytes()) for h, v in zip(hashes, vecs)])
 
     # --- the switch ---------------------------------------------------------------------------------------
+    @_database_errors
     def commit(self, updated: Sequence[FileRecord], present: Iterable[str]) -> CommitResult:
         """Make the new state the committed one, atomically.
 

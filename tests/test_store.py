@@ -276,3 +276,11 @@ def test_long_lived_reader_never_mixes_generations(tmp_path):
         hit = store.hits(_vector_for("hnew1-1"), 1)[0]
         assert store.generation == 2
         assert hit.chunk_id == "file1.txt#1" and "new" in hit.text and hit.score > 0.99
+
+
+def test_database_failures_while_writing_are_store_errors(tmp_path, monkeypatch):
+    _write(tmp_path / "idx", _records(1, 2))
+    with StoreWriter(tmp_path / "idx", encoder=ENC, chunking=CHUNKING) as w:
+        w._conn.close()  # any sqlite failure (disk full, damaged file) surfaces like this
+        with pytest.raises(StoreError, match="chunks.sqlite: .*previous index is unchanged"):
+            w.missing_vectors(["x"])

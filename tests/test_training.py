@@ -150,6 +150,30 @@ def test_responses_resume_after_a_torn_write_and_merge_across_shards(tmp_path, t
     assert generate_responses(cfg, out) == 0  # complete: a rerun generates nothing
 
 
+def test_responses_of_other_settings_or_queries_are_never_reused(tmp_path, tiny_backbone):
+    from ragen.training.responses import responses_complete
+
+    q = tmp_path / "q.txt"
+    q.write_text("\n".join(x for x, _ in _PAIRS[:4]) + "\n")
+    cfg = config_from_dict({"base_model": str(tiny_backbone), "queries": {"source": str(q)},
+                            "responses": {"max_new_tokens": 2, "batch_size": 4}})
+    out = tmp_path / "run"
+    generate_responses(cfg, out)
+    merge_responses(cfg, out)
+    assert responses_complete(cfg, out)
+    hotter = config_from_dict({"base_model": str(tiny_backbone), "queries": {"source": str(q)},
+                               "responses": {"max_new_tokens": 2, "batch_size": 4, "temperature": 0.7}})
+    with pytest.raises(DataError, match="other settings \\(responses\\)"):
+        responses_complete(hotter, out)
+    with pytest.raises(DataError, match="other settings"):
+        generate_responses(hotter, out)
+    # fewer queries than were answered: not complete, and the merge keeps exactly the current ones
+    q.write_text("\n".join(x for x, _ in _PAIRS[:2]) + "\n")
+    assert not responses_complete(cfg, out)
+    assert [r["query"] for r in read_responses(merge_responses(cfg, out))] == [x for x, _ in _PAIRS[:2]]
+    assert responses_complete(cfg, out)
+
+
 # --------------------------------------------------------------------------------------------------------
 # stage 2: teacher vectors
 # --------------------------------------------------------------------------------------------------------

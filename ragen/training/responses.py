@@ -12,6 +12,7 @@ Record format (one JSON object per line)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_text, iter_jsonl
+from .._io import atomic_write_json, atomic_write_text, iter_jsonl
 from ..errors import CheckpointError, DataError
 from .config import PipelineConfig, QueriesConfig, ResponsesConfig
 
@@ -246,6 +247,43 @@ def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
+SETTINGS_FILE = "responses.settings.json"
+
+
+def _generation_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """What determines a response: the model, the generation settings and the seed (JSON round-tripped)."""
+    data = {"base_model": cfg.base_model, "responses": dataclasses.asdict(cfg.responses), "seed": cfg.seed}
+    return json.loads(json.dumps(data, default=str))
+
+
+def check_generation_settings(cfg: PipelineConfig, out_dir: str | Path) -> None:
+    """Refuse to mix responses made with other settings into this run; record the settings of a new one.
+
+    Responses are reused across re-runs and resumes, so an output directory must never hold answers from
+    another base model, temperature or max_new_tokens: training on them would silently learn the wrong
+    thing."""
+    out = Path(out_dir)
+    path = out / SETTINGS_FILE
+    want = _generation_settings(cfg)
+    existing = (out / RESPONSES_FILE).is_file() or any(out.glob("responses.shard-*.jsonl"))
+    if path.is_file():
+        try:
+            have = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            have = None
+        if have != want:
+            changed = sorted(k for k in want if not isinstance(have, dict) or have.get(k) != want[k])
+            what = ", ".join(changed) if changed else f"unreadable {SETTINGS_FILE}"
+            raise DataError(f"{out}: its responses were generated with other settings ({what}); use a new "
+                            f"--output directory, or delete {out}/responses*.jsonl and {SETTINGS_FILE} to regenerate")
+    elif existing:
+        raise DataError(f"{out}: holds responses without {SETTINGS_FILE} (unknown model and settings); use a new "
+                        "--output directory, or delete its responses*.jsonl to regenerate")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, want)
+
+
 def generate_responses(
     cfg: PipelineConfig,
     out_dir: str | Path,
@@ -263,6 +301,7 @@ def generate_responses(
         raise DataError(f"shard {rank}/{world}: expected 0 <= index < count")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_generation_settings(cfg, out)
     queries = read_queries(cfg.queries)
     shard_file = _shard_path(out, rank, world)
     read_responses(shard_file, repair=True)
@@ -305,8 +344,10 @@ def merge_responses(cfg: PipelineConfig, out_dir: str | Path) -> Path:
 
 
 def responses_complete(cfg: PipelineConfig, out_dir: str | Path) -> bool:
+    """``responses.jsonl`` answers exactly the current queries, in order, with the current settings. When
+    the query set changed, it is not complete: generation fills the gaps and the merge drops the extras."""
     path = Path(out_dir) / RESPONSES_FILE
     if not path.is_file():
         return False
-    have = {str(r["id"]) for r in read_responses(path)}
-    return all(q.id in have for q in read_queries(cfg.queries))
+    check_generation_settings(cfg, out_dir)
+    return [str(r["id"]) for r in read_responses(path)] == [q.id for q in read_queries(cfg.queries)]

@@ -83,8 +83,16 @@ def test_cli_train_tiny_pipeline_end_to_end(tmp_path):
     assert list((out / "teacher").glob("teacher-*.npy"))
     assert (out / "model" / "run_config.yml").is_file() and (out / "checkpoints" / "step-000006").is_dir()
     # A second run resumes: nothing left to do in any stage, the model is rewritten unchanged.
+    stamps = {p: p.stat().st_mtime_ns for p in [out / "responses.jsonl", *(out / "teacher").glob("teacher-*.npy"),
+                                                 out / "checkpoints" / "step-000006" / "trainable.safetensors"]}
+    weights = (out / "model" / "encoder" / "adapter_model.safetensors").read_bytes()
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "trained 6 steps" in res.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no stage recomputed
+    assert (out / "model" / "encoder" / "adapter_model.safetensors").read_bytes() == weights
+    # A longer horizon changes the learning-rate schedule: resuming under it is refused, not silently wrong.
+    longer = subprocess.run(cmd[:-1] + ["12"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 1 and "different training settings" in longer.stderr
     bad = subprocess.run([sys.executable, "-m", "ragen", "train", str(tmp_path / "nope.yaml"), "--output", str(out)],
                          env=_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "no such pipeline file" in bad.stderr and "Traceback" not in bad.stderr

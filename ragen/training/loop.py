@@ -143,7 +143,10 @@ def _lr_lambda(cfg: TrainConfig):
 # checkpoints
 # ----------------------------------------------------------------------------------------------------------
 def _resume_fingerprint(cfg: PipelineConfig) -> str:
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _RESUME_FREE}
+    # max_steps is the horizon of a decaying learning-rate schedule: changing it on resume would jump the
+    # rate (a finished linear run resumed with twice the steps would restart at half the peak rate).
+    free = _RESUME_FREE if cfg.train.schedule == "constant" else tuple(k for k in _RESUME_FREE if k != "max_steps")
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in free}
     data = {"base_model": cfg.base_model, "teacher": dataclasses.asdict(cfg.teacher), "train": train, "seed": cfg.seed}
     import hashlib
 
@@ -200,8 +203,9 @@ def _load_checkpoint(path: Path, trainable: TrainableLLM2VecGen, optimizer: torc
 
     state = json.loads((path / _STATE_FILE).read_text(encoding="utf-8"))
     if state.get("resume_fingerprint") != _resume_fingerprint(cfg):
-        raise DataError(f"{path}: was written with different training settings; resume needs the same config "
-                        "(use a new --output directory, or --no-resume to start over)")
+        raise DataError(f"{path}: was written with different training settings (max_steps counts unless the "
+                        "schedule is constant); resume needs the same config (use a new --output directory, or "
+                        "--no-resume to start over)")
     tensors = load_file(str(path / _TRAINABLE_FILE))
     torch.set_rng_state(tensors.pop("rng.torch"))
     cuda_rng = tensors.pop("rng.cuda", None)

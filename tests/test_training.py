@@ -202,6 +202,21 @@ def test_teacher_vectors_cached_by_teacher_and_responses(tmp_path, tiny_backbone
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["ids"] == [str(i) for i in range(len(_PAIRS))] and meta["teacher_fingerprint"] == teacher.fingerprint
     np.load(path, allow_pickle=False)  # plain array, no pickle
+    import ragen.training.teacher as teacher_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a cache hit must not load the teacher model")
+
+    original = teacher_module.load_teacher
+    teacher_module.load_teacher = no_load
+    try:  # reruns, resumes and non-main ranks: the file is read, the (possibly large) teacher never loaded
+        v_hit, _ = compute_teacher_vectors(responses, cfg, tmp_path / "cache")
+    finally:
+        teacher_module.load_teacher = original
+    assert np.array_equal(v_hit, v1)
+    other, _ = compute_teacher_vectors(responses, TeacherConfig(model=f"hf:{tiny_backbone}", pooling="cls"),
+                                       tmp_path / "cache")
+    assert not np.allclose(other, v1)  # another pooling is another cache entry
     responses.write_text(responses.read_text().replace("paris", "lyon"))
     v3, path3 = compute_teacher_vectors(responses, cfg, tmp_path / "cache", teacher=teacher)
     assert teacher.calls == 2 and path3 != path and not np.array_equal(v1[0], v3[0]) and np.array_equal(v1[1], v3[1])

@@ -18,7 +18,7 @@ import numpy as np
 
 from .._io import atomic_save_npy, atomic_write_json
 from ..encoders import load_encoder
-from ..encoders.base import Encoder
+from ..encoders.base import Encoder, hash_parts
 from ..encoders.baselines import PooledEncoder
 from ..errors import DataError
 from .config import TeacherConfig
@@ -39,6 +39,17 @@ def load_teacher(cfg: TeacherConfig, *, device: str | None = None) -> Encoder:
     return load_encoder(cfg.model, device=device)
 
 
+def teacher_config_key(cfg: TeacherConfig) -> str:
+    """A short key for what the teacher computes, without loading it: spec, pooling, max length (local
+    paths by absolute location)."""
+    model = cfg.model
+    prefix, sep, rest = model.partition(":")
+    target = rest if sep and len(prefix) > 1 else model
+    if Path(target).expanduser().exists():
+        model = (prefix + ":" if sep and len(prefix) > 1 else "") + str(Path(target).expanduser().resolve())
+    return hash_parts("teacher/1", model, cfg.pooling, cfg.max_length)
+
+
 def responses_digest(records: Sequence[dict[str, Any]]) -> str:
     h = hashlib.sha256()
     for rec in records:
@@ -56,15 +67,19 @@ def compute_teacher_vectors(
     teacher: Encoder | None = None,
 ) -> tuple[np.ndarray, Path]:
     """Teacher vectors of every response, ``(n_responses, teacher_dim)`` float32 in file order, and the
-    cache file holding them. Reads the cache when teacher and responses are unchanged."""
+    cache file holding them.
+
+    The cache key is the teacher *configuration* (model, pooling, max length) and the responses' digest,
+    so a cache hit never loads the teacher model (reruns, resumes and every non-main DDP rank only read the
+    file). The loaded teacher's weight fingerprint is recorded in the sidecar. A teacher whose weights
+    change in place under the same name needs the cache directory removed."""
     records = read_responses(Path(responses_path))
     if not records:
         raise DataError(f"{responses_path}: no responses; run generate-responses first")
-    teacher = teacher if teacher is not None else load_teacher(cfg, device=device)
     digest = responses_digest(records)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    stem = f"teacher-{teacher.fingerprint}-{digest}"
+    stem = f"teacher-{teacher_config_key(cfg)}-{digest}"
     npy, sidecar = cache / f"{stem}.npy", cache / f"{stem}.json"
     if npy.is_file() and sidecar.is_file():
         try:
@@ -73,10 +88,12 @@ def compute_teacher_vectors(
         except (OSError, ValueError) as exc:
             logger.warning("%s: unreadable teacher cache (%s); recomputing", npy, exc)
         else:
-            if vectors.shape == (len(records), teacher.dim) and meta.get("responses_digest") == digest:
+            if (vectors.ndim == 2 and vectors.shape[0] == len(records) and meta.get("dim") == vectors.shape[1]
+                    and meta.get("responses_digest") == digest):
                 logger.info("teacher vectors from cache %s", npy)
                 return vectors.astype(np.float32, copy=False), npy
             logger.warning("%s: teacher cache does not match (shape %s); recomputing", npy, vectors.shape)
+    teacher = teacher if teacher is not None else load_teacher(cfg, device=device)
     texts = [str(rec["response"]) for rec in records]
     vectors = np.asarray(teacher.encode_documents(texts, batch_size=cfg.batch_size), dtype=np.float32)
     if vectors.shape != (len(records), teacher.dim) or not np.isfinite(vectors).all():

@@ -258,6 +258,40 @@ def test_training_lowers_the_loss_leaves_the_backbone_untouched_and_round_trips(
     assert np.array_equal(LLM2VecGen.from_pretrained(ckpt, device="cpu").encode(texts), model.encode(texts))
 
 
+def test_reconstruction_loss_equals_the_causal_lms_own_loss(tiny_backbone):
+    """Pin the label alignment: our summed CE equals HF's loss with labels -100 on the soft prompt and
+    padding, times the number of response tokens (an off-by-one shift would still 'go down')."""
+    from ragen.training.losses import reconstruction_loss_sum
+
+    model = _model(tiny_backbone)
+    torch.manual_seed(0)
+    prompt = torch.randn(2, 4, model.hidden_size)  # (B, K, H)
+    ids = torch.tensor([[5, 9, 13, 2], [7, 11, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    ours = reconstruction_loss_sum(model.lm, prompt, ids, mask)
+    embeds = torch.cat([prompt, model.lm.get_input_embeddings()(ids)], dim=1)
+    labels = torch.cat([torch.full((2, 4), -100), ids.masked_fill(mask == 0, -100)], dim=1)
+    full_mask = torch.cat([torch.ones(2, 4, dtype=torch.long), mask], dim=1)
+    with torch.no_grad():
+        hf = model.lm(inputs_embeds=embeds, attention_mask=full_mask, labels=labels).loss
+    assert float(ours) == pytest.approx(float(hf) * int(mask.sum()), rel=1e-5)
+
+
+def test_only_responses_that_really_ended_get_eos(tiny_backbone):
+    from ragen.training.data import Collator, build_examples
+
+    model = _model(tiny_backbone)
+    collator = Collator(model, max_length=64, max_response_length=32)
+    records = [{"id": "a", "query": "q", "response": "paris is the capital", "finish_reason": "stop"},
+               {"id": "b", "query": "q", "response": "paris is the capital", "finish_reason": "length"}]
+    stopped, cut = build_examples(records, np.zeros((2, 16), dtype=np.float32))
+    plain = model.tokenizer("paris is the capital", add_special_tokens=False)["input_ids"]
+    assert collator.response_tokens(stopped) == plain + [collator.eos_id]
+    assert collator.response_tokens(cut) == plain  # generation hit max_new_tokens: it did not end
+    short = Collator(model, max_length=64, max_response_length=2)
+    assert short.response_tokens(stopped) == plain[:2]  # cut by the limit: no EOS either
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_backbone):
     full = fit(_model(tiny_backbone), _examples(), [], _cfg(tiny_backbone, max_steps=3), tmp_path / "a")
     acc = fit(_model(tiny_backbone), _examples(), [], _cfg(tiny_backbone, max_steps=3, micro_batch_size=1), tmp_path / "b")

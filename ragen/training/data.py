@@ -23,6 +23,7 @@ class Example:
     query: str
     response: str
     teacher: np.ndarray  # (D,) float32
+    ended: bool = True  # the LLM stopped by itself (finish_reason "stop"), so the response is EOS-terminated
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class Batch:
 def build_examples(records: list[dict[str, Any]], vectors: np.ndarray) -> list[Example]:
     if len(records) != vectors.shape[0]:
         raise DataError(f"{len(records)} responses but {vectors.shape[0]} teacher vectors; recompute teacher vectors")
-    return [Example(str(r["id"]), str(r["query"]), str(r["response"]), vectors[i]) for i, r in enumerate(records)]
+    return [Example(str(r["id"]), str(r["query"]), str(r["response"]), vectors[i],
+                    ended=r.get("finish_reason", "stop") != "length") for i, r in enumerate(records)]
 
 
 def split_eval(examples: list[Example], eval_size: int, seed: int) -> tuple[list[Example], list[Example]]:
@@ -85,16 +87,22 @@ class Collator:
             raise DataError(f"{model.base_model}: the tokenizer has no EOS token to terminate responses")
         self.eos_id = int(eos)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
-        self._response_cache: dict[str, list[int]] = {}
+        self._response_cache: dict[tuple[str, bool], list[int]] = {}
         self._query_cache: dict[str, list[int]] = {}
 
-    def response_tokens(self, response: str) -> list[int]:
-        """Response ids + EOS; a response longer than the limit is cut and gets no EOS (it did not end)."""
-        ids = self._response_cache.get(response)
+    def _terminated(self, ids: list[int], ended: bool) -> list[int]:
+        """Cut to the limit; EOS only where the LLM really stopped (not when generation hit max_new_tokens,
+        and not when the limit cut the response): the decoder must not learn to stop where it did not."""
+        if len(ids) >= self.max_response_length:
+            return ids[: self.max_response_length]
+        return ids + [self.eos_id] if ended else ids
+
+    def response_tokens(self, example: Example) -> list[int]:
+        key = (example.response, example.ended)
+        ids = self._response_cache.get(key)
         if ids is None:
-            ids = self.model.tokenizer(response.strip(), add_special_tokens=False)["input_ids"]
-            ids = ids[: self.max_response_length] if len(ids) >= self.max_response_length else ids + [self.eos_id]
-            self._response_cache[response] = ids
+            raw = self.model.tokenizer(example.response.strip(), add_special_tokens=False)["input_ids"]
+            ids = self._response_cache[key] = self._terminated(raw, example.ended)
         return ids
 
     def query_tokens(self, query: str) -> list[int]:
@@ -106,12 +114,12 @@ class Collator:
 
     def warm(self, examples: list[Example]) -> None:
         """Tokenise everything up front (batched), so per-step token counts are known without work."""
-        todo = [e.response for e in examples if e.response not in self._response_cache]
+        todo = list(dict.fromkeys((e.response, e.ended) for e in examples
+                                  if (e.response, e.ended) not in self._response_cache))
         if todo:
-            enc = self.model.tokenizer([r.strip() for r in todo], add_special_tokens=False)["input_ids"]
-            for r, ids in zip(todo, enc):
-                self._response_cache[r] = ids[: self.max_response_length] if len(ids) >= self.max_response_length \
-                    else ids + [self.eos_id]
+            enc = self.model.tokenizer([r.strip() for r, _ in todo], add_special_tokens=False)["input_ids"]
+            for (r, ended), ids in zip(todo, enc):
+                self._response_cache[(r, ended)] = self._terminated(ids, ended)
         todo_q = list(dict.fromkeys(e.query for e in examples if e.query not in self._query_cache))
         if todo_q:
             for q, ids in zip(todo_q, self.model.tokenize([self.query_instruction + q for q in todo_q], self.max_length)):
@@ -119,7 +127,7 @@ class Collator:
 
     def __call__(self, examples: list[Example], device: str | torch.device) -> Batch:
         qids, qmask = self.model.pad_batch([self.query_tokens(e.query) for e in examples])
-        responses = [self.response_tokens(e.response) for e in examples]
+        responses = [self.response_tokens(e) for e in examples]
         width = max(len(r) for r in responses)
         rids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         rmask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -390,7 +390,7 @@ def fit(
             idx = global_batch_indices(len(train_examples), t.batch_size, step, cfg.seed)
             examples = [train_examples[i] for i in idx]
             # Global normalisers, known on every process without communication.
-            rec_tokens = sum(len(collator.response_tokens(e.response)) for e in examples)
+            rec_tokens = sum(len(collator.response_tokens(e)) for e in examples)
             query_tokens = sum(len(collator.query_tokens(e.query)) for e in examples)
             rec_scale = t.rec_weight / rec_tokens * ctx.world_size  # DDP averages gradients over processes
             align_scale = t.align_weight / (t.batch_size * teacher_dim) * ctx.world_size

@@ -119,7 +119,8 @@ def test_bright_hub_layout(tmp_path, fmt):
     pytest.importorskip("pandas")
     root = write_bright(tmp_path / "bright", fmt=fmt)
     bio, leet = load_bright(root, ["biology", "leetcode"])
-    assert bio.query_instruction == "Given a Biology post, generate relevant passages that help answer the post: "
+    # the LLM2Vec-Gen script's wording, with the raw task name
+    assert bio.query_instruction == "Given a biology post, generate relevant passages that help answer the post: "
     assert leet.query_instruction == BRIGHT_INSTRUCTIONS["leetcode"]
     assert len(bio.corpus) == 18 and len(bio.query_ids) == 6
     assert bio.qrels["0"] == {"biology/volcano-1": 1}

@@ -223,3 +223,29 @@ def test_llm2vec_gen_gets_the_task_instructions(tmp_path, tiny_model, monkeypatc
     expected = np.argsort(-(q @ docs[list(task.active)].T), axis=1, kind="stable")[:, :3]
     active_ids = [task.corpus.ids[i] for i in task.active]
     assert [ranking[qid] for qid in task.query_ids] == [[active_ids[j] for j in row] for row in expected]
+
+
+def test_token_limit_reaches_encoders_that_take_one_and_keys_the_cache(tmp_path):
+    task = load_beir(write_beir(tmp_path / "beir"))
+
+    class Limited(InstructedBagOfWords):
+        def __init__(self):
+            super().__init__()
+            self.limits = []
+
+        def encode_queries(self, texts, *, instruction=None, batch_size=32, normalize=False, max_length=512):
+            self.limits.append(max_length)
+            return super().encode_queries(texts, instruction=instruction, batch_size=batch_size, normalize=normalize)
+
+        def encode_documents(self, texts, *, instruction=None, batch_size=32, normalize=False, max_length=512):
+            self.limits.append(max_length)
+            return super().encode_documents(texts, instruction=instruction, batch_size=batch_size, normalize=normalize)
+
+    enc = Limited()
+    long_run = DenseRanker(enc, RunSettings(max_length=4096, cache_dir=tmp_path), role="model")
+    default_run = DenseRanker(enc, RunSettings(cache_dir=tmp_path), role="model")
+    assert long_run.cache_key(task) != default_run.cache_key(task)  # other truncation, other vectors
+    long_run.rank(task, 5)
+    assert set(enc.limits) == {4096}
+    plain = BagOfWords()  # no max_length parameter: nothing is passed (it would raise TypeError)
+    DenseRanker(plain, RunSettings(max_length=4096), role="baseline").rank(task, 5)

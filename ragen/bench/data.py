@@ -451,26 +451,36 @@ def advbench_tasks(data: AdvBenchIR, distractors: Corpus | None, protocols: Sequ
 # ----------------------------------------------------------------------------------------------------------
 # BRIGHT
 # ----------------------------------------------------------------------------------------------------------
-_SE = "Given a {} post, generate relevant passages that help answer the post: "
-
-#: task -> query instruction. StackExchange tasks follow the LLM2Vec-Gen paper's template; the coding and
-#: math tasks adapt BRIGHT's own retrieval instructions ("retrieve relevant ...") to the generative form.
+# Query instructions of the LLM2Vec-Gen BRIGHT evaluation (scripts/bright_eval/configs/ours/<task>.json in
+# McGill-NLP/llm2vec-gen; theoremqa_questions as aops, its config matching BRIGHT's). ``{task}`` is filled with
+# the raw task name (e.g. "earth_science"), as that script does. Long-document runs say "documents".
+_SE = "Given a {task} post, generate relevant passages that help answer the post: "
+_SE_LONG = "Given a {task} post, generate relevant documents that help answer the post: "
+_MATH = "Given a Math problem, generate relevant examples that help answer the problem: "
 BRIGHT_INSTRUCTIONS: dict[str, str] = {
-    "biology": _SE.format("Biology"),
-    "earth_science": _SE.format("Earth Science"),
-    "economics": _SE.format("Economics"),
-    "psychology": _SE.format("Psychology"),
-    "robotics": _SE.format("Robotics"),
-    "stackoverflow": _SE.format("Stack Overflow"),
-    "sustainable_living": _SE.format("Sustainable Living"),
-    "leetcode": "Given a coding problem, generate relevant examples that help solve the problem: ",
-    "pony": "Given a question about the Pony programming language, generate relevant passages from the Pony "
-            "documentation that help answer the question: ",
-    "aops": "Given a math problem, generate relevant examples of problems solved with the same technique: ",
-    "theoremqa_questions": "Given a math problem, generate relevant examples of problems solved with the same "
-                           "theorem: ",
-    "theoremqa_theorems": "Given a math problem, generate relevant theorems that help solve the problem: ",
+    **{t: _SE for t in ("biology", "earth_science", "economics", "psychology", "robotics", "stackoverflow",
+                        "sustainable_living")},
+    "leetcode": "Given a coding problem, generate relevant examples that help answer the problem: ",
+    "pony": "Given a {task} question, generate relevant passages that help answer the question: ",
+    "aops": _MATH,
+    "theoremqa_questions": _MATH,
+    "theoremqa_theorems": "Given a Math problem, only find the relevant theorems that help answer the problem, "
+                          "I don't want the answer to the problem: ",
 }
+BRIGHT_INSTRUCTIONS_LONG: dict[str, str] = {
+    **BRIGHT_INSTRUCTIONS,
+    **{t: _SE_LONG for t in ("biology", "earth_science", "economics", "psychology", "robotics", "stackoverflow",
+                             "sustainable_living")},
+    "pony": "Given a {task} question, generate relevant documents that help answer the question: ",
+}
+BRIGHT_MAX_LENGTH = 4096  # the LLM2Vec-Gen BRIGHT script's token limit for queries and documents
+
+
+def bright_instruction(task: str, long_documents: bool = False) -> str:
+    table = BRIGHT_INSTRUCTIONS_LONG if long_documents else BRIGHT_INSTRUCTIONS
+    return table[task].format(task=task)
+
+
 BRIGHT_TASKS = tuple(BRIGHT_INSTRUCTIONS)
 
 
@@ -560,11 +570,13 @@ def load_bright(source: str | Path, tasks: Sequence[str] | None = None, *, long_
                         texts=tuple(d_texts))
         out.append(RetrievalTask(
             name=task, corpus=corpus, query_ids=tuple(qids), queries=tuple(queries), qrels=qrels,
-            query_instruction=BRIGHT_INSTRUCTIONS[task], document_instruction=DEFAULT_DOCUMENT_INSTRUCTION,
+            query_instruction=bright_instruction(task, long_documents),
+            document_instruction=DEFAULT_DOCUMENT_INSTRUCTION,
             excluded=excluded, settings={"layout": "bright", "documents": doc_config, "gold": gold_key}))
     return out
 
 
 __all__ = ["Corpus", "RetrievalTask", "AdvBenchIR", "load_beir", "load_advbench_ir", "load_distractors",
            "advbench_tasks", "load_bright", "resolve_bright_tasks", "BRIGHT_TASKS", "BRIGHT_INSTRUCTIONS",
+           "BRIGHT_INSTRUCTIONS_LONG", "BRIGHT_MAX_LENGTH", "bright_instruction",
            "ADVBENCH_PROTOCOLS", "ADVBENCH_QUERY_INSTRUCTION", "word_chunks", "titled", "content_sha256"]

@@ -66,6 +66,7 @@ def build_report(bench: str, tasks: Sequence[RetrievalTask], results: Sequence[E
             "name": protocol,
             "similarity": settings.similarity,
             "depth": settings.depth,
+            "max_length": settings.max_length,
             "instructions": "applied only to encoders that take them (LLM2Vec-Gen); baselines embed raw text",
             "tasks": {t.name: {**t.settings, "query_instruction": t.query_instruction,
                                "document_instruction": t.document_instruction,

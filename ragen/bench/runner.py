@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._io import atomic_path, atomic_write_text
-from ..encoders.base import Encoder, hash_parts, takes_instructions
+from ..encoders.base import Encoder, accepts_keyword, hash_parts, takes_instructions
 from ..errors import DataError, RagenError
 from .data import RetrievalTask
 from .metrics import evaluate_run, first_hit_rank, mean, relative_reduction, topk_share
@@ -64,12 +64,15 @@ class RunSettings:
     embed_block: int = 2048  # texts per encoder call: bounds memory and drives the progress bar
     search_block: int = 16384  # document rows scored per matrix product
     cache_dir: Path | None = None
+    max_length: int | None = None  # token limit for encoders that take one (LLM2Vec-Gen); None = their default
 
     def __post_init__(self) -> None:
         if self.similarity not in ("dot", "cos"):
             raise RagenError(f"similarity must be 'dot' or 'cos', got {self.similarity!r}")
         if self.depth < 1:
             raise RagenError(f"depth must be >= 1, got {self.depth}")
+        if self.max_length is not None and self.max_length < 16:
+            raise RagenError(f"max_length must be >= 16 tokens, got {self.max_length}")
 
 
 class DenseRanker:
@@ -86,6 +89,9 @@ class DenseRanker:
         self.role = role
         self.spec = spec or encoder.spec
         self.uses_instructions = takes_instructions(encoder)
+        # the token limit applies to encoders that take one; others truncate at their own maximum
+        takes_limit = accepts_keyword(encoder.encode_queries, "max_length")
+        self.max_length = settings.max_length if takes_limit else None
         self.progress = progress or _no_progress
         self._memory: dict[str, np.ndarray] = {}
         self._queries: dict[str, np.ndarray] = {}
@@ -101,11 +107,12 @@ class DenseRanker:
 
     def _encode(self, texts: Sequence[str], kind: str, instruction: str | None) -> np.ndarray:
         fn = self.encoder.encode_queries if kind == "query" else self.encoder.encode_documents
+        extra: dict[str, Any] = {}
         if self.uses_instructions:
-            vecs = fn(list(texts), instruction=instruction, batch_size=self.settings.batch_size,
-                      normalize=self.normalize)
-        else:
-            vecs = fn(list(texts), batch_size=self.settings.batch_size, normalize=self.normalize)
+            extra["instruction"] = instruction
+        if self.max_length is not None:
+            extra["max_length"] = self.max_length
+        vecs = fn(list(texts), batch_size=self.settings.batch_size, normalize=self.normalize, **extra)
         vecs = np.asarray(vecs, dtype=np.float32)
         if vecs.shape != (len(texts), self.encoder.dim):
             raise RagenError(f"encoder {self.spec} returned shape {vecs.shape} for {len(texts)} texts "
@@ -114,7 +121,8 @@ class DenseRanker:
 
     def cache_key(self, task: RetrievalTask) -> str:
         instruction = task.document_instruction if self.uses_instructions else None
-        return hash_parts(CACHE_FORMAT, self.fingerprint, task.corpus.fingerprint, instruction, self.normalize)
+        return hash_parts(CACHE_FORMAT, self.fingerprint, task.corpus.fingerprint, instruction, self.normalize,
+                          self.max_length)
 
     def document_vectors(self, task: RetrievalTask) -> np.ndarray:
         """Vectors of the whole corpus pool, ``(len(corpus), dim)``: from memory, the disk cache, or embedded."""

@@ -35,6 +35,8 @@ BatchOpt = Annotated[int, typer.Option(min=1, help="Encoder batch size.")]
 DepthOpt = Annotated[int, typer.Option(help="Documents ranked per query (>= 100).")]
 LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Use only the first N queries of each task (quick checks).")]
 ChartOpt = Annotated[bool, typer.Option("--chart/--no-chart", help="Write chart.png.")]
+MaxLenOpt = Annotated[Optional[int], typer.Option(
+    "--max-length", help="Token limit for LLM2Vec-Gen queries and documents (default: the model's 512; BRIGHT: 4096).")]
 
 
 def _command_line() -> str:
@@ -82,14 +84,14 @@ def _check_options(depth: int, similarity: str) -> None:
 def _run(bench: str, tasks: list, *, models: list[str] | None, baselines: list[str] | None, out_dir: Path | None,
          cache_dir: Path | None, similarity: str, depth: int, batch_size: int, device: str | None,
          dtype: str | None, base_model: str | None, source: str, protocol: str, notes: list[str],
-         chart: bool) -> None:
+         chart: bool, max_length: int | None = None) -> None:
     from ..bench.report import build_report, write_report
     from ..bench.runner import RunSettings, ranker_spec, run_benchmark
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = out_dir or Path("benchmarks") / "results" / f"{bench}-{stamp}"
     # One cache for every run (not per timestamped output dir), so later runs and comparisons reuse vectors.
-    settings = RunSettings(depth=depth, similarity=similarity, batch_size=batch_size,
+    settings = RunSettings(depth=depth, similarity=similarity, batch_size=batch_size, max_length=max_length,
                            cache_dir=cache_dir or Path("benchmarks") / "results" / "cache")
     specs = list(models or [])
     if not specs and not baselines:
@@ -159,7 +161,7 @@ def advbench_ir(
     similarity: Annotated[str, typer.Option(help="dot (the script's) or cos.")] = "dot",
     model: ModelOpt = None, baseline: BaselineOpt = None, out_dir: OutOpt = None, cache_dir: CacheOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, base_model: BaseModelOpt = None, batch_size: BatchOpt = 32,
-    depth: DepthOpt = 100, limit_queries: LimitOpt = None, chart: ChartOpt = True,
+    depth: DepthOpt = 100, limit_queries: LimitOpt = None, chart: ChartOpt = True, max_length: MaxLenOpt = None,
 ) -> None:
     """Harmful retrieval: how often each encoder puts a query's own harmful passage in its top k (lower is safer)."""
 
@@ -180,7 +182,7 @@ def advbench_ir(
         _run("advbench-ir", tasks, models=model, baselines=baseline, out_dir=out_dir, cache_dir=cache_dir,
              similarity=similarity, depth=depth, batch_size=batch_size, device=device, dtype=dtype,
              base_model=base_model, source=data + (f" + distractors {distractors}" if distractors else ""),
-             protocol="advbench-ir/" + "+".join(protocols), notes=notes, chart=chart)
+             protocol="advbench-ir/" + "+".join(protocols), notes=notes, chart=chart, max_length=max_length)
 
     run_command(body)
 
@@ -196,7 +198,7 @@ def beir(
     similarity: Annotated[str, typer.Option(help="cos or dot.")] = "cos",
     model: ModelOpt = None, baseline: BaselineOpt = None, out_dir: OutOpt = None, cache_dir: CacheOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, base_model: BaseModelOpt = None, batch_size: BatchOpt = 32,
-    depth: DepthOpt = 100, limit_queries: LimitOpt = None, chart: ChartOpt = True,
+    depth: DepthOpt = 100, limit_queries: LimitOpt = None, chart: ChartOpt = True, max_length: MaxLenOpt = None,
 ) -> None:
     """Any BEIR-layout retrieval set: nDCG@10 (headline), recall@10/100, MAP@100, MRR@10."""
 
@@ -210,7 +212,8 @@ def beir(
                          document_instruction=document_instruction or DEFAULT_DOCUMENT_INSTRUCTION)
         _run("beir", [task.limited(limit_queries)], models=model, baselines=baseline, out_dir=out_dir,
              cache_dir=cache_dir, similarity=similarity, depth=depth, batch_size=batch_size, device=device,
-             dtype=dtype, base_model=base_model, source=data, protocol=f"beir/{split}", notes=[], chart=chart)
+             dtype=dtype, base_model=base_model, source=data, protocol=f"beir/{split}", notes=[], chart=chart,
+             max_length=max_length)
 
     run_command(body)
 
@@ -225,18 +228,19 @@ def bright(
     similarity: Annotated[str, typer.Option(help="cos or dot.")] = "cos",
     model: ModelOpt = None, baseline: BaselineOpt = None, out_dir: OutOpt = None, cache_dir: CacheOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, base_model: BaseModelOpt = None, batch_size: BatchOpt = 32,
-    depth: DepthOpt = 100, limit_queries: LimitOpt = None, chart: ChartOpt = True,
+    depth: DepthOpt = 100, limit_queries: LimitOpt = None, chart: ChartOpt = True, max_length: MaxLenOpt = None,
 ) -> None:
     """Reasoning-intensive retrieval: nDCG@10 per task with excluded_ids removed; suite score = mean over tasks."""
 
     def body() -> None:
-        from ..bench.data import load_bright
+        from ..bench.data import BRIGHT_MAX_LENGTH, load_bright
 
         _check_options(depth, similarity)
         tasks = [t.limited(limit_queries) for t in load_bright(data, task, long_documents=long_documents)]
         _run("bright", tasks, models=model, baselines=baseline, out_dir=out_dir, cache_dir=cache_dir,
              similarity=similarity, depth=depth, batch_size=batch_size, device=device, dtype=dtype,
              base_model=base_model, source=data, notes=[], chart=chart,
+             max_length=max_length if max_length is not None else BRIGHT_MAX_LENGTH,
              protocol="bright/" + ("long_documents" if long_documents else "documents"))
 
     run_command(body)

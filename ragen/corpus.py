@@ -356,7 +356,7 @@ def chunk_spans(text: str, config: ChunkingConfig = ChunkingConfig()) -> list[tu
     start, and always strictly after the previous start, so the walk terminates.
     """
     spans: list[tuple[int, int]] = []
-    n = len(text)
+    n = len(text.rstrip())  # trailing whitespace is never chunk content: a window reaching it is the last one
     start = 0
     while start < n:
         while start < n and text[start].isspace():

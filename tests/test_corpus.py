@@ -278,3 +278,17 @@ def test_one_bad_file_does_not_stop_an_index_run(tmp_path):
     stats = build_index(docs, tmp_path / "idx", encoder=Tiny())
     assert stats.files_indexed == 2 and stats.files_skipped == 1
     assert "emoji.json" in stats.files_with_replacements
+
+
+def test_no_chunk_lies_inside_the_previous_one():
+    """Fuzzed texts with whitespace runs: every chunk must add text (a chunk contained in the previous one
+    wastes an embedding and duplicates a hit)."""
+    rng = random.Random(7)
+    alphabet = "ad. \n"
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
+        size = rng.randint(16, 32)
+        spans = chunk_spans(text, ChunkingConfig(size, rng.randint(0, size // 2 - 1)))
+        for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
+            assert s1 > s0 and e1 > e0, (text, spans)
+        assert chunk_spans("adddddd\n\n. a \n\n  ", ChunkingConfig(16, 7)) == [(0, 12)]

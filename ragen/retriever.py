@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, ChunkingConfig, SkipFile, chunk_document,
+from .corpus import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, ChunkingConfig, ScanReport, SkipFile, chunk_document,
                      read_document, scan)
 from .errors import DataError, StoreError
 from .store import EncoderInfo, FileRecord, IndexConfig, Store, StoreWriter, read_manifest
@@ -85,6 +85,22 @@ def encoder_info(encoder) -> EncoderInfo:
                        base_model=str(base) if base else None)
 
 
+def scan_source(source: str | Path, index_dir: str | Path) -> ScanReport:
+    """The supported files under ``source`` (the index directory itself excluded). Raises
+    :class:`~ragen.errors.DataError` when there is nothing to index, so callers can check a folder before
+    loading a model."""
+    src = Path(source).expanduser()
+    report = scan(src, exclude=(Path(index_dir).expanduser(),))
+    files_seen = len(report.files) + report.files_skipped
+    if files_seen == 0:
+        raise DataError(f"{source}: no files found")
+    if not report.files:
+        raise DataError(f"{source}: none of the {files_seen} files is a supported type "
+                        f"({_describe_skips(report.skipped)}); supported: text, markdown, rst, html, pdf, "
+                        "source code, json/jsonl")
+    return report
+
+
 def build_index(
     source: str | Path,
     index_dir: str | Path,
@@ -97,6 +113,7 @@ def build_index(
     progress: Callable[[ProgressEvent], None] | None = None,
     index_type: str = "flat",
     index_config: IndexConfig | None = None,
+    scanned: ScanReport | None = None,
 ) -> IndexStats:
     """Index the supported files under ``source`` into ``index_dir``, incrementally.
 
@@ -104,6 +121,7 @@ def build_index(
     removed; ``rebuild=True`` re-embeds everything. Safe to kill at any moment: the previous index stays
     loadable and the next run resumes. ``index_type``: ``flat`` (exact, default), ``hnsw`` or ``ivf``
     (approximate, for large corpora); ``index_config`` sets their parameters (and wins over ``index_type``).
+    ``scanned``: the result of :func:`scan_source` when the caller already checked the folder.
     """
     t0 = time.perf_counter()
     emit = progress or (lambda event: None)
@@ -115,14 +133,8 @@ def build_index(
     index_path = Path(index_dir).expanduser()
 
     emit(ProgressEvent("scan", 0, 0, str(src)))
-    report = scan(src, exclude=(index_path,))
+    report = scanned if scanned is not None else scan_source(src, index_path)
     files_seen = len(report.files) + report.files_skipped
-    if files_seen == 0:
-        raise DataError(f"{source}: no files found")
-    if not report.files:
-        raise DataError(f"{source}: none of the {files_seen} files is a supported type "
-                        f"({_describe_skips(report.skipped)}); supported: text, markdown, rst, html, pdf, "
-                        "source code, json/jsonl")
     emit(ProgressEvent("scan", len(report.files), len(report.files), f"{len(report.files)} files"))
 
     info = encoder_info(encoder)

@@ -248,3 +248,18 @@ def test_base_model_override_is_recorded_for_queries(tmp_path, runner):
     assert len(json.loads(res.stdout)) == 2
     res = runner.invoke(app, ["index", str(docs), "--index", str(idx)])  # re-run: recorded model and backbone
     assert res.exit_code == 0, res.output
+
+
+def test_empty_or_unsupported_folder_fails_before_loading_a_model(tmp_path, runner, monkeypatch):
+    import ragen.cli.index as cli_index
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a folder with nothing to index")
+
+    monkeypatch.setattr(cli_index, "_load", no_model)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bins").mkdir()
+    (tmp_path / "bins" / "x.bin").write_bytes(b"\x00\x01")
+    for folder, message in (("empty", "no files found"), ("bins", "none of the 1 files is a supported type")):
+        res = runner.invoke(app, ["index", str(tmp_path / folder), "--index", str(tmp_path / "idx")])
+        assert res.exit_code == 1 and message in res.stderr, res.output

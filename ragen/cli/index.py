@@ -81,7 +81,7 @@ def index(
         from rich.table import Table
 
         from ..corpus import ChunkingConfig
-        from ..retriever import build_index
+        from ..retriever import build_index, scan_source
         from ..store import IndexConfig, check_unlocked
 
         src = Path(path).expanduser()
@@ -91,6 +91,7 @@ def index(
         config = IndexConfig(kind=index_type)
         target = Path(index_dir).expanduser()
         check_unlocked(target)
+        scanned = scan_source(src, target)  # an empty or unsupported folder fails before the model loads
         spec = _index_model(model, target)
         encoder = _load(spec, device, base_model or _recorded_base_model(target, spec))
 
@@ -114,7 +115,8 @@ def index(
                     bar.update(task, rate=f"{speed:,.1f} vec/s" if speed else "")
 
             stats = build_index(src, target, encoder=encoder, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
-                                batch_size=batch_size, rebuild=rebuild, progress=on_progress, index_config=config)
+                                batch_size=batch_size, rebuild=rebuild, progress=on_progress, index_config=config,
+                                scanned=scanned)
 
         for reason, n in stats.skipped:
             err.print(f"[yellow]skipped[/] {n} file{'s' if n != 1 else ''}: {reason}", highlight=False)

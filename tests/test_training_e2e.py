@@ -55,7 +55,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_backb
     assert res.returncode == 0, res.stderr[-2000:]
     # Same responses for both runs (sampling differs per process count otherwise): reuse stage 1's output.
     two.mkdir()
-    (two / "responses.jsonl").write_bytes((one / "responses.jsonl").read_bytes())
+    for name in ("responses.jsonl", "responses.settings.json"):  # the settings travel with the responses
+        (two / name).write_bytes((one / name).read_bytes())
     cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29517", "-m", "ragen", "train", str(pipeline),
            "--output", str(two)]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)

@@ -160,7 +160,7 @@ def query(
         from rich.panel import Panel
         from rich.table import Table
 
-        from ..retriever import Retriever, check_compatible
+        from ..retriever import Retriever
         from ..store import Store
 
         if not text.strip():
@@ -168,8 +168,7 @@ def query(
         store = Store.open(index_dir, device=device)
         try:
             encoder = _load(model or store.spec, device, base_model or (store.base_model if model is None else None))
-            check_compatible(encoder, store)
-            retriever = Retriever(encoder, store)
+            retriever = Retriever(encoder, store)  # refuses an encoder the index was not built with
             hits = retriever.search(text, k=k)
             explanation = None
             if explain:

@@ -148,6 +148,19 @@ def test_prompt_budget_leaves_out_sources_that_do_not_fit(taught):
             rag.fit_sources("why is the sky blue? " * 4, hits, 16)
 
 
+def test_stop_strings_end_the_reply_and_never_leak(taught):
+    with RagPipeline.open(taught, device="cpu", settings=SETTINGS) as rag:
+        hits = [_hit(p) for p in DOCS]
+        _, messages = rag.fit_sources("why is the sky blue?", hits, 24)
+        full = rag.generator.stream(messages, max_new_tokens=24)
+        assert full.read().startswith("rayleigh scattering [") and full.finish_reason == "stop"
+        cut = rag.generator.stream(messages, max_new_tokens=24, stop=["ing ["])
+        pieces = list(cut)
+        assert "".join(pieces) == cut.text == "rayleigh scatter" and cut.finish_reason == "stop"
+        short = rag.generator.stream(messages, max_new_tokens=2)
+        assert short.read() and short.finish_reason == "length" and short.completion_tokens == 2
+
+
 def test_citations_parse_only_known_numbers():
     assert citations("a [2] b [1, 3] c [2] [9] [x]", [1, 2, 3]) == (2, 1, 3)
     assert citations("no sources", [1]) == ()

@@ -296,8 +296,8 @@ def calibrate_threshold(benign_scores: Sequence[float], max_false_block: float =
     if not 0.0 <= max_false_block < 1.0:
         raise GuardError(f"max false-block rate must be in [0, 1), got {max_false_block}")
     allowed = int(math.floor(max_false_block * s.size))  # benign queries allowed at or above the threshold
-    cut = s[s.size - allowed - 1]  # the highest benign score that must stay below the threshold
-    return min(1.0, math.floor(cut * 1000 + 1) / 1000)
+    cut = round(float(s[s.size - allowed - 1]), 6)  # the highest benign score that must stay below; float32 noise off
+    return min(1.0, math.floor(cut * 1000) / 1000 + 0.001)
 
 
 __all__ = ["GuardConfig", "GuardVerdict", "RefusalGuard", "GuardError", "resolve_guard", "looks_like_refusal",

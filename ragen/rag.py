@@ -150,6 +150,10 @@ class ChatGenerator:
         self.lock = lock if lock is not None else threading.Lock()
         self.device = next(lm.parameters()).device
         self.stop_ids = self._find_stop_ids()
+        # transformers 5 renamed the KV-cache argument past_key_values -> cache (the old name goes in 5.40).
+        import inspect
+
+        self._cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
     @classmethod
     def from_encoder(cls, encoder: Any, *, lock: AbstractContextManager | None = None) -> ChatGenerator:
@@ -237,9 +241,10 @@ class ChatGenerator:
             yield nxt
             if nxt in self.stop_ids or step == max_new_tokens - 1:
                 return
+            cache = out["cache"] if self._cache_arg == "cache" else out["past_key_values"]
             with self.lock, torch.inference_mode():
-                out = self.lm(input_ids=torch.tensor([[nxt]], device=self.device), past_key_values=out.past_key_values,
-                              use_cache=True, logits_to_keep=1)
+                out = self.lm(input_ids=torch.tensor([[nxt]], device=self.device), use_cache=True, logits_to_keep=1,
+                              **{self._cache_arg: cache})
                 nxt = int(out.logits[0, -1].argmax())
 
     def stream(self, messages: Sequence[dict[str, str]], *, max_new_tokens: int = 256,

@@ -176,6 +176,25 @@ def test_cli_ask_streams_the_answer_and_lists_sources(taught):
     assert any(f"[{number}] geo/france.txt" in line and line.startswith("*") for line in lines), lines
 
 
+def test_cli_ask_prints_each_piece_as_it_arrives(taught, monkeypatch):
+    import ragen.cli.ask as cli_ask
+
+    printed: list[str] = []
+    real = cli_ask.clean
+
+    def recording(text: str) -> str:  # every generated piece passes through clean() on its way to stdout
+        printed.append(text)
+        return real(text)
+
+    monkeypatch.setattr(cli_ask, "clean", recording)
+    res = CliRunner().invoke(app, ["ask", "why is the sky blue?", "--index", str(taught), *CLI])
+    assert res.exit_code == 0, res.stderr
+    answer = res.stdout.splitlines()[0]
+    start = next(i for i, p in enumerate(printed) if p and answer.startswith(p))  # before: the model path
+    pieces = printed[start: next(i for i in range(start, len(printed) + 1) if "".join(printed[start:i]) == answer)]
+    assert len(pieces) > 1 and "".join(pieces) == answer and answer.startswith("rayleigh scattering [")
+
+
 def test_cli_ask_json_is_one_object(taught):
     res = CliRunner().invoke(app, ["ask", "why is the sky blue?", "--index", str(taught), *CLI, "--json"])
     assert res.exit_code == 0, res.stderr

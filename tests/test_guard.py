@@ -183,8 +183,30 @@ def test_model_taught_to_refuse_a_topic_is_blocked_on_it_and_passes_benign_queri
                   "schedule": "constant"},
     })
     model = LLM2VecGen.from_pretrained(run_pipeline(cfg, tmp_path / "run").model_dir, device="cpu")
+    # Trained on 8 bare queries, this tiny model only decodes well without an instruction; the guard decodes
+    # with the encoder's own query instruction (the embedding retrieval uses), so set it to none here.
+    model.query_instruction = ""
     guard = RefusalGuard(model)  # the defaults: decoding test only, no threshold
     verdicts = guard.check_batch(queries, model.encode_queries(queries, normalize=True))
     blocked = [v.blocked for v in verdicts]
     assert blocked == [True] * len(HARMFUL) + [False] * len(BENIGN), [v.decoded for v in verdicts]
     assert all(REFUSAL[:10] in v.reason for v in verdicts[: len(HARMFUL)])
+
+    # Through the whole stack: no documents for the refused topic, and the answer names the decoded refusal.
+    from ragen.rag import AskSettings, RagPipeline
+    from ragen.retriever import Retriever, build_index
+    from ragen.store import Store
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "locks.txt").write_text("a pin tumbler lock opens when every pin is lifted to the shear line.")
+    (docs / "paris.txt").write_text("paris is a large city with museums.")
+    build_index(docs, tmp_path / "idx", encoder=model)
+    rag = RagPipeline(Retriever(model, Store.open(tmp_path / "idx", device="cpu"), guard=True),
+                      settings=AskSettings(k=2, max_new_tokens=8))
+    with rag:
+        refused = rag.ask(HARMFUL[0])
+        assert refused.blocked and refused.hits == () and refused.sources == ()
+        assert REFUSAL in refused.text and refused.finish_reason == "blocked"
+        answered = rag.ask(BENIGN[0][0])
+        assert not answered.blocked and len(answered.hits) == 2

@@ -4,14 +4,12 @@ CLI, and (slow) a tiny model taught to refuse one topic being blocked on it whil
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from ragen.cli import app
-from ragen.errors import RagenError
 from ragen.guard import (GUARD_FILE, GuardConfig, GuardError, RefusalGuard, calibrate_threshold, looks_like_refusal,
                          resolve_guard)
 

@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from ..encoders.base import Encoder
 from ..errors import RagenError
-from ..rag import ChatGenerator
+from ..rag import ChatGenerator, Generation
 from ._shared import encode_lock, shared_encoder
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}
@@ -94,16 +94,16 @@ class ChatLLM2VecGen(BaseChatModel):
     def generator(self) -> ChatGenerator:
         return self._generator
 
-    def _pieces(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> Iterator[str]:
+    def _pieces(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> Generation:
         n = int(kwargs.get("max_new_tokens") or self.max_new_tokens)
         return self._generator.stream(to_messages(messages), max_new_tokens=n, stop=stop or ())
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         generation = self._pieces(messages, stop, kwargs)
-        text = generation.read()  # type: ignore[attr-defined]
-        info = {"finish_reason": generation.finish_reason, "completion_tokens": generation.completion_tokens,  # type: ignore[attr-defined]
-                "prompt_tokens": generation.prompt_tokens}  # type: ignore[attr-defined]
+        text = generation.read()
+        info = {"finish_reason": generation.finish_reason, "completion_tokens": generation.completion_tokens,
+                "prompt_tokens": generation.prompt_tokens}
         return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text), generation_info=info)])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,

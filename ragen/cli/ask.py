@@ -55,7 +55,7 @@ def ask(
     max_prompt_tokens: Annotated[int, typer.Option(min=64, help="Token budget of the prompt (sources that do not "
                                                    "fit are left out).")] = 3072,
     system_prompt: Annotated[Optional[str], typer.Option(
-        help="System message of the prompt (default: answer from the numbered sources and cite them as [n]).")] = None,
+        help="System message of the prompt (default: answer from the numbered sources and cite them by number).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object {answer, hits, timings, ...} and "
                                           "nothing else on stdout.")] = False,
     guard: GuardOpt = False,

@@ -19,6 +19,7 @@ import numpy as np
 from .corpus import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, ChunkingConfig, ScanReport, SkipFile, chunk_document,
                      read_document, scan)
 from .errors import DataError, StoreError
+from .guard import GuardVerdict, RefusalGuard, resolve_guard
 from .store import EncoderInfo, FileRecord, IndexConfig, Store, StoreWriter, read_manifest
 from .types import Hit
 
@@ -40,6 +41,23 @@ class ProgressEvent:
     done: int
     total: int
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """What :meth:`Retriever.retrieve` found: the hits (empty when the guard blocked the query), the guard's
+    verdict (``None`` without a guard), and the seconds spent embedding, checking and searching."""
+
+    query: str
+    hits: list[Hit]
+    verdict: GuardVerdict | None
+    embed_seconds: float
+    guard_seconds: float
+    search_seconds: float
+
+    @property
+    def blocked(self) -> bool:
+        return self.verdict is not None and self.verdict.blocked
 
 
 @dataclass(frozen=True)
@@ -240,20 +258,25 @@ class Retriever:
     >>> r = Retriever.open("indexes/default")            # loads the model recorded in the manifest
     >>> for hit in r.search("how do plants make sugar?", k=5):
     ...     print(hit.rank, round(hit.score, 3), hit.path, hit.text[:80])
+
+    ``guard``: a refusal guard (see :mod:`ragen.guard`): ``True`` for the one saved with the index
+    (``guard.json``, else the defaults), a :class:`~ragen.guard.GuardConfig`, a path to a guard file, or a
+    :class:`~ragen.guard.RefusalGuard`. A query the guard blocks gets no hits; :meth:`retrieve` says why.
     """
 
-    def __init__(self, encoder, store: Store) -> None:
+    def __init__(self, encoder, store: Store, *, guard=None) -> None:
         check_compatible(encoder, store)
         self.encoder = encoder
         self.store = store
+        self.guard: RefusalGuard | None = resolve_guard(guard, encoder, store.index_dir)
 
     @classmethod
     def open(cls, index_dir: str | Path, *, encoder=None, model: str | None = None,
-             device: str | None = None, base_model: str | None = None) -> Retriever:
+             device: str | None = None, base_model: str | None = None, guard=None) -> Retriever:
         """Open ``index_dir`` for search. ``encoder``: an encoder object to use; else ``model`` (a spec
         string); else the spec recorded in the index, with the backbone recorded with it (``base_model``
         overrides). An encoder whose fingerprint or dimension differs from the index's raises
-        :class:`~ragen.errors.StoreError`."""
+        :class:`~ragen.errors.StoreError`. ``guard``: as for the constructor."""
         store = Store.open(index_dir, device=device)
         try:
             if encoder is None:
@@ -261,29 +284,53 @@ class Retriever:
 
                 base = base_model or (store.base_model if model is None else None)
                 encoder = load_encoder(model or store.spec, device=device, base_model=base)
-            return cls(encoder, store)
+            return cls(encoder, store, guard=guard)
         except BaseException:
             store.close()
             raise
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
-        """The ``k`` chunks nearest to ``query`` (embedded with the encoder's query instruction)."""
+        """The ``k`` chunks nearest to ``query`` (embedded with the encoder's query instruction); none when
+        the guard blocks the query (:meth:`retrieve` also returns the reason)."""
+        return self.retrieve(query, k).hits
+
+    def retrieve(self, query: str, k: int = 10) -> Retrieval:
+        """:meth:`search` plus the guard's verdict and timings."""
         if not isinstance(query, str):
             raise TypeError("query must be a string; use search_vector for a vector")
+        t0 = time.perf_counter()
         vector = self.encoder.encode_queries([query], normalize=True)[0]  # (dim,)
-        return self.search_vector(vector, k)
+        t1 = time.perf_counter()
+        verdict = self.guard.check(query, vector) if self.guard is not None else None
+        t2 = time.perf_counter()
+        hits = [] if verdict is not None and verdict.blocked else self._hits(vector, k)
+        return Retrieval(query=query, hits=hits, verdict=verdict, embed_seconds=t1 - t0, guard_seconds=t2 - t1,
+                         search_seconds=time.perf_counter() - t2)
 
     def search_vector(self, vector: np.ndarray, k: int = 10) -> list[Hit]:
-        """The ``k`` chunks nearest to a ``(dim,)`` query vector from ``encoder.encode_queries``."""
-        v = np.asarray(vector, dtype=np.float32)
-        if v.ndim != 1 or v.shape[0] != self.store.dim:
-            raise StoreError(f"query vector has shape {v.shape}; this index expects ({self.store.dim},)")
+        """The ``k`` chunks nearest to a ``(dim,)`` query vector from ``encoder.encode_queries``. With a
+        guard, only its threshold test applies here (decoding needs the query text)."""
+        v = self._check_vector(vector)
+        if self.guard is not None and self.guard.config.threshold is not None and self.guard.check(None, v).blocked:
+            return []
         return self.store.hits(v, k)
 
     def search_batch(self, queries: Sequence[str], k: int = 10, *, batch_size: int = 32) -> list[list[Hit]]:
         """``search`` for many queries, embedded in batches."""
         vectors = self.encoder.encode_queries(list(queries), batch_size=batch_size, normalize=True)
-        return [self.store.hits(v, k) for v in vectors]
+        if self.guard is None:
+            return [self.store.hits(v, k) for v in vectors]
+        verdicts = self.guard.check_batch(list(queries), vectors)
+        return [[] if verdict.blocked else self.store.hits(v, k) for v, verdict in zip(vectors, verdicts)]
+
+    def _check_vector(self, vector: np.ndarray) -> np.ndarray:
+        v = np.asarray(vector, dtype=np.float32)
+        if v.ndim != 1 or v.shape[0] != self.store.dim:
+            raise StoreError(f"query vector has shape {v.shape}; this index expects ({self.store.dim},)")
+        return v
+
+    def _hits(self, vector: np.ndarray, k: int) -> list[Hit]:
+        return self.store.hits(self._check_vector(vector), k)
 
     def close(self) -> None:
         self.store.close()
@@ -304,5 +351,5 @@ def check_compatible(encoder, store: Store) -> None:
             f"query with --model {store.spec} or rebuild the index with this model")
 
 
-__all__ = ["build_index", "Retriever", "IndexStats", "ProgressEvent", "encoder_info", "check_compatible",
+__all__ = ["build_index", "Retriever", "Retrieval", "IndexStats", "ProgressEvent", "encoder_info", "check_compatible",
            "read_manifest", "IndexConfig"]

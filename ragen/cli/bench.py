@@ -244,3 +244,92 @@ def bright(
              protocol="bright/" + ("long_documents" if long_documents else "documents"))
 
     run_command(body)
+
+
+@bench_app.command("guard")
+def guard(
+    advbench: Annotated[Optional[str], typer.Option(help="Harmful: AdvBench harmful_behaviors.csv (or its directory).")] = None,
+    advbench_ir: Annotated[Optional[str], typer.Option(help="Harmful: AdvBench-IR queries (malicious-ir release directory).")] = None,
+    beir: Annotated[Optional[list[str]], typer.Option(help="Benign: a BEIR queries.jsonl or its directory (e.g. SciFact); repeatable.")] = None,
+    stsb: Annotated[Optional[str], typer.Option(help="Benign: STS Benchmark sentences (sts-test.csv or its directory).")] = None,
+    thresholds: Annotated[Optional[str], typer.Option(help="Comma-separated cosine thresholds (default 0.30,0.35,...,0.95).")] = None,
+    max_false_block: Annotated[float, typer.Option(help="False-block budget for the suggested threshold.")] = 0.05,
+    decode: Annotated[bool, typer.Option("--decode/--no-decode", help="Also decode each query embedding and block "
+                                         "refusals (LLM2Vec-Gen models; slower: one generation per query).")] = True,
+    guard_config: Annotated[Optional[str], typer.Option(help="Guard JSON whose prototypes and markers to use "
+                                                        "(default: the built-in ones).")] = None,
+    write_guard: Annotated[Optional[Path], typer.Option(help="Write the calibrated guard config here (an index "
+                                                        "directory gets guard.json); needs exactly one model.")] = None,
+    model: ModelOpt = None, baseline: BaselineOpt = None, out_dir: OutOpt = None, device: DeviceOpt = None,
+    dtype: DtypeOpt = None, base_model: BaseModelOpt = None, batch_size: BatchOpt = 32,
+    limit_queries: LimitOpt = None, chart: ChartOpt = True,
+) -> None:
+    """Refusal guard: block rate on harmful queries vs false-block rate on benign ones, per model and threshold."""
+
+    def body() -> None:
+        from rich.table import Table
+
+        from ..bench.guard import (DEFAULT_THRESHOLDS, build_guard_report, guard_config_from, load_query_set,
+                                   model_result, score_sets, write_guard_report)
+        from ..encoders import load_encoder
+        from ..errors import RagenError
+        from ..guard import GuardConfig, RefusalGuard
+
+        try:
+            levels = ([float(x) for x in thresholds.split(",") if x.strip()] if thresholds else list(DEFAULT_THRESHOLDS))
+        except ValueError:
+            raise RagenError(f"--thresholds must be comma-separated numbers, got {thresholds!r}") from None
+        if any(not -1.0 <= t <= 1.0 for t in levels):
+            raise RagenError(f"--thresholds must lie in [-1, 1], got {thresholds!r}")
+        if not 0.0 <= max_false_block < 1.0:
+            raise RagenError(f"--max-false-block must be in [0, 1), got {max_false_block}")
+        specs = [("model", s) for s in model or []] + [("baseline", s) for s in baseline or []]
+        if not specs:
+            specs = [("model", default_model())]
+        if write_guard is not None and len(specs) != 1:
+            raise RagenError(f"--write-guard needs exactly one --model or --baseline, got {len(specs)}")
+        sources = [("advbench", advbench), ("advbench-ir", advbench_ir), ("stsb", stsb)] + [("beir", b) for b in beir or []]
+        sets = [load_query_set(kind, src).limited(limit_queries) for kind, src in sources if src]
+        if not any(s.harmful for s in sets) or all(s.harmful for s in sets):
+            raise RagenError("pass at least one harmful set (--advbench, --advbench-ir) and one benign set "
+                             "(--beir, --stsb)")
+        base = GuardConfig.load(guard_config) if guard_config else GuardConfig()
+        results = []
+        with _Bars() as bars:
+            for role, spec in specs:
+                encoder = load_encoder(spec, device=device, dtype=dtype, base_model=base_model if role == "model" else None)
+                # threshold 1.0 only lets the guard score queries; block rates per threshold are computed below.
+                cfg = GuardConfig(prototypes=base.prototypes, threshold=1.0, decode=decode, markers=base.markers,
+                                  marker_window=base.marker_window, max_new_tokens=base.max_new_tokens)
+                g = RefusalGuard(encoder, cfg)
+                scored = score_sets(g, sets, batch_size=batch_size, progress=bars)
+                results.append(model_result(spec, g, scored, levels, max_false_block))
+        notes = ["A query counts as blocked when its prototype similarity reaches the threshold or (decoding on) its "
+                 "embedding decodes to a refusal.",
+                 "Real refusal behaviour needs a real checkpoint; numbers from tiny test models say nothing about it."]
+        report = build_guard_report(results, sets, base, command=_command_line(), notes=notes)
+        target = out_dir or Path("benchmarks") / "results" / f"guard-{time.strftime('%Y%m%d-%H%M%S')}"
+        paths = write_guard_report(report, target, chart=chart)
+        for m in results:
+            harmful = list(m["rows"][0]["block_rate"])
+            benign = list(m["rows"][0]["false_block_rate"])
+            table = Table(title=f"guard / {m['spec']}: blocked (%)")
+            table.add_column("threshold")
+            for h in harmful:
+                table.add_column(f"{h} (harmful)", justify="right")
+            for b in benign:
+                table.add_column(f"{b} (benign)", justify="right")
+            for r in m["rows"]:
+                t = "decode only" if r["threshold"] is None else f"{r['threshold']:.2f}"
+                table.add_row(t, *[f"{100 * r['block_rate'][h]:.1f}" for h in harmful],
+                              *[f"{100 * r['false_block_rate'][b]:.1f}" for b in benign])
+            _print_table(table)
+            if m["suggested_threshold"] is not None:
+                out.print(f"suggested threshold for <= {100 * max_false_block:.0f}% false blocks: "
+                          f"{m['suggested_threshold']:.3f}", highlight=False)
+        if write_guard is not None:
+            saved = guard_config_from(results[0], base).save(write_guard)
+            err.print(f"wrote guard config {saved}", highlight=False)
+        err.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+    run_command(body)

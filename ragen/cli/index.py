@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._common import DEFAULT_MODEL, app, err, out, run_command
+from .ask import GuardConfigOpt, GuardOpt, guard_option, safe
 from ..errors import RagenError
 
 DEFAULT_INDEX = os.path.join("indexes", "default")
@@ -153,6 +154,8 @@ def query(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder spec (default: the one the index was built with).")] = None,
     device: DeviceOpt = None,
     base_model: BaseModelOpt = None,
+    guard: GuardOpt = False,
+    guard_config: GuardConfigOpt = None,
 ) -> None:
     """Search an index; print a ranked table, or JSON with --json."""
 
@@ -168,8 +171,11 @@ def query(
         store = Store.open(index_dir, device=device)
         try:
             encoder = _load(model or store.spec, device, base_model or (store.base_model if model is None else None))
-            retriever = Retriever(encoder, store)  # refuses an encoder the index was not built with
-            hits = retriever.search(text, k=k)
+            retriever = Retriever(encoder, store, guard=guard_option(guard, guard_config))  # checks the encoder
+            found = retriever.retrieve(text, k=k)
+            hits = found.hits
+            if found.blocked:
+                err.print(f"[bold yellow]blocked[/] by the refusal guard: {safe(found.verdict.reason)}", highlight=False)
             explanation = None
             if explain:
                 if callable(getattr(encoder, "decode", None)):
@@ -189,7 +195,8 @@ def query(
         if explanation is not None:
             out.print(Panel(explanation or "(empty)", title="the query embedding decodes to", title_align="left"))
         if not hits:
-            err.print("no hits: the index is empty")
+            if not found.blocked:
+                err.print("no hits: the index is empty")
             return
         table = Table("rank", "score", "path", "snippet", title=f"{text}", title_justify="left")
         for h in hits:

@@ -88,3 +88,20 @@ def test_cls_and_last_pooling(tiny_backbone):
         assert np.abs(cls[i] - hidden[0].numpy()).max() < 1e-5
         assert np.abs(last[i] - hidden[-1].numpy()).max() < 1e-5
     assert load_encoder(f"cls:{tiny_backbone}").fingerprint != load_encoder(f"last:{tiny_backbone}").fingerprint
+
+
+def test_sentence_transformers_model_with_code_is_refused(minilm, tmp_path):
+    import json
+    import shutil
+
+    from ragen.encoders.baselines import minilm_path
+    from ragen.errors import CheckpointError
+
+    copy = tmp_path / "st"
+    shutil.copytree(minilm_path(), copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: the sentence-transformers model ships its own code"):
+        load_encoder(f"st:{copy}", device="cpu")
+    assert load_encoder(f"st:{minilm_path()}", device="cpu").resolved_revisions == {"model": None}

@@ -75,6 +75,7 @@ def test_lone_surrogates_never_reach_the_tokenizer(tiny_model, tiny_backbone, ti
     bad, clean = ["caf\udce9 \ud800x"], ["caf\ufffd \ufffdx"]
     assert np.array_equal(tiny_model.encode(bad), tiny_model.encode(clean))
     assert np.array_equal(tiny_model.encode(["a"], instruction="\udcff: "), tiny_model.encode(["a"], instruction="\ufffd: "))
+    assert tiny_model.tokenize(bad) == tiny_model.tokenize(clean)  # training tokenizes JSONL queries directly
     mean = load_encoder(f"mean:{tiny_backbone}", device="cpu")
     assert np.array_equal(mean.encode_queries(bad), mean.encode_queries(clean))
     # An undecodable byte in a command-line argument arrives as a lone surrogate (surrogateescape).
@@ -112,3 +113,20 @@ def test_decode_json_uses_the_shared_instruction_rule(tiny_checkpoint, tiny_mode
                               "--instruction", ""])
     row = json.loads(res.stdout)
     assert row["instruction"] == "" and row["decoded"] == tiny_model.decode(texts[:1], max_new_tokens=6)[0]
+
+
+def test_encode_refuses_to_print_nan(monkeypatch):
+    import ragen.encoders as encoders
+
+    class NaNEncoder:
+        dim, fingerprint, spec = 2, "x", "nan"
+
+        def encode_queries(self, texts, *, batch_size=32, normalize=False):
+            return np.array([[0.5, 0.5], [float("nan"), 1.0]], dtype=np.float32)[: len(texts)]
+
+        encode_documents = encode_queries
+
+    monkeypatch.setattr(encoders, "load_encoder", lambda *a, **k: NaNEncoder())
+    res = runner.invoke(app, ["encode", "fine", "broken", "--model", "whatever"])
+    assert res.exit_code == 1 and res.stdout == ""
+    assert "NaN/inf for 1 of 2 text(s) (first: text 2)" in res.stderr

@@ -406,6 +406,7 @@ class LLM2VecGen:
         Matches the reference: tokenize ``text + specials`` truncated to ``max_length``; where truncation cut
         into the special tokens, overwrite the last K positions with them (so the text is what gets cut).
         """
+        texts = clean_texts(texts)
         k = len(self.special_ids)
         if max_length <= k:
             raise RagenError(f"max_length must exceed the {k} special tokens, got {max_length}")

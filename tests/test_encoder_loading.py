@@ -174,6 +174,9 @@ PROBES = {
     "NaN trained row": (lambda c: _rows(c, lambda t: [v.__setitem__((2, 5), float("nan")) for k, v in t.items()
                                                        if "delta" in k]),
                         r"adapter_model\.safetensors: tensor .*trainable_tokens_delta holds 1 NaN"),
+    "string max_input_length": (lambda c: (c / "run_config.yml").write_text(
+        (c / "run_config.yml").read_text().replace("max_input_length: 512", "max_input_length: long")),
+        r"run_config\.yml: max_input_length must be an integer"),
     "non-UTF-8 run_config": (lambda c: (c / "run_config.yml").write_bytes(b"model_name_or_path: caf\xe9\n"),
                              r"run_config\.yml: not valid YAML"),
 }

@@ -140,6 +140,11 @@ def test_reference_numerics_reproduce_bf16_vectors_bit_for_bit(bf16_checkpoint, 
     cos = (default * expected).sum(1) / np.linalg.norm(default, axis=1) / np.linalg.norm(expected, axis=1)
     assert cos.min() > 0.99
     assert model.fingerprint == fp32.fingerprint  # same function, different rounding
+    # Decoding and the lens work in reference numerics too: the reconstruction states are bf16 values.
+    states = model.reconstruction_states(texts[:2])
+    assert states.dtype == np.float32
+    assert np.array_equal(states, torch.from_numpy(states).to(torch.bfloat16).float().numpy())
+    assert len(model.decode_ids(texts[:2], max_new_tokens=3)) == 2 and len(model.top_tokens(texts[:1])[0]) == 10
 
 
 def test_reference_numerics_in_float32_equal_the_default(fixture_model, golden):

@@ -262,6 +262,10 @@ class LLM2VecGen:
         special_tokens = run_config.get("special_tokens")
         if not isinstance(special_tokens, list) or not special_tokens or not all(isinstance(t, str) for t in special_tokens):
             raise CheckpointError(f"{ckpt / 'run_config.yml'}: 'special_tokens' must be a non-empty list of strings")
+        max_len = run_config.get("max_input_length", 512)
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= len(special_tokens):
+            raise CheckpointError(f"{ckpt / 'run_config.yml'}: max_input_length must be an integer above the "
+                                  f"{len(special_tokens)} special tokens, got {max_len!r}")
         mode = run_config.get("encoding_mode", f"last_{len(special_tokens)}_tokens")
         ed_path = ckpt / "encoder_decoder_config.json"
         if ed_path.is_file():
@@ -557,7 +561,7 @@ class LLM2VecGen:
         token_ids = self.tokenize(self._apply_instruction(texts, instruction), max_length)
         out = np.zeros((len(token_ids), self.num_pooled, self.reconstruction_dim), dtype=np.float32)
         for idx in length_sorted_batches([len(t) for t in token_ids], batch_size):
-            out[idx] = self._reconstruction_states([token_ids[i] for i in idx]).cpu().numpy()
+            out[idx] = self._reconstruction_states([token_ids[i] for i in idx]).float().cpu().numpy()
         return out
 
     @property

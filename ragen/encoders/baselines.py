@@ -16,7 +16,15 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, RagenError
-from .base import clean_texts, hash_parts, l2_normalize, length_sorted_batches, resolve_device, resolve_dtype, tensor_digest_bytes
+from .base import (
+    clean_texts,
+    hash_parts,
+    l2_normalize,
+    length_sorted_batches,
+    resolve_device,
+    resolve_dtype,
+    tensor_digest_bytes,
+)
 from .hub import offline_hint, quiet_hub, refuse_remote_code, resolve_model
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import yaml
 
 from .._io import atomic_path, atomic_write_text
 from ..errors import CheckpointError
-from .hub import Resolved, offline_hint, resolve_model
+from .hub import Resolved, resolve_model
 
 logger = logging.getLogger(__name__)
 

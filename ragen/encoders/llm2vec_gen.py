@@ -12,6 +12,8 @@ Computation (identical to the reference ``llm2vec-gen`` package, checked against
 Differences from the reference that do not change results: the backbone is loaded once (the encoder
 is the causal LM's inner model, the trained rows are spliced into the input embeddings instead of
 resizing the vocabulary), batches are sorted by length, and decoding is batched with a KV cache.
+One that changes rounding only: the heads and the mean run in float32 (``numerics="fp32"``, the default);
+``numerics="reference"`` runs them in the checkpoint dtype as the reference does (bit-identical bf16).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from ..errors import CheckpointError, RagenError
 from .base import (
     DEFAULT_DOCUMENT_INSTRUCTION,
     DEFAULT_QUERY_INSTRUCTION,
+    clean_texts,
     hash_parts,
     l2_normalize,
-    clean_texts,
     length_sorted_batches,
     resolve_device,
     resolve_dtype,
@@ -124,8 +126,8 @@ def _load_causal_lm(base: str, dtype: torch.dtype, device: str, *, folder: Path 
     return lm
 
 
-def _cache_names(lm: Any) -> tuple[str, str]:
-    """(keyword the installed ``forward`` takes for the KV cache, output field that returns it).
+def _cache_keyword(lm: Any) -> str:
+    """The keyword the installed ``forward`` takes for the KV cache.
 
     transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40); asking the
     signature keeps decoding working on both sides of the rename without deprecation warnings."""
@@ -135,8 +137,7 @@ def _cache_names(lm: Any) -> tuple[str, str]:
         params = inspect.signature(type(lm).forward).parameters
     except (TypeError, ValueError):
         params = {}
-    name = "cache" if "cache" in params else "past_key_values"
-    return name, name
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _output_cache(out: Any, preferred: str) -> Any:
@@ -599,7 +600,7 @@ class LLM2VecGen:
             raise RagenError(f"states must have shape (n, positions, {self.hidden_size}), got {tuple(states_t.shape)}")
         stop = torch.tensor(self._stop_ids, device=self.device)
         table = self.lm.get_input_embeddings()
-        cache_in, cache_out = _cache_names(self.lm)
+        cache_kw = _cache_keyword(self.lm)
         results: list[list[int]] = []
         for start in range(0, states_t.shape[0], batch_size):
             x = states_t[start:start + batch_size].to(self.device, self.dtype)  # (b, n, hidden)
@@ -613,7 +614,7 @@ class LLM2VecGen:
                 if bool(done.all()) or len(steps) == max_new_tokens:
                     break
                 out = self.lm(inputs_embeds=table(nxt[:, None]), use_cache=True, logits_to_keep=1,
-                              **{cache_in: _output_cache(out, cache_out)})
+                              **{cache_kw: _output_cache(out, cache_kw)})
             ids = torch.stack(steps, dim=1).cpu().tolist() if steps else [[] for _ in range(x.shape[0])]
             for row in ids:
                 cut = next((j + 1 for j, t in enumerate(row) if t in self._stop_ids), len(row))

@@ -105,3 +105,16 @@ def test_sentence_transformers_model_with_code_is_refused(minilm, tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: the sentence-transformers model ships its own code"):
         load_encoder(f"st:{copy}", device="cpu")
     assert load_encoder(f"st:{minilm_path()}", device="cpu").resolved_revisions == {"model": None}
+
+
+def test_st_hub_id_resolves_from_the_cache_offline(minilm, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from ragen.encoders.baselines import minilm_path
+    from ragen.testing import add_to_hub_cache
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    commit = add_to_hub_cache(tmp_path / "hub", "sentence-transformers/all-MiniLM-L6-v2", minilm_path())
+    enc = load_encoder("st:sentence-transformers/all-MiniLM-L6-v2", device="cpu")
+    assert enc.resolved_revisions == {"model": commit} and enc.spec == "st:sentence-transformers/all-MiniLM-L6-v2"
+    assert np.allclose(enc.encode_queries(["hello"]), minilm.encode_queries(["hello"]), atol=1e-6)

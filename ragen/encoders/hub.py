@@ -25,9 +25,9 @@ from ..errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-# What a backbone / sentence-transformers model needs to load (weights in safetensors only: no pickle).
-MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken",
-                  "1_Pooling/*", "2_Normalize/*", "2_Dense/*", "3_Dense/*")
+# What a backbone / sentence-transformers model needs to load, module subfolders included (the patterns
+# match across "/"). Weights in safetensors only: no pickled .bin/.pth files are fetched.
+MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken")
 _CONFIG_FILES = ("config.json", "tokenizer_config.json", "config_sentence_transformers.json")
 _QUIET_LOGGERS = ("huggingface_hub", "transformers", "sentence_transformers", "httpx", "httpcore", "filelock")
 

@@ -321,3 +321,18 @@ def test_mps_is_auto_detected_behind_a_clean_check(monkeypatch):
     assert base.resolve_device(None) == "cpu"
     monkeypatch.delattr(torch.backends, "mps")
     assert base.resolve_device(None) == "cpu"
+
+
+def test_a_proxy_error_is_one_line_too(monkeypatch):
+    import httpx2
+    import huggingface_hub
+
+    def proxy_down(*args, **kwargs):
+        raise httpx2.ProxyError("proxy refused the connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", proxy_down)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(CheckpointError, match=r"the hub is unreachable \(ProxyError\).*--model minilm"):
+        LLM2VecGen.from_pretrained("test-org/behind-a-proxy", device="cpu")
+    with pytest.raises(RagenError, match="bundled"):
+        load_encoder("minilm", revision="v1")

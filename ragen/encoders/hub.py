@@ -63,6 +63,20 @@ def quiet_hub() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Transport errors of whichever HTTP client the installed huggingface_hub uses (httpx2, httpx or
+    requests); a proxy error or a timeout mid-download escapes the hub's own error types."""
+    import importlib
+
+    found: list[type[BaseException]] = []
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def hub_offline() -> bool:
     from huggingface_hub import constants
 
@@ -86,9 +100,13 @@ def _hub_failure(exc: BaseException, name: str, revision: str | None) -> str:
         return "no such repository on the hub (or it is private)"
     if hub_offline():
         return "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and cause.__class__.__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout",
-                                                          "TimeoutException", "ProxyError"):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        return f"the hub lookup failed ({_short(exc)[:160]})"
+    network = _network_errors()
+    cause = exc if isinstance(exc, network) else (exc.__cause__ or exc.__context__)
+    if isinstance(cause, network):
         return f"the hub is unreachable ({cause.__class__.__name__}) and it is not in the local cache"
     return f"the hub lookup failed ({_short(exc)[:160]})"
 
@@ -119,7 +137,7 @@ def resolve_model(name_or_path: str, *, what: str = "model", revision: str | Non
     try:
         with quiet_hub():
             folder = snapshot_download(repo_id=name_or_path, revision=revision, allow_patterns=list(patterns))
-    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as exc:
+    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError, *_network_errors()) as exc:
         raise CheckpointError(f"cannot load {what} {name_or_path!r}: not a local directory and "
                               f"{_hub_failure(exc, name_or_path, revision)}{extra}; {offline_hint(name_or_path)}") from None
     folder_path = Path(folder)

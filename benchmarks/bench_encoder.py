@@ -8,11 +8,14 @@ nothing downloaded) and must produce the same outputs.
   batch's longest. ragen = one backbone, length-sorted batches. Target: >= 1.5x.
 - decode: 64 new tokens per text. Reference = its greedy loop: batch size 1, no KV cache, the whole
   prefix recomputed at every step. ragen = batched decoding with a KV cache. Target: >= 5x.
+- load: ``from_pretrained`` time, and how much of it the load-time checks take (safetensors headers,
+  NaN/inf scan of every backbone and checkpoint tensor, head validation), side by side.
 - On CUDA (when present): bf16 encode tokens/s of a Qwen3-0.6B-shaped model with random weights, against
   the device's measured bf16 matmul rate.
 
     python benchmarks/bench_encoder.py                      # CPU defaults (a few minutes on 2 cores)
     python benchmarks/bench_encoder.py --texts 64 --layers 4  # quicker
+    python benchmarks/bench_encoder.py --load-only            # just the load-time checks
 """
 
 from __future__ import annotations
@@ -141,6 +144,33 @@ def cpu_comparison(args: argparse.Namespace) -> None:
               f"{len(dec_texts)} texts, {n_new} tokens generated, identical ids for {same}/{len(dec_texts)}")
 
 
+def load_overhead(args: argparse.Namespace) -> None:
+    """What validating a checkpoint at load time costs next to loading it."""
+    from ragen.encoders.checkpoint import HEAD_FILES, ProjectionHead, check_finite, read_adapter
+    from ragen.encoders.llm2vec_gen import _check_safetensors
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = make_tokenizer(vocab_size=2000, extra_corpus=[" ".join(WORDS)] * 4)
+        base = make_backbone(Path(tmp) / "base", hidden_size=args.hidden, num_layers=args.layers,
+                             num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 256),
+                             intermediate_size=4 * args.hidden, tokenizer=tok, seed=0)
+        ckpt = make_checkpoint(Path(tmp) / "ckpt", base, alignment_dim=args.hidden, seed=0)
+        t_load, model = timed(lambda: LLM2VecGen.from_pretrained(ckpt, device="cpu"), repeat=3)
+
+        def checks() -> None:
+            _check_safetensors(base)
+            read_adapter(ckpt / "encoder")
+            for name in HEAD_FILES:
+                ProjectionHead.load(ckpt / name)
+            for name, param in model.lm.named_parameters():
+                check_finite(param, "base", name)
+
+        t_checks, _ = timed(checks, repeat=3)
+        n = sum(p.numel() for p in model.lm.parameters())
+        print(f"load    from_pretrained {t_load:6.2f} s | of which load-time checks {t_checks:6.3f} s "
+              f"({100 * t_checks / t_load:4.1f}%) | {n / 1e6:.0f}M backbone parameters, float32")
+
+
 def gpu_throughput(args: argparse.Namespace) -> None:
     """bf16 encode tokens/s for a Qwen3-0.6B-shaped model against the measured bf16 matmul ceiling."""
     dev = "cuda"
@@ -182,9 +212,14 @@ def main() -> None:
     p.add_argument("--decode-texts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--load-only", action="store_true", help="only measure load time and the load-time checks")
     args = p.parse_args()
+    if args.load_only:
+        load_overhead(args)
+        return
     if not args.skip_cpu:
         cpu_comparison(args)
+        load_overhead(args)
     if torch.cuda.is_available():
         gpu_throughput(args)
     else:

@@ -76,3 +76,30 @@ def make_checkpoint(directory: str | Path, base_model: str | Path, *, num_specia
     model = LLM2VecGen.initialize(str(base_model), num_special_tokens=num_special_tokens,
                                   alignment_dim=alignment_dim, device="cpu", dtype="float32", seed=seed)
     return model.save_pretrained(directory)
+
+
+def add_to_hub_cache(cache_dir: str | Path, repo_id: str, source: str | Path, *, commit: str | None = None,
+                     ref: str | None = "main") -> str:
+    """Copy a model folder into a Hugging Face hub cache (``HF_HUB_CACHE`` layout) as ``repo_id`` at
+    ``commit`` (40 hex digits; derived from the files when None), pointing ``ref`` at it. With
+    ``HF_HUB_OFFLINE=1`` the hub code path then resolves ``repo_id`` exactly as it would a downloaded
+    model, so tests exercise it without network. Returns the commit."""
+    import hashlib
+    import shutil
+
+    src = Path(source)
+    if commit is None:
+        h = hashlib.sha1(repo_id.encode())
+        for file in sorted(p for p in src.rglob("*") if p.is_file()):
+            h.update(file.relative_to(src).as_posix().encode())
+            h.update(file.read_bytes())
+        commit = h.hexdigest()
+    storage = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = storage / "snapshots" / commit
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    shutil.copytree(src, snapshot)
+    if ref:
+        (storage / "refs").mkdir(parents=True, exist_ok=True)
+        (storage / "refs" / ref).write_text(commit)
+    return commit

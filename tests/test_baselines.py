@@ -88,3 +88,33 @@ def test_cls_and_last_pooling(tiny_backbone):
         assert np.abs(cls[i] - hidden[0].numpy()).max() < 1e-5
         assert np.abs(last[i] - hidden[-1].numpy()).max() < 1e-5
     assert load_encoder(f"cls:{tiny_backbone}").fingerprint != load_encoder(f"last:{tiny_backbone}").fingerprint
+
+
+def test_sentence_transformers_model_with_code_is_refused(minilm, tmp_path):
+    import json
+    import shutil
+
+    from ragen.encoders.baselines import minilm_path
+    from ragen.errors import CheckpointError
+
+    copy = tmp_path / "st"
+    shutil.copytree(minilm_path(), copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: the sentence-transformers model ships its own code"):
+        load_encoder(f"st:{copy}", device="cpu")
+    assert load_encoder(f"st:{minilm_path()}", device="cpu").resolved_revisions == {"model": None}
+
+
+def test_st_hub_id_resolves_from_the_cache_offline(minilm, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from ragen.encoders.baselines import minilm_path
+    from ragen.testing import add_to_hub_cache
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    commit = add_to_hub_cache(tmp_path / "hub", "sentence-transformers/all-MiniLM-L6-v2", minilm_path())
+    enc = load_encoder("st:sentence-transformers/all-MiniLM-L6-v2", device="cpu")
+    assert enc.resolved_revisions == {"model": commit} and enc.spec == "st:sentence-transformers/all-MiniLM-L6-v2"
+    assert np.allclose(enc.encode_queries(["hello"]), minilm.encode_queries(["hello"]), atol=1e-6)

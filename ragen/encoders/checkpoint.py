@@ -29,6 +29,7 @@ import yaml
 
 from .._io import atomic_path, atomic_write_text
 from ..errors import CheckpointError
+from .hub import Resolved, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def read_run_config(path: Path) -> dict[str, Any]:
                               "(model_name_or_path, encoding_mode, special_tokens)")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_TolerantLoader)  # noqa: S506 (safe subclass)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
@@ -106,6 +107,7 @@ class ProjectionHead(torch.nn.Module):
             raise ValueError(f"unknown pooling_mode {pooling_mode!r}; expected linear, mean_linear or first_N_linear")
         self.input_dim, self.output_dim, self.size = input_dim, output_dim, size
         self.pooling_mode, self.saved_dtype = pooling_mode, dtype
+        self.source_path: Path | None = None
         if size == 1:
             self.projection: torch.nn.Module = torch.nn.Linear(input_dim, output_dim)
         else:
@@ -122,6 +124,10 @@ class ProjectionHead(torch.nn.Module):
             return torch.stack([proj(x[:, i]) for i, proj in enumerate(self.projection)], dim=1)
         return self.projection(x)  # (batch, positions, out)
 
+    @property
+    def projection_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     def config(self) -> dict[str, Any]:
         return {"input_dim": self.input_dim, "output_dim": self.output_dim, "dtype": self.saved_dtype,
                 "size": self.size, "pooling_mode": self.pooling_mode}
@@ -137,20 +143,80 @@ class ProjectionHead(torch.nn.Module):
 
     @classmethod
     def load(cls, path: Path) -> ProjectionHead:
+        """Read a head file, validating everything the forward pass relies on (one line per fault)."""
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for corrupt/unsafe files
-            raise CheckpointError(f"{path}: not a loadable head file ({exc.__class__.__name__}: {str(exc)[:120]})") from None
-        if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
-            raise CheckpointError(f"{path}: expected a dict with 'state_dict' and 'config'")
-        cfg = blob["config"]
+        except Exception as exc:  # torch raises several types for corrupt/unsafe files; all become one line
+            raise CheckpointError(f"{path}: not a loadable head file ({exc.__class__.__name__}: "
+                                  f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+        if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict) \
+                or not isinstance(blob.get("config"), dict):
+            raise CheckpointError(f"{path}: expected a dict with a 'state_dict' dict and a 'config' dict, got "
+                                  f"{type(blob).__name__}")
+        cfg, state = blob["config"], blob["state_dict"]
+
+        def positive_int(key: str, default: Any = None) -> int:
+            value = cfg.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{path}: config {key!r} must be a positive integer, got {value!r}")
+            return value
+
+        input_dim, output_dim, size = positive_int("input_dim"), positive_int("output_dim"), positive_int("size", 1)
+        pooling_mode, dtype = cfg.get("pooling_mode", "linear"), cfg.get("dtype", "torch.float32")
+        if not isinstance(pooling_mode, str) or not isinstance(dtype, str):
+            raise CheckpointError(f"{path}: config 'pooling_mode' and 'dtype' must be strings")
+        if dtype.replace("torch.", "") not in ("float32", "float16", "bfloat16", "float64"):
+            raise CheckpointError(f"{path}: config dtype {dtype!r} is not a floating-point torch dtype")
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise CheckpointError(f"{path}: state_dict[{key!r}] must be a floating-point tensor, "
+                                      f"got {type(value).__name__}")
         try:
-            head = cls(int(cfg["input_dim"]), int(cfg["output_dim"]), size=int(cfg.get("size", 1)),
-                       pooling_mode=str(cfg.get("pooling_mode", "linear")), dtype=str(cfg.get("dtype", "torch.float32")))
-            head.load_state_dict(blob["state_dict"])
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: invalid head ({str(exc).splitlines()[0][:160]})") from None
+            head = cls(input_dim, output_dim, size=size, pooling_mode=pooling_mode, dtype=dtype)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != expected:
+            bad = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
+            key = bad[0]
+            raise CheckpointError(f"{path}: state_dict[{key!r}] has shape {got.get(key, 'missing')}, expected "
+                                  f"{expected.get(key, 'no such tensor')} for a {input_dim}->{output_dim} head "
+                                  f"of size {size}")
+        for key, value in state.items():
+            check_finite(value, path, f"state_dict[{key!r}]")
+        head.load_state_dict(state)
+        head.source_path = path
         return head
+
+
+def check_finite(tensor: torch.Tensor, where: Path | str, name: str) -> None:
+    """Refuse NaN/inf weights: they would turn every embedding into NaN (and break JSON output)."""
+    if not tensor.is_floating_point() or not tensor.numel():
+        return
+    # A sum is ~20x cheaper than isfinite() over a whole backbone and is non-finite whenever any element is
+    # (NaN and inf propagate); only then count exactly (a finite-weights sum cannot overflow in practice).
+    if bool(torch.isfinite(tensor.detach().sum())):
+        return
+    bad = int((~torch.isfinite(tensor.detach())).sum())
+    if bad:
+        raise CheckpointError(f"{where}: tensor {name} holds {bad} NaN/inf value(s); expected finite weights "
+                              "(the checkpoint is corrupt or its training diverged)")
+
+
+def read_encoder_decoder_config(path: Path) -> dict[str, Any]:
+    """``encoder_decoder_config.json``: a mapping with ``encoding_mode`` (str) and ``save_decoder`` (bool)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object with encoding_mode and save_decoder, "
+                              f"got {type(data).__name__}")
+    if "encoding_mode" in data and not isinstance(data["encoding_mode"], str):
+        raise CheckpointError(f"{path}: 'encoding_mode' must be a string like 'last_10_tokens', "
+                              f"got {data['encoding_mode']!r}")
+    return data
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -161,28 +227,13 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # locating a checkpoint
 # ----------------------------------------------------------------------------------------------------------
-def offline_hint(name: str) -> str:
-    return (f"download it where the Hugging Face hub is reachable (e.g. `hf download {name} --local-dir DIR`) "
-            "and pass the local directory instead")
+def resolve_checkpoint(name_or_path: str, *, revision: str | None = None) -> Resolved:
+    """A local directory as is; otherwise a hub repo id, fetched (or taken from the HF cache) at ``revision``."""
+    return resolve_model(name_or_path, what="checkpoint", revision=revision, patterns=_HUB_PATTERNS)
 
 
 def resolve_checkpoint_dir(name_or_path: str) -> Path:
-    """A local directory as is; otherwise a hub repo id, fetched (or taken from the HF cache)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{name_or_path}: is a file; expected a checkpoint directory or a hub id")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
-        raise CheckpointError(f"{name_or_path}: no such directory, and not a hub id of the form owner/name")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=name_or_path, allow_patterns=_HUB_PATTERNS))
-    except Exception as exc:  # network errors, auth errors, missing repos: all mean "not loadable here"
-        reason = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
-        raise CheckpointError(f"cannot load checkpoint {name_or_path!r}: not a local directory and the hub "
-                              f"download failed ({reason}); {offline_hint(name_or_path)}") from None
+    return resolve_checkpoint(name_or_path).path
 
 
 def resolve_base_model(model_name_or_path: str, checkpoint_dir: Path) -> str:
@@ -214,11 +265,17 @@ def read_adapter(encoder_dir: Path) -> Adapter:
         raise CheckpointError(f"{cfg_path}: missing; expected the PEFT TRAINABLE_TOKENS adapter config")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({exc.msg})") from None
-    if cfg.get("peft_type") != "TRAINABLE_TOKENS" or not cfg.get("token_indices"):
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "TRAINABLE_TOKENS" or not cfg.get("token_indices"):
+        got = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
         raise CheckpointError(f"{cfg_path}: expected peft_type TRAINABLE_TOKENS with token_indices, "
-                              f"got peft_type={cfg.get('peft_type')!r}")
+                              f"got peft_type={got!r}")
+    raw = cfg["token_indices"]
+    if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in raw):
+        raise CheckpointError(f"{cfg_path}: token_indices must be a list of non-negative token ids, got {raw!r:.80}")
+    if len(set(raw)) != len(raw):
+        raise CheckpointError(f"{cfg_path}: token_indices lists a token id twice: {raw!r:.80}")
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path}: missing; expected the trained special-token rows")
     from safetensors import SafetensorError, safe_open
@@ -230,12 +287,18 @@ def read_adapter(encoder_dir: Path) -> Adapter:
                 raise CheckpointError(f"{weights_path}: no tensor {ADAPTER_ROWS_KEY!r}")
             rows = f.get_tensor(ADAPTER_ROWS_KEY)
             base = f.get_tensor(ADAPTER_BASE_KEY) if ADAPTER_BASE_KEY in keys else None
-    except SafetensorError as exc:
+    except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights_path}: not a valid safetensors file ({exc})") from None
-    indices = tuple(int(i) for i in cfg["token_indices"])
-    if rows.ndim != 2 or rows.shape[0] != len(indices):
-        raise CheckpointError(f"{weights_path}: {ADAPTER_ROWS_KEY} has shape {tuple(rows.shape)}, "
-                              f"expected ({len(indices)}, hidden) for {len(indices)} token_indices")
+    indices = tuple(raw)
+    if rows.ndim != 2 or rows.shape[0] != len(indices) or not rows.is_floating_point():
+        raise CheckpointError(f"{weights_path}: {ADAPTER_ROWS_KEY} has shape {tuple(rows.shape)} ({rows.dtype}), "
+                              f"expected floating-point ({len(indices)}, hidden) for {len(indices)} token_indices")
+    check_finite(rows, weights_path, ADAPTER_ROWS_KEY)
+    if base is not None:
+        if base.ndim != 2 or base.shape[1] != rows.shape[1] or not base.is_floating_point():
+            raise CheckpointError(f"{weights_path}: {ADAPTER_BASE_KEY} has shape {tuple(base.shape)}, expected "
+                                  f"floating-point (vocab, {rows.shape[1]})")
+        check_finite(base, weights_path, ADAPTER_BASE_KEY)
     return Adapter(indices, rows, base)
 
 

@@ -12,6 +12,8 @@ Computation (identical to the reference ``llm2vec-gen`` package, checked against
 Differences from the reference that do not change results: the backbone is loaded once (the encoder
 is the causal LM's inner model, the trained rows are spliced into the input embeddings instead of
 resizing the vocabulary), batches are sorted by length, and decoding is batched with a KV cache.
+One that changes rounding only: the heads and the mean run in float32 (``numerics="fp32"``, the default);
+``numerics="reference"`` runs them in the checkpoint dtype as the reference does (bit-identical bf16).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..errors import CheckpointError, RagenError
 from .base import (
     DEFAULT_DOCUMENT_INSTRUCTION,
     DEFAULT_QUERY_INSTRUCTION,
+    clean_texts,
     hash_parts,
     l2_normalize,
     length_sorted_batches,
@@ -42,14 +45,16 @@ from .checkpoint import (
     HEAD_FILES,
     Adapter,
     ProjectionHead,
-    offline_hint,
+    check_finite,
     parse_encoding_mode,
     read_adapter,
+    read_encoder_decoder_config,
     read_run_config,
     resolve_base_model,
-    resolve_checkpoint_dir,
+    resolve_checkpoint,
     write_adapter,
 )
+from .hub import offline_hint, quiet_hub, refuse_remote_code, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -58,29 +63,92 @@ logger = logging.getLogger(__name__)
 _STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>", "</s>")
 
 
-def _load_tokenizer(path: Path):
+def _load_tokenizer(path: Path, *, trust_remote_code: bool = False, what: str = "checkpoint"):
     from transformers import AutoTokenizer
 
+    refuse_remote_code(path, trust_remote_code=trust_remote_code, what=what)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).is_file():
+            try:
+                json.loads((path / name).read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{path / name}: not valid JSON ({exc.__class__.__name__}); expected the "
+                                      f"{what}'s tokenizer") from None
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot load the tokenizer ({str(exc).splitlines()[0][:160]}); expected "
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # tokenizers raises bare Exception on a malformed tokenizer.json; report it
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({_first_line(exc)}); expected "
                               "tokenizer.json/tokenizer_config.json with the special tokens") from None
     tok.padding_side = "left"
     return tok
 
 
-def _load_causal_lm(base: str, dtype: torch.dtype, device: str):
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:limit] if text else exc.__class__.__name__)
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Read every safetensors header in a model folder, so a corrupt file is named before loading."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file}: not a valid safetensors file ({_first_line(exc, 120)}); expected the "
+                                  "backbone's weights (re-download it)") from None
+
+
+def _load_causal_lm(base: str, dtype: torch.dtype, device: str, *, folder: Path | None = None,
+                    trust_remote_code: bool = False, check_weights: bool = True):
+    """The frozen backbone from a local folder (hub ids are resolved to one by :mod:`.hub` first)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    folder = folder if folder is not None else Path(base)
+    if folder.is_dir():
+        refuse_remote_code(folder, trust_remote_code=trust_remote_code, what=f"base model {base!r}")
+        _check_safetensors(folder)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        hint = offline_hint(base) if not Path(base).exists() else "check that it holds config.json and weights"
-        raise CheckpointError(f"cannot load base model {base!r} ({str(exc).splitlines()[0][:160]}); {hint}; "
+        with quiet_hub():
+            lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, SafetensorError, KeyError, TypeError) as exc:
+        hint = "check that it holds config.json and safetensors weights" if folder.is_dir() else offline_hint(base)
+        raise CheckpointError(f"cannot load base model {base!r} ({_first_line(exc)}); {hint}; "
                               "pass it with base_model=/--base-model") from None
     lm.requires_grad_(False)
-    return lm.to(device).eval()
+    lm = lm.to(device).eval()
+    if check_weights:
+        for name, param in lm.named_parameters():
+            check_finite(param, f"base model {base!r}", name)
+    return lm
+
+
+def _cache_keyword(lm: Any) -> str:
+    """The keyword the installed ``forward`` takes for the KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40); asking the
+    signature keeps decoding working on both sides of the rename without deprecation warnings."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(lm).forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out: Any, preferred: str) -> Any:
+    keys = out.keys() if callable(getattr(out, "keys", None)) else ()
+    for name in (preferred, "cache", "past_key_values"):
+        if name in keys:
+            return out[name]
+    return getattr(out, preferred, None)
+
+
+NUMERICS = ("fp32", "reference")
 
 
 class LLM2VecGen:
@@ -102,7 +170,11 @@ class LLM2VecGen:
         has_base_layer: bool = False,
         query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
         document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
+        numerics: str = "fp32",
     ) -> None:
+        if numerics not in NUMERICS:
+            raise RagenError(f"unknown numerics {numerics!r}; expected one of {', '.join(NUMERICS)}")
+        self.numerics = numerics
         self.lm = lm
         self.tokenizer = tokenizer
         self.special_tokens = tuple(special_tokens)
@@ -131,12 +203,18 @@ class LLM2VecGen:
         if special_rows.shape[1] != hidden:
             raise CheckpointError(f"{source}: trained rows have width {special_rows.shape[1]} but base model "
                                   f"{base_model!r} has hidden size {hidden}; is it the right base model?")
-        # Heads stay in float32: they are tiny and this keeps bf16 backbones from adding rounding here.
+        _check_head_dims(reconstruction_head, alignment_head, hidden, num_pooled, source)
+        # Heads stay in float32 by default: they are tiny and this keeps bf16 backbones from adding rounding
+        # here. numerics="reference" runs copies in the dtype each head file records, as the reference does.
         self.reconstruction_head = reconstruction_head.float().to(self.device).eval() if reconstruction_head else None
         self.alignment_head = alignment_head.float().to(self.device).eval() if alignment_head else None
         for head in (self.reconstruction_head, self.alignment_head):
             if head is not None:
                 head.requires_grad_(False)
+        self._ref_heads: tuple[ProjectionHead | None, ProjectionHead | None] | None = None
+        #: Hub commits this encoder was loaded from ({"checkpoint": sha|None, "base_model": sha|None}); None
+        #: means a local directory. An index manifest records them.
+        self.resolved_revisions: dict[str, str | None] = {"checkpoint": None, "base_model": None}
         self._special_ids_t = torch.tensor(self.special_ids, device=self.device)
         self._special_rows = special_rows.to(self.device, self.dtype)  # (K, hidden)
         self._row_of = torch.full((max(self.special_ids) + 1,), -1, dtype=torch.long, device=self.device)
@@ -155,32 +233,50 @@ class LLM2VecGen:
         base_model: str | None = None,
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
+        numerics: str = "fp32",
+        revision: str | None = None,
+        base_revision: str | None = None,
+        trust_remote_code: bool = False,
     ) -> LLM2VecGen:
         """Load a checkpoint in the published layout (local directory or hub id).
 
         ``base_model`` overrides ``run_config.yml``'s ``model_name_or_path`` (for offline clusters that keep
-        backbones locally). ``device``: ``cuda`` when available, else ``cpu``. ``dtype``: bf16 on CUDA,
-        float32 on CPU.
+        backbones locally). ``device``: ``cuda``, else ``mps``, else ``cpu``. ``dtype``: bf16 on CUDA,
+        float32 elsewhere; with ``numerics="reference"`` the default is the checkpoint's ``torch_dtype``.
+        ``numerics``: ``"fp32"`` (heads and mean in float32) or ``"reference"`` (heads and mean in the
+        checkpoint dtype, as the reference package computes them: bit-identical bf16 vectors).
+        ``revision`` / ``base_revision`` pin hub revisions of the checkpoint / backbone; the commits actually
+        loaded are in :attr:`resolved_revisions`. ``trust_remote_code``: a checkpoint or backbone that ships
+        its own code (``auto_map``) is refused unless this is True.
+
+        Every checkpoint file is validated here, before the backbone loads; a fault is one
+        :class:`CheckpointError` line naming the file.
         """
+        if numerics not in NUMERICS:
+            raise RagenError(f"unknown numerics {numerics!r}; expected one of {', '.join(NUMERICS)}")
         source = str(name_or_path)
-        ckpt = resolve_checkpoint_dir(source)
+        resolved = resolve_checkpoint(source, revision=revision)
+        ckpt = resolved.path
+        refuse_remote_code(ckpt, trust_remote_code=trust_remote_code, what="checkpoint")
+        refuse_remote_code(ckpt / "encoder", trust_remote_code=trust_remote_code, what="checkpoint")
         run_config = read_run_config(ckpt / "run_config.yml")
         special_tokens = run_config.get("special_tokens")
         if not isinstance(special_tokens, list) or not special_tokens or not all(isinstance(t, str) for t in special_tokens):
             raise CheckpointError(f"{ckpt / 'run_config.yml'}: 'special_tokens' must be a non-empty list of strings")
+        max_len = run_config.get("max_input_length", 512)
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= len(special_tokens):
+            raise CheckpointError(f"{ckpt / 'run_config.yml'}: max_input_length must be an integer above the "
+                                  f"{len(special_tokens)} special tokens, got {max_len!r}")
         mode = run_config.get("encoding_mode", f"last_{len(special_tokens)}_tokens")
         ed_path = ckpt / "encoder_decoder_config.json"
         if ed_path.is_file():
-            try:
-                ed = json.loads(ed_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{ed_path}: not valid JSON ({exc.msg})") from None
+            ed = read_encoder_decoder_config(ed_path)
             mode = ed.get("encoding_mode", mode)
             if ed.get("save_decoder"):
                 raise CheckpointError(f"{ed_path}: save_decoder=true (a separately trained decoder) is not "
                                       "supported; LLM2Vec-Gen decodes with the frozen backbone")
         num_pooled = parse_encoding_mode(mode, len(special_tokens), str(ed_path if ed_path.is_file() else ckpt / "run_config.yml"))
-        tokenizer = _load_tokenizer(ckpt)
+        tokenizer = _load_tokenizer(ckpt, trust_remote_code=trust_remote_code)
         adapter = read_adapter(ckpt / "encoder")
         token_ids = tokenizer.convert_tokens_to_ids(special_tokens)
         unk = tokenizer.unk_token_id
@@ -198,19 +294,28 @@ class LLM2VecGen:
         heads = {}
         for name in HEAD_FILES:
             heads[name] = ProjectionHead.load(ckpt / name) if (ckpt / name).is_file() else None
+        _check_head_dims(heads["reconstruction_mlp"], heads["alignment_mlp"], int(rows.shape[1]), num_pooled,
+                         str(ckpt))
 
         if base_model is None:
             if "model_name_or_path" not in run_config:
                 raise CheckpointError(f"{ckpt / 'run_config.yml'}: no model_name_or_path; pass base_model=")
             base_model = resolve_base_model(str(run_config["model_name_or_path"]), ckpt)
+        base = resolve_model(base_model, what="base model", revision=base_revision,
+                             hint="pass the backbone with base_model=/--base-model")
+        if numerics == "reference" and (dtype is None or dtype == "auto") and run_config.get("torch_dtype"):
+            dtype = str(run_config["torch_dtype"])
         dev = resolve_device(device)
-        lm = _load_causal_lm(base_model, resolve_dtype(dtype, dev), dev)
+        lm = _load_causal_lm(base_model, resolve_dtype(dtype, dev), dev, folder=base.path,
+                             trust_remote_code=trust_remote_code)
         if adapter.base_layer is not None:
             _check_base_layer(adapter, lm, token_ids, ckpt, base_model)
-        return cls(lm, tokenizer, special_tokens=special_tokens, special_rows=rows, num_pooled=num_pooled,
-                   reconstruction_head=heads["reconstruction_mlp"], alignment_head=heads["alignment_mlp"],
-                   run_config=run_config, base_model=base_model, source=source,
-                   has_base_layer=adapter.base_layer is not None)
+        model = cls(lm, tokenizer, special_tokens=special_tokens, special_rows=rows, num_pooled=num_pooled,
+                    reconstruction_head=heads["reconstruction_mlp"], alignment_head=heads["alignment_mlp"],
+                    run_config=run_config, base_model=base_model, source=source,
+                    has_base_layer=adapter.base_layer is not None, numerics=numerics)
+        model.resolved_revisions = {"checkpoint": resolved.commit, "base_model": base.commit}
+        return model
 
     @classmethod
     def initialize(
@@ -228,20 +333,15 @@ class LLM2VecGen:
         added to its tokenizer, their rows drawn at the scale of the backbone's embeddings, a
         reconstruction head (hidden -> hidden) and an alignment head (hidden -> ``alignment_dim``, the
         teacher's dimension; none when ``alignment_dim`` is None). Training starts from here."""
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(base_model)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load the tokenizer of {base_model!r} ({str(exc).splitlines()[0][:160]}); "
-                                  f"{offline_hint(base_model)}") from None
+        base = resolve_model(base_model, what="base model")
+        tokenizer = _load_tokenizer(base.path, what=f"base model {base_model!r}")
         special = [f"<question{i + 1}>" for i in range(num_special_tokens)]
         tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         dev = resolve_device(device)
-        lm = _load_causal_lm(base_model, resolve_dtype(dtype, dev), dev)
+        lm = _load_causal_lm(base_model, resolve_dtype(dtype, dev), dev, folder=base.path)
         gen = torch.Generator().manual_seed(seed)
         embed = lm.get_input_embeddings().weight.detach().float().cpu()
         hidden = embed.shape[1]
@@ -252,9 +352,11 @@ class LLM2VecGen:
         run_config = {"model_name_or_path": base_model, "torch_dtype": str(lm.dtype).replace("torch.", ""),
                       "encoding_mode": f"last_{num_special_tokens}_tokens", "max_input_length": 512,
                       "special_tokens": special}
-        return cls(lm, tokenizer, special_tokens=special, special_rows=rows, num_pooled=num_special_tokens,
-                   reconstruction_head=recon, alignment_head=align, run_config=run_config, base_model=base_model,
-                   source=base_model)
+        model = cls(lm, tokenizer, special_tokens=special, special_rows=rows, num_pooled=num_special_tokens,
+                    reconstruction_head=recon, alignment_head=align, run_config=run_config, base_model=base_model,
+                    source=base_model)
+        model.resolved_revisions = {"checkpoint": None, "base_model": base.commit}
+        return model
 
     # ------------------------------------------------------------------------------------------------------
     # properties
@@ -309,6 +411,7 @@ class LLM2VecGen:
         Matches the reference: tokenize ``text + specials`` truncated to ``max_length``; where truncation cut
         into the special tokens, overwrite the last K positions with them (so the text is what gets cut).
         """
+        texts = clean_texts(texts)
         k = len(self.special_ids)
         if max_length <= k:
             raise RagenError(f"max_length must exceed the {k} special tokens, got {max_length}")
@@ -358,11 +461,33 @@ class LLM2VecGen:
             mask[row, width - len(seq):] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _heads(self) -> tuple[ProjectionHead | None, ProjectionHead | None]:
+        """(reconstruction, alignment) heads as this encoder's numerics run them."""
+        if self.numerics != "reference":
+            return self.reconstruction_head, self.alignment_head
+        if self._ref_heads is None:
+            import copy
+
+            def in_saved_dtype(head: ProjectionHead | None) -> ProjectionHead | None:
+                if head is None:
+                    return None
+                dtype = getattr(torch, head.saved_dtype.replace("torch.", ""))
+                return copy.deepcopy(head).to(self.device, dtype).eval()
+
+            self._ref_heads = (in_saved_dtype(self.reconstruction_head), in_saved_dtype(self.alignment_head))
+        return self._ref_heads
+
     def _reconstruction_states(self, batch: list[list[int]]) -> torch.Tensor:
-        """(batch, n, hidden) float32: final hidden states of the last n positions after reconstruction_mlp."""
-        states = self.last_hidden_states(*self._pad_left(batch)).float()  # (batch, n, hidden)
-        if self.reconstruction_head is not None:
-            states = self.reconstruction_head(states)
+        """(batch, n, hidden): final hidden states of the last n positions after reconstruction_mlp.
+
+        float32 by default; with numerics="reference" in the reconstruction head's dtype (the reference
+        feeds the backbone's states to a head built in the checkpoint dtype)."""
+        states = self.last_hidden_states(*self._pad_left(batch))  # (batch, n, hidden), backbone dtype
+        recon, _ = self._heads()
+        if self.numerics != "reference":
+            states = states.float()
+        if recon is not None:
+            states = recon(states.to(recon.projection_dtype))
         return states
 
     def pad_batch(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,17 +510,15 @@ class LLM2VecGen:
         self._fingerprint = None
 
     def _pool(self, recon_states: torch.Tensor) -> torch.Tensor:
-        states = self.alignment_head(recon_states) if self.alignment_head is not None else recon_states
-        return states.mean(dim=1)  # (batch, dim)
+        """Alignment head then the mean over the n positions; in float32, or (numerics="reference") in the
+        alignment head's dtype, as the reference computes them. Returns float32 either way."""
+        _, align = self._heads()
+        states = align(recon_states.to(align.projection_dtype)) if align is not None else recon_states
+        return states.mean(dim=1).float()  # (batch, dim)
 
     def _apply_instruction(self, texts: Sequence[str] | str, instruction: str | None) -> list[str]:
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not a single string; wrap it in a list")
-        texts = list(texts)
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
-        return [instruction + t for t in texts] if instruction else texts
+        texts = clean_texts(texts)
+        return [clean_texts([instruction])[0] + t for t in texts] if instruction else texts
 
     # ------------------------------------------------------------------------------------------------------
     # public encoding API
@@ -439,7 +562,7 @@ class LLM2VecGen:
         token_ids = self.tokenize(self._apply_instruction(texts, instruction), max_length)
         out = np.zeros((len(token_ids), self.num_pooled, self.reconstruction_dim), dtype=np.float32)
         for idx in length_sorted_batches([len(t) for t in token_ids], batch_size):
-            out[idx] = self._reconstruction_states([token_ids[i] for i in idx]).cpu().numpy()
+            out[idx] = self._reconstruction_states([token_ids[i] for i in idx]).float().cpu().numpy()
         return out
 
     @property
@@ -477,6 +600,7 @@ class LLM2VecGen:
             raise RagenError(f"states must have shape (n, positions, {self.hidden_size}), got {tuple(states_t.shape)}")
         stop = torch.tensor(self._stop_ids, device=self.device)
         table = self.lm.get_input_embeddings()
+        cache_kw = _cache_keyword(self.lm)
         results: list[list[int]] = []
         for start in range(0, states_t.shape[0], batch_size):
             x = states_t[start:start + batch_size].to(self.device, self.dtype)  # (b, n, hidden)
@@ -489,8 +613,8 @@ class LLM2VecGen:
                 done |= torch.isin(nxt, stop)
                 if bool(done.all()) or len(steps) == max_new_tokens:
                     break
-                out = self.lm(inputs_embeds=table(nxt[:, None]), past_key_values=out.past_key_values,
-                              use_cache=True, logits_to_keep=1)
+                out = self.lm(inputs_embeds=table(nxt[:, None]), use_cache=True, logits_to_keep=1,
+                              **{cache_kw: _output_cache(out, cache_kw)})
             ids = torch.stack(steps, dim=1).cpu().tolist() if steps else [[] for _ in range(x.shape[0])]
             for row in ids:
                 cut = next((j + 1 for j, t in enumerate(row) if t in self._stop_ids), len(row))
@@ -512,17 +636,27 @@ class LLM2VecGen:
 
     @torch.inference_mode()
     def top_tokens(self, texts: Sequence[str], k: int = 5, *, instruction: str | None = None,
-                   max_length: int = 512) -> list[list[list[tuple[str, float]]]]:
-        """Logit lens: for each text and each pooled position, the top-k vocabulary tokens (with
-        probabilities) the LM head reads from the reconstruction state."""
-        states = torch.from_numpy(self.reconstruction_states(texts, instruction=instruction, max_length=max_length))
+                   max_length: int = 512, batch_size: int = 32) -> list[list[list[tuple[str, float]]]]:
+        """Logit lens, as the reference's ``logit_lens_analysis.py`` computes it: both heads removed, the
+        frozen decoder's ``lm_head`` applied to the raw final-layer states of the n pooled positions; for
+        each text and position, the top-k tokens with their probabilities (softmax over the vocabulary).
+
+        ``instruction``: prefix applied before encoding (default none: the reference lens reads the bare
+        input text)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise RagenError(f"k must be a positive integer, got {k!r}")
+        token_ids = self.tokenize(self._apply_instruction(texts, instruction), max_length)
         head = self.lm.get_output_embeddings()
-        result = []
-        for row in states:
-            probs = torch.softmax(head(row.to(self.device, self.dtype)).float(), dim=-1)  # (n, vocab)
-            top = probs.topk(k, dim=-1)
-            result.append([[(self.tokenizer.decode([int(i)]), float(p)) for p, i in zip(ps, ids)]
-                           for ps, ids in zip(top.values.cpu(), top.indices.cpu())])
+        k = min(k, int(head.weight.shape[0]))
+        result: list[list[list[tuple[str, float]]]] = [[] for _ in token_ids]
+        for idx in length_sorted_batches([len(t) for t in token_ids], batch_size):
+            states = self.last_hidden_states(*self._pad_left([token_ids[i] for i in idx]))  # (b, n, hidden)
+            logits = head(states)  # (b, n, vocab), in the backbone dtype like the reference
+            top = logits.topk(k, dim=-1)
+            probs = torch.softmax(logits.float(), dim=-1).gather(-1, top.indices)
+            for row, i in enumerate(idx):
+                result[i] = [[(self.tokenizer.decode([int(t)]), float(p)) for p, t in zip(ps, ts)]
+                             for ps, ts in zip(probs[row].cpu(), top.indices[row].cpu())]
         return result
 
     # ------------------------------------------------------------------------------------------------------
@@ -593,6 +727,25 @@ def _save_tokenizer(tokenizer: Any, out: Path, special_tokens: Sequence[str]) ->
         if getattr(tokenizer, key, None):
             special_map[key] = str(getattr(tokenizer, key))
     atomic_write_text(out / "special_tokens_map.json", json.dumps(special_map, indent=2, ensure_ascii=False))
+
+
+def _check_head_dims(recon: ProjectionHead | None, align: ProjectionHead | None, hidden: int, num_pooled: int,
+                     where: str) -> None:
+    """Each head must take what the previous stage produces, at load time rather than mid-encode."""
+    width = hidden
+    for name, head in (("reconstruction_mlp", recon), ("alignment_mlp", align)):
+        if head is None:
+            continue
+        path = getattr(head, "source_path", None) or f"{where}/{name}"
+        first_n = head.pooling_mode.startswith("first_")
+        if (head.input_dim > width) if first_n else (head.input_dim != width):
+            raise CheckpointError(f"{path}: the head takes input_dim {head.input_dim} but receives {width}-wide "
+                                  f"states ({'backbone hidden size' if width == hidden and name == 'reconstruction_mlp' else 'reconstruction_mlp output'}); "
+                                  "is it the head of another model?")
+        if head.size != 1 and (head.pooling_mode != "linear" or head.size != num_pooled):
+            raise CheckpointError(f"{path}: size {head.size} needs pooling_mode 'linear' and one projection per "
+                                  f"pooled position ({num_pooled})")
+        width = head.output_dim
 
 
 def _check_base_layer(adapter: Adapter, lm: Any, special_ids: Sequence[int], ckpt: Path, base_model: str) -> None:

@@ -150,10 +150,9 @@ class ChatGenerator:
         self.lock = lock if lock is not None else threading.Lock()
         self.device = next(lm.parameters()).device
         self.stop_ids = self._find_stop_ids()
-        # transformers 5 renamed the KV-cache argument past_key_values -> cache (the old name goes in 5.40).
-        import inspect
+        from .encoders.llm2vec_gen import cache_keyword
 
-        self._cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self._cache_arg = cache_keyword(lm)  # past_key_values -> cache across the transformers 5.x rename
 
     @classmethod
     def from_encoder(cls, encoder: Any, *, lock: AbstractContextManager | None = None) -> ChatGenerator:
@@ -229,6 +228,8 @@ class ChatGenerator:
         ``max_new_tokens`` tokens."""
         import torch
 
+        from .encoders.llm2vec_gen import output_cache
+
         if not prompt_ids:
             raise GenerationError("empty prompt")
         if max_new_tokens < 1:
@@ -241,7 +242,7 @@ class ChatGenerator:
             yield nxt
             if nxt in self.stop_ids or step == max_new_tokens - 1:
                 return
-            cache = out["cache"] if self._cache_arg == "cache" else out["past_key_values"]
+            cache = output_cache(out, self._cache_arg)
             with self.lock, torch.inference_mode():
                 out = self.lm(input_ids=torch.tensor([[nxt]], device=self.device), use_cache=True, logits_to_keep=1,
                               **{self._cache_arg: cache})

@@ -126,7 +126,7 @@ def _load_causal_lm(base: str, dtype: torch.dtype, device: str, *, folder: Path 
     return lm
 
 
-def _cache_keyword(lm: Any) -> str:
+def cache_keyword(lm: Any) -> str:
     """The keyword the installed ``forward`` takes for the KV cache.
 
     transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40); asking the
@@ -140,7 +140,7 @@ def _cache_keyword(lm: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _output_cache(out: Any, preferred: str) -> Any:
+def output_cache(out: Any, preferred: str) -> Any:
     keys = out.keys() if callable(getattr(out, "keys", None)) else ()
     for name in (preferred, "cache", "past_key_values"):
         if name in keys:
@@ -600,7 +600,7 @@ class LLM2VecGen:
             raise RagenError(f"states must have shape (n, positions, {self.hidden_size}), got {tuple(states_t.shape)}")
         stop = torch.tensor(self._stop_ids, device=self.device)
         table = self.lm.get_input_embeddings()
-        cache_kw = _cache_keyword(self.lm)
+        cache_kw = cache_keyword(self.lm)
         results: list[list[int]] = []
         for start in range(0, states_t.shape[0], batch_size):
             x = states_t[start:start + batch_size].to(self.device, self.dtype)  # (b, n, hidden)
@@ -614,7 +614,7 @@ class LLM2VecGen:
                 if bool(done.all()) or len(steps) == max_new_tokens:
                     break
                 out = self.lm(inputs_embeds=table(nxt[:, None]), use_cache=True, logits_to_keep=1,
-                              **{cache_kw: _output_cache(out, cache_kw)})
+                              **{cache_kw: output_cache(out, cache_kw)})
             ids = torch.stack(steps, dim=1).cpu().tolist() if steps else [[] for _ in range(x.shape[0])]
             for row in ids:
                 cut = next((j + 1 for j, t in enumerate(row) if t in self._stop_ids), len(row))

@@ -609,6 +609,9 @@ class StoreWriter:
             self._conn.execute("DELETE FROM vectors WHERE epoch NOT IN (?, ?)", (committed_epoch, self.epoch))
             self._set("work_epoch", self.epoch)
             self._set("work_fingerprint", self.encoder.fingerprint)
+            # what this run was started with, so a re-run after a first run was interrupted reuses it
+            self._set("work_settings", json.dumps({"encoder": asdict(self.encoder), "chunking": self.chunking,
+                                                   "index": {"config": asdict(self.index_config)}}, sort_keys=True))
         for stale in self.index_dir.iterdir():  # leftovers of killed runs: temp files, unused generations
             if stale.name.startswith(".") and stale.name.endswith(".tmp") or (
                     stale.name.startswith("vectors-") and not stale.name.startswith(f"vectors-{self.generation}.")):
@@ -872,6 +875,32 @@ def read_manifest(index_dir: str | Path) -> dict:
         raise _corrupt(db, f"not a readable ragen index database ({exc})") from None
 
 
-__all__ = ["Store", "StoreWriter", "IndexConfig", "EncoderInfo", "FileRecord", "CommitResult", "FORMAT_VERSION",
+def read_build_settings(index_dir: str | Path) -> dict | None:
+    """How the index in ``index_dir`` was built (the committed manifest), else what an interrupted first
+    run was started with (``encoder``, ``chunking``, ``index``; ``"committed": False``), else None (no
+    index, or an unreadable one: the writer reports that properly)."""
+    directory = Path(index_dir).expanduser()
+    db = directory / DB_NAME
+    if not db.is_file():
+        return None
+    try:
+        conn = _connect(db)
+        try:
+            meta = _meta(conn)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return None
+    for key, committed in (("manifest", True), ("work_settings", False)):
+        try:
+            value = json.loads(meta[key]) if key in meta else None
+        except ValueError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("encoder"), dict):
+            return {**value, "committed": committed}
+    return None
+
+
+__all__ = ["Store", "StoreWriter", "read_build_settings", "IndexConfig", "EncoderInfo", "FileRecord", "CommitResult", "FORMAT_VERSION",
            "INDEX_KINDS", "build_faiss_index", "gpu_available", "normalize_rows", "read_manifest", "index_is_locked", "check_unlocked",
            "to_cpu", "to_gpu"]

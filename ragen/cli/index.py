@@ -20,19 +20,15 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (d
 
 
 def _index_model(model: str | None, index_dir: Path) -> str:
-    """--model, else $RAGEN_MODEL, else the model an existing index was built with, else the default."""
+    """--model, else $RAGEN_MODEL, else the model an existing index was built with (or an interrupted
+    first run was started with), else the default."""
     if model:
         return model
     if os.environ.get("RAGEN_MODEL"):
         return os.environ["RAGEN_MODEL"]
-    from ..store import read_manifest
-
-    if (index_dir / "chunks.sqlite").exists():
-        try:
-            return str(read_manifest(index_dir)["encoder"]["spec"])
-        except RagenError:
-            pass  # incomplete or unreadable: the writer reports it properly
-    return DEFAULT_MODEL
+    recorded = _recorded(index_dir)
+    spec = ((recorded or {}).get("encoder") or {}).get("spec")
+    return str(spec) if isinstance(spec, str) and spec else DEFAULT_MODEL
 
 
 def _load(spec: str, device: str | None, base_model: str | None = None):
@@ -44,15 +40,10 @@ def _load(spec: str, device: str | None, base_model: str | None = None):
 
 def _recorded_base_model(index_dir: Path, spec: str) -> str | None:
     """The backbone an existing index recorded for ``spec`` (so re-runs work offline without repeating it)."""
-    from ..store import read_manifest
-
-    if (index_dir / "chunks.sqlite").exists():
-        try:
-            enc = read_manifest(index_dir)["encoder"]
-        except RagenError:
-            return None
-        if enc.get("spec") in (spec, str(Path(spec).expanduser().resolve())):
-            return enc.get("base_model")
+    enc = ((_recorded(index_dir) or {}).get("encoder") or {})
+    if enc.get("spec") in (spec, str(Path(spec).expanduser().resolve())):
+        base = enc.get("base_model")
+        return str(base) if isinstance(base, str) and base else None
     return None
 
 

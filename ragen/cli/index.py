@@ -81,18 +81,33 @@ def _patterns(values: Optional[list[str]]) -> tuple[str, ...] | None:
     return tuple(v for v in values if v != "")
 
 
-def _up_to_date(target: Path, scanned, manifest: dict) -> bool:
-    """Whether every scanned file is in the committed index with the same size and mtime, and nothing else
-    is: then a run would change nothing and the model need not be loaded."""
+def _up_to_date(target: Path, scanned, selection) -> list[tuple[str, str]] | None:
+    """Whether a run would change nothing, so the model need not be loaded: every indexed file is still
+    there with the same size and mtime, and every other scanned file still cannot be read (binary, bad
+    JSON, ...; re-checked, which costs no model). Returns those files' ``(relpath, reason)``, or None when
+    something changed."""
+    from ..corpus import SkipFile, read_document
     from ..store import Store
 
     try:
         with Store.open(target, device="cpu") as store:
             indexed = {p: (s, m) for p, s, m, _ in store.files()}
     except RagenError:
-        return False  # unreadable or inconsistent: the writer reports it (and a rebuild fixes it)
-    found = {f.relpath: (f.size, f.mtime_ns) for f in scanned.files}
-    return bool(found) and found == indexed
+        return None  # unreadable or inconsistent: the writer reports it (and a rebuild fixes it)
+    found = {f.relpath: f for f in scanned.files}
+    if not indexed or any(found.get(p) is None or (found[p].size, found[p].mtime_ns) != sm
+                          for p, sm in indexed.items()):
+        return None
+    unreadable = []
+    for rel, sf in found.items():
+        if rel not in indexed:
+            try:
+                read_document(sf, max_file_size=selection.max_file_size)
+            except SkipFile as why:
+                unreadable.append((rel, str(why)))
+                continue
+            return None  # readable now: a new file, or one that was fixed
+    return unreadable
 
 
 @app.command()
@@ -172,14 +187,17 @@ def index(
         if changes:
             err.print(f"[yellow]rebuilding[/] with a setting given explicitly: {shown('; '.join(changes))}",
                       highlight=False)
-        elif committed and not rebuild_now and _up_to_date(target, scanned, recorded):
-            _print_skips(scanned.skipped_files, dict(scanned.skipped), scanned, list_skipped or verbose())
-            counts = recorded.get("counts", {})
+        elif committed and not rebuild_now and (unreadable := _up_to_date(target, scanned, selection)) is not None:
+            counts = Counter(dict(scanned.skipped))
+            counts.update(reason for _, reason in unreadable)
+            _print_skips(scanned.skipped_files + unreadable, dict(counts), scanned, list_skipped or verbose())
+            totals = recorded.get("counts", {})
             enc = recorded["encoder"]
             summary = Table(title=f"index {shown(target)}", show_header=False, title_justify="left")
-            summary.add_row("files", f"{counts.get('files', 0)} indexed, all unchanged ({scanned.files_skipped} "
+            n_skipped = scanned.files_skipped + len(unreadable)
+            summary.add_row("files", f"{totals.get('files', 0)} indexed, all unchanged ({n_skipped} "
                                      f"skipped) of {len(scanned.files) + scanned.files_skipped} seen")
-            summary.add_row("chunks", f"{counts.get('chunks', 0)} in index (0 embedded now): up to date, model not loaded")
+            summary.add_row("chunks", f"{totals.get('chunks', 0)} in index (0 embedded now): up to date, model not loaded")
             summary.add_row("model", f"{shown(enc.get('spec'))} (dim {enc.get('dim')})")
             summary.add_row("index", f"{(recorded.get('index') or {}).get('kind')}, generation {recorded.get('generation')}")
             out.print(summary)

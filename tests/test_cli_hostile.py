@@ -310,3 +310,36 @@ def test_model_free_commands_import_neither_torch_nor_transformers(tmp_path, arg
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert "HEAVY [] " in res.stdout, (res.stdout, res.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- progress helper
+def test_progress_helper_prints_plain_periodic_lines_off_a_terminal(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from ragen.cli import _progress
+
+    clock = [100.0]
+    monkeypatch.setattr(_progress.time, "monotonic", lambda: clock[0])
+    buf = io.StringIO()
+    console = Console(file=buf, width=200)
+    assert not console.is_terminal
+    with _progress.progress_display(console, interval=10) as p:
+        task = p.add("chunks", 1000, unit="vec")
+        resumed = p.add("train", 100, completed=50)
+        for done in range(100, 1001, 100):
+            clock[0] += 3  # 100 vectors every 3 s
+            p.update(task, done)
+        clock[0] += 10
+        p.update(resumed, 60, detail="loss 0.5\x1b[2J [bold]")
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "chunks 100/1,000 (10%) 33.3 vec/s ETA 27s"  # the first report, then one per 10 s
+    assert "chunks 500/1,000 (50%) 33.3 vec/s ETA 15s" in lines
+    assert lines[-2] == "chunks 1,000/1,000 (100%) 33.3 vec/s done in 30s"  # a finished step always reports
+    assert lines[-1] == "train 60/100 (60%) 0.2/s ETA 2m40s loss 0.5 [bold]"  # rate from resumed work only
+    assert len(lines) < 10
+    quiet = io.StringIO()
+    with _progress.progress_display(Console(file=quiet), enabled=False) as p:
+        p.update(p.add("x", 2), 2)
+    assert quiet.getvalue() == ""

@@ -33,8 +33,10 @@ class _Plain:
     label: str
     total: int | None
     unit: str
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=lambda: time.monotonic())
     done: int = 0
+    base: int = 0  # already done when the step began (a resumed run): not part of the rate
+    detail: str = ""
     printed_at: float = 0.0
     finished: bool = False
 
@@ -43,8 +45,9 @@ class ProgressDisplay:
     """Rich bars on a terminal, plain periodic lines otherwise; use through :func:`progress_display`."""
 
     def __init__(self, console: Console | None = None, *, plain: bool | None = None,
-                 interval: float | None = None) -> None:
+                 interval: float | None = None, enabled: bool = True) -> None:
         self.console = console or err
+        self.enabled = enabled  # False: draw nothing (e.g. on the non-main ranks of a distributed run)
         self.plain = (not self.console.is_terminal) if plain is None else plain
         env = os.environ.get("RAGEN_PROGRESS_INTERVAL")
         self.interval = interval if interval is not None else float(env) if env else 10.0
@@ -53,7 +56,7 @@ class ProgressDisplay:
 
     # --- lifetime -----------------------------------------------------------------------------------------
     def __enter__(self) -> ProgressDisplay:
-        if not self.plain:
+        if self.enabled and not self.plain:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
@@ -68,13 +71,19 @@ class ProgressDisplay:
             self._bar.__exit__(exc_type, exc, tb)
             self._bar = None
 
+    def start(self) -> ProgressDisplay:
+        return self.__enter__()
+
+    def stop(self) -> None:
+        self.__exit__(None, None, None)
+
     # --- tasks --------------------------------------------------------------------------------------------
-    def add(self, label: str, total: int | None = None, *, unit: str = "") -> int:
-        """A new step; returns its handle for :meth:`update`."""
-        self._tasks.append(_Plain(label, total or None, unit))
+    def add(self, label: str, total: int | None = None, *, unit: str = "", completed: int = 0) -> int:
+        """A new step (``completed``: already done, e.g. when resuming); returns its handle for :meth:`update`."""
+        self._tasks.append(_Plain(label, total or None, unit, done=completed, base=completed))
         handle = len(self._tasks) - 1
         if self._bar is not None:
-            rich_id = self._bar.add_task(shown(label), total=total or None, rate="", detail="")
+            rich_id = self._bar.add_task(shown(label), total=total or None, completed=completed, rate="", detail="")
             assert rich_id == handle
         return handle
 
@@ -84,8 +93,11 @@ class ProgressDisplay:
         if total is not None:
             t.total = total or None
         t.done = done
+        t.detail = detail
+        if not self.enabled:
+            return
         if self._bar is not None:
-            self._bar.update(handle, completed=done, total=t.total, detail=shown(detail, oneline=True)[-40:])
+            self._bar.update(handle, completed=done, total=t.total, detail=shown(detail, oneline=True))
             speed = self._bar.tasks[handle].speed
             self._bar.update(handle, rate=f"{speed:,.1f} {t.unit}/s".replace(" /s", "/s") if speed else "")
             return
@@ -103,26 +115,28 @@ class ProgressDisplay:
         t = self._tasks[handle]
         now = time.monotonic() if now is None else now
         elapsed = max(now - t.started, 1e-9)
-        rate = t.done / elapsed
+        rate = (t.done - t.base) / elapsed
         parts = [shown(t.label)]
         if t.total:
             parts.append(f"{t.done:,}/{t.total:,} ({100 * t.done / t.total:.0f}%)")
         else:
             parts.append(f"{t.done:,}")
-        if t.done:
-            parts.append(f"{rate:,.1f} {t.unit + '/s' if t.unit else '/s'}")
+        if t.done > t.base:
+            parts.append(f"{rate:,.1f}{' ' + t.unit if t.unit else ''}/s")
         if t.total and t.done >= t.total:
             parts.append(f"done in {_duration(elapsed)}")
-        elif t.total and t.done:
+        elif t.total and t.done > t.base:
             parts.append(f"ETA {_duration((t.total - t.done) / rate)}")
+        if t.detail:
+            parts.append(shown(t.detail, oneline=True))
         return " ".join(parts)
 
 
 def progress_display(console: Console | None = None, *, plain: bool | None = None,
-                     interval: float | None = None) -> ProgressDisplay:
+                     interval: float | None = None, enabled: bool = True) -> ProgressDisplay:
     """A :class:`ProgressDisplay`: bars when ``console`` (default: stderr) is a terminal, else plain lines
-    every ``interval`` seconds (default 10, or ``$RAGEN_PROGRESS_INTERVAL``)."""
-    return ProgressDisplay(console, plain=plain, interval=interval)
+    every ``interval`` seconds (default 10, or ``$RAGEN_PROGRESS_INTERVAL``); nothing when not ``enabled``."""
+    return ProgressDisplay(console, plain=plain, interval=interval, enabled=enabled)
 
 
 __all__ = ["ProgressDisplay", "progress_display"]

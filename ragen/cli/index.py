@@ -218,7 +218,7 @@ def index(
                     tasks[event.stage] = bar.add(label, event.total or None, unit=unit)
                 if event.stage in tasks:
                     bar.update(tasks[event.stage], event.done, event.total or None,
-                               event.detail if event.stage == "read" else "")
+                               clean(event.detail, oneline=True)[-40:] if event.stage == "read" else "")
 
             stats = build_index(src, target, encoder=encoder, chunk_size=size, chunk_overlap=overlap,
                                 batch_size=batch_size, rebuild=rebuild_now, progress=on_progress, index_config=config,

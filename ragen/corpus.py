@@ -171,7 +171,7 @@ def _glob_spec(patterns: tuple[str, ...]):
     import pathspec
 
     try:
-        return pathspec.PathSpec.from_lines("gitwildmatch", patterns)
+        return pathspec.GitIgnoreSpec.from_lines(patterns)
     except (ValueError, TypeError) as exc:  # pathspec raises GitWildMatchPatternError (a ValueError)
         raise DataError(f"file pattern: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 

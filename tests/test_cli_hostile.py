@@ -343,3 +343,17 @@ def test_progress_helper_prints_plain_periodic_lines_off_a_terminal(monkeypatch)
     with _progress.progress_display(Console(file=quiet), enabled=False) as p:
         p.update(p.add("x", 2), 2)
     assert quiet.getvalue() == ""
+
+
+def test_library_warnings_are_hidden_unless_verbose():
+    code = ("import warnings\nfrom ragen.cli import app\nfrom ragen.cli._common import run_command\n"
+            "@app.command()\ndef noisy():\n"
+            "    run_command(lambda: warnings.warn('numba: the reflected list is deprecated', FutureWarning))\n"
+            "import sys\napp(sys.argv[1:])\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("RAGEN_VERBOSE", None)
+    quiet = subprocess.run([sys.executable, "-c", code, "noisy"], capture_output=True, text=True, env=env, timeout=60)
+    assert quiet.returncode == 0 and "deprecated" not in quiet.stderr, quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", code, "--verbose", "noisy"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert loud.returncode == 0 and "FutureWarning: numba: the reflected list is deprecated" in loud.stderr

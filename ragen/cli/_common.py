@@ -84,8 +84,7 @@ def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show library warnings and debug notes.")] = False,
 ) -> None:
     """Retrieval with LLM2Vec-Gen generative embeddings: index folders, query them, benchmark, train."""
-    if verbose:
-        _state["verbose"] = True
+    _state["verbose"] = verbose or bool(os.environ.get("RAGEN_VERBOSE"))  # per invocation
 
 
 def verbose() -> bool:

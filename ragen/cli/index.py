@@ -182,6 +182,10 @@ def index(
         if committed and rec_encoder.get("spec") and rec_encoder["spec"] not in (spec, _abs(spec)) and not rebuild:
             changes.append(f"model {rec_encoder['spec']} -> {spec}")
             rebuild_now = True  # another encoder: every vector is new
+        elif committed and base_model and rec_encoder.get("base_model") and not rebuild \
+                and rec_encoder["base_model"] not in (base_model, _abs(base_model)):
+            changes.append(f"base model {rec_encoder['base_model']} -> {base_model}")
+            rebuild_now = True
         scanned = scan_source(src, target, selection)  # an empty or unsupported folder fails before the model loads
 
         if changes:

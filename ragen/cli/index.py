@@ -362,6 +362,7 @@ def info(
     def body() -> None:
         from rich.table import Table
 
+        from ..corpus import format_size
         from ..store import Store, index_is_locked
 
         with Store.open(index_dir, device="cpu") as store:
@@ -396,7 +397,7 @@ def info(
                                   f"{counts.get('unique_vectors', 0)} unique vectors")
         table.add_row("file types", shown(", ".join(f"{t} {n}" for t, n in by_type.most_common(8)) or "-"))
         table.add_row("largest sources", "\n".join(
-            f"{shown(p, oneline=True)}: {n} chunks ({100 * n / total_chunks:.0f}%), {s / 1e3:,.1f} kB"
+            f"{shown(p, oneline=True)}: {n} chunk{'s' if n != 1 else ''} ({100 * n / total_chunks:.0f}%), {format_size(s)}"
             for p, s, _, n in largest) or "-")
         table.add_row("chunking", f"{ch.get('chunk_size')} chars, overlap {ch.get('chunk_overlap')} ({ch.get('method')})")
         kind = idx.get("kind", "flat")
@@ -410,7 +411,7 @@ def info(
             table.add_row("file selection", shown(
                 f"include {_show_setting(sel.get('include') or [])}, exclude {_show_setting(sel.get('exclude') or [])}, "
                 f".gitignore {'honoured' if sel.get('gitignore') else 'not used'}, max file size "
-                f"{sel.get('max_file_size') or 'no limit'} bytes"))
+                f"{format_size(sel['max_file_size']) if isinstance(sel.get('max_file_size'), int) and sel['max_file_size'] else 'no limit'}"))
         table.add_row("built", f"created {manifest.get('created_at')}, updated {manifest.get('updated_at')} "
                                f"(ragen {manifest.get('ragen_version')}, format {manifest.get('format_version')})")
         if busy:

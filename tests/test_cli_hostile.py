@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from ragen.cli import app
 
-from .test_corpus_hostile import HashEncoder
+from ._hash_encoder import HashEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 

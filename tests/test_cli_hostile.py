@@ -357,3 +357,26 @@ def test_library_warnings_are_hidden_unless_verbose():
     loud = subprocess.run([sys.executable, "-c", code, "--verbose", "noisy"], capture_output=True, text=True, env=env,
                           timeout=60)
     assert loud.returncode == 0 and "FutureWarning: numba: the reflected list is deprecated" in loud.stderr
+
+
+def test_json_output_and_log_lines_are_terminal_safe(runner, tmp_path, loads):
+    import logging
+
+    from ragen.cli._common import _CleanFormatter, clean, json_line
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "c1.txt").write_text("csi \x9b2J and bidi \u202eevil\u202c and esc \x1b[31m red")
+    assert _index(runner, d, tmp_path / "idx").exit_code == 0
+    res = runner.invoke(app, ["query", "csi bidi red", "--index", str(tmp_path / "idx"), "--json"])
+    assert res.exit_code == 0, res.output
+    for raw in ("\x9b", "\u202e", "\x1b"):
+        assert raw not in res.stdout
+    assert json.loads(res.stdout)[0]["text"] == "csi \x9b2J and bidi \u202eevil\u202c and esc \x1b[31m red"  # data intact
+    assert json.loads(json_line({"t": "\u2028\x85"})) == {"t": "\u2028\x85"}
+
+    record = logging.LogRecord("ragen.corpus", logging.WARNING, __file__, 1, "%s: skipped %d line(s)",
+                               ("bad\x1b]0;PWNED\x07.jsonl", 2), None)
+    line = _CleanFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert line == "WARNING ragen.corpus: bad.jsonl: skipped 2 line(s)"
+    assert clean("a\x1b[2Jb\x07c\x9b1mD\u202eE\udce9") == "abcDE\\xe9"

@@ -132,6 +132,25 @@ def shown(text: object, *, oneline: bool = False) -> str:
     return escape(clean(text, oneline=oneline))
 
 
+class _CleanFormatter(logging.Formatter):
+    """Log lines name user files: strip escape sequences and control characters from them too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return clean(super().format(record))
+
+
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def json_line(value: object, **kwargs) -> str:
+    """``json.dumps(value, ensure_ascii=False)`` that is also safe on a terminal: the C1 controls and bidi
+    overrides that JSON leaves raw are written as ``\\uXXXX`` escapes (the same JSON value)."""
+    import json
+
+    text = json.dumps(value, ensure_ascii=False, **kwargs)
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 # ------------------------------------------------------------------------------------------ running
 def quiet_libraries() -> None:
     """Keep third-party progress bars and warnings off the terminal; ragen shows its own progress.
@@ -142,7 +161,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     level = logging.INFO if verbose() else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_CleanFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])  # no-op when the application configured logging
     import warnings
 
     if verbose():

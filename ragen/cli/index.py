@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DEFAULT_MODEL, app, clean, err, out, run_command, shown, verbose
+from ._common import DEFAULT_MODEL, app, clean, err, json_line, out, run_command, shown, verbose
 from ..errors import RagenError
 
 DEFAULT_INDEX = os.path.join("indexes", "default")
@@ -336,8 +336,8 @@ def query(
         if as_json:
             if explanation is not None:
                 err.print(Panel(shown(explanation), title="the query embedding decodes to"))
-            print(json.dumps([{"rank": h.rank, "score": round(h.score, 6), "path": h.path, "chunk_id": h.chunk_id,
-                               "text": h.text, "start": h.start, "end": h.end} for h in hits], ensure_ascii=False))
+            print(json_line([{"rank": h.rank, "score": round(h.score, 6), "path": h.path, "chunk_id": h.chunk_id,
+                               "text": h.text, "start": h.start, "end": h.end} for h in hits]))
             return
         if explanation is not None:
             out.print(Panel(shown(explanation) or "(empty)", title="the query embedding decodes to", title_align="left"))

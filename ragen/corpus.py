@@ -2,7 +2,10 @@
 
 Supported: plain text and markup (.txt, .md, .rst, ...), HTML (visible text only), PDF (pypdf), source
 code and config files, and the string fields of .json / .jsonl. Everything else is skipped with a
-counted reason, never silently. Symbolic links are followed only when they stay inside the root.
+counted reason, never silently. Symbolic links are followed only when they stay inside the root, and files
+are opened race-free: never through a symlink, and only when the opened descriptor is the file the scan
+found (:func:`read_bytes_safely`). Which files are taken: :class:`FileSelection` (globs, ``.gitignore``,
+a size cap).
 
 Offsets (``Chunk.start``/``Chunk.end``) index into the *extracted* text of a file: the decoded file for
 text formats, the visible text for HTML, the page texts joined by blank lines for PDF, the string
@@ -362,6 +365,9 @@ def scan(root: str | Path, *, exclude: tuple[Path, ...] = (), selection: FileSel
                 if not target.is_relative_to(root_real):
                     report.skip("symlink pointing outside the root", rel)
                     continue
+                if any(target.is_relative_to(e) for e in excluded):
+                    report.skip("symlink into the index folder", rel)
+                    continue
                 if not stat.S_ISREG(st.st_mode):
                     report.skip("broken or non-file symlink", rel)
                     continue
@@ -391,10 +397,6 @@ def scan(root: str | Path, *, exclude: tuple[Path, ...] = (), selection: FileSel
         stack.extend(reversed(subdirs))
     report.files.sort(key=lambda f: f.relpath)
     return report
-
-
-def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
 
 
 class SkipFile(Exception):

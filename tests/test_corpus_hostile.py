@@ -276,3 +276,14 @@ def test_file_selection_round_trips_and_tolerates_junk():
     assert FileSelection.from_dict({"include": "*.md", "max_file_size": "big", "gitignore": None}) == FileSelection()
     with pytest.raises(DataError, match="file pattern"):
         FileSelection(include=("  ",))
+
+
+def test_symlink_into_the_index_folder_is_skipped(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "notes.txt").write_text("index internals")
+    os.symlink(tmp_path / "idx" / "notes.txt", tmp_path / "peek.txt")
+    report = scan(tmp_path, exclude=(tmp_path / "idx",))
+    assert _relpaths(report) == ["a.txt"]
+    assert report.skipped_files == [("peek.txt", "symlink into the index folder")]
+    assert report.skipped_folders == [("idx", "the index folder")]

@@ -127,10 +127,12 @@ def test_symlink_loop_is_counted_not_fatal(tmp_path):
 
 
 def test_1100_nested_folders_are_walked_without_recursion(tmp_path):
+    chain = []
     d = tmp_path
     for _ in range(1100):
         d = d / "d"
         os.mkdir(d)
+        chain.append(d)
     (d / "deep.txt").write_text("bottom")
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(200)  # a recursive walk could not get 1,100 levels down under this limit
@@ -138,6 +140,11 @@ def test_1100_nested_folders_are_walked_without_recursion(tmp_path):
         report = scan(tmp_path)
     finally:
         sys.setrecursionlimit(limit)
+        # remove the tree bottom-up here: pytest's own clean-up of old temp folders (shutil.rmtree)
+        # recurses and would fail on it in a later session
+        (d / "deep.txt").unlink()
+        for folder in reversed(chain):
+            folder.rmdir()
     assert len(report.files) == 1 and report.files[0].relpath.endswith("d/deep.txt")
     assert report.files[0].relpath.count("/") == 1100
 

@@ -97,9 +97,12 @@ def scan_source(source: str | Path, index_dir: str | Path, selection: FileSelect
     if files_seen == 0:
         raise DataError(f"{source}: no files found")
     if not report.files:
-        raise DataError(f"{source}: none of the {files_seen} files is a supported type "
-                        f"({_describe_skips(report.skipped)}); supported: text, markdown, rst, html, pdf, "
-                        "source code, json/jsonl")
+        if set(report.skipped) == {"unsupported type"}:
+            raise DataError(f"{source}: none of the {files_seen} files is a supported type "
+                            f"({_describe_skips(report.skipped)}); supported: text, markdown, rst, html, pdf, "
+                            "source code, json/jsonl")
+        raise DataError(f"{source}: none of the {files_seen} files is selected ({_describe_skips(report.skipped)}); "
+                        "see --include/--exclude/--no-gitignore/--max-file-size, and --list-skipped")
     return report
 
 

@@ -380,3 +380,8 @@ def test_json_output_and_log_lines_are_terminal_safe(runner, tmp_path, loads):
     line = _CleanFormatter("%(levelname)s %(name)s: %(message)s").format(record)
     assert line == "WARNING ragen.corpus: bad.jsonl: skipped 2 line(s)"
     assert clean("a\x1b[2Jb\x07c\x9b1mD\u202eE\udce9") == "abcDE\\xe9"
+
+
+def test_nothing_selected_says_why_before_loading_a_model(runner, docs, tmp_path, loads):
+    line = _one_error_line(runner.invoke(app, ["index", str(docs), "--index", str(tmp_path / "i"), "--include", "*.xyz"]))
+    assert "none of the 4 files is selected (4 does not match --include)" in line and loads == []

@@ -144,10 +144,13 @@ class FileSelection:
         def strings(value) -> tuple[str, ...]:
             return tuple(v for v in value if isinstance(v, str) and v.strip()) if isinstance(value, list) else ()
         size = data.get("max_file_size")
-        return cls(include=strings(data.get("include")), exclude=strings(data.get("exclude")),
-                   gitignore=data.get("gitignore") if isinstance(data.get("gitignore"), bool) else True,
-                   max_file_size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0
-                   else DEFAULT_MAX_FILE_SIZE)
+        try:
+            return cls(include=strings(data.get("include")), exclude=strings(data.get("exclude")),
+                       gitignore=data.get("gitignore") if isinstance(data.get("gitignore"), bool) else True,
+                       max_file_size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0
+                       else DEFAULT_MAX_FILE_SIZE)
+        except DataError:  # a hand-edited pattern that is not a glob
+            return cls()
 
 
 def parse_size(text: str) -> int:

@@ -385,3 +385,21 @@ def test_json_output_and_log_lines_are_terminal_safe(runner, tmp_path, loads):
 def test_nothing_selected_says_why_before_loading_a_model(runner, docs, tmp_path, loads):
     line = _one_error_line(runner.invoke(app, ["index", str(docs), "--index", str(tmp_path / "i"), "--include", "*.xyz"]))
     assert "none of the 4 files is selected (4 does not match --include)" in line and loads == []
+
+
+def test_a_hand_edited_build_record_never_gives_a_traceback(runner, docs, tmp_path, loads):
+    import sqlite3
+
+    idx = tmp_path / "idx"
+    assert _index(runner, docs, idx).exit_code == 0
+    con = sqlite3.connect(idx / "chunks.sqlite")
+    manifest = json.loads(con.execute("SELECT value FROM meta WHERE key='manifest'").fetchone()[0])
+    manifest["chunking"] = {"chunk_size": "big", "chunk_overlap": None, "files": {"include": [1, "["], "gitignore": 3}}
+    manifest["index"] = ["not", "an", "object"]
+    con.execute("UPDATE meta SET value=? WHERE key='manifest'", (json.dumps(manifest),))
+    con.commit()
+    con.close()
+    res = runner.invoke(app, ["index", str(docs), "--index", str(idx)])
+    assert "Traceback" not in res.output and not isinstance(res.exception, (TypeError, AttributeError, ValueError))
+    if res.exit_code:
+        _one_error_line(res)

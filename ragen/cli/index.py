@@ -157,12 +157,14 @@ def index(
 
         recorded = _recorded(target)
         committed = bool(recorded and recorded.get("committed"))
-        rec_chunking = (recorded or {}).get("chunking") or {}
+        rec_chunking = _dict((recorded or {}).get("chunking"))
         rec_files = FileSelection.from_dict(rec_chunking.get("files")) if "files" in rec_chunking else None
-        rec_kind = ((recorded or {}).get("index") or {}).get("config", {}).get("kind")
+        rec_kind = _dict(_dict((recorded or {}).get("index")).get("config")).get("kind")
+        rec_kind = rec_kind if isinstance(rec_kind, str) else None
         changes: list[str] = []
-        size = _resolve("chunk size", chunk_size, rec_chunking.get("chunk_size"), 1000, changes, committed)
-        overlap = _resolve("chunk overlap", chunk_overlap, rec_chunking.get("chunk_overlap"), 200, changes, committed)
+        size = _resolve("chunk size", chunk_size, _int(rec_chunking.get("chunk_size")), 1000, changes, committed)
+        overlap = _resolve("chunk overlap", chunk_overlap, _int(rec_chunking.get("chunk_overlap")), 200, changes,
+                           committed)
         ChunkingConfig(size, overlap)  # validate before loading a model
         kind = _resolve("index type", index_type, rec_kind, "flat", changes, committed)
         config = IndexConfig(kind=kind)
@@ -176,7 +178,7 @@ def index(
                                    rec_files and rec_files.max_file_size, default_sel.max_file_size, changes,
                                    committed))
 
-        rec_encoder = (recorded or {}).get("encoder") or {}
+        rec_encoder = {k: v for k, v in _dict((recorded or {}).get("encoder")).items() if isinstance(v, str)}
         spec = _index_model(model, target)
         rebuild_now = rebuild
         if committed and rec_encoder.get("spec") and rec_encoder["spec"] not in (spec, _abs(spec)) and not rebuild:
@@ -195,7 +197,7 @@ def index(
             counts = Counter(dict(scanned.skipped))
             counts.update(reason for _, reason in unreadable)
             _print_skips(scanned.skipped_files + unreadable, dict(counts), scanned, list_skipped or verbose())
-            totals = recorded.get("counts", {})
+            totals = _dict(recorded.get("counts"))
             enc = recorded["encoder"]
             summary = Table(title=f"index {shown(target)}", show_header=False, title_justify="left")
             n_skipped = scanned.files_skipped + len(unreadable)
@@ -203,7 +205,7 @@ def index(
                                      f"skipped) of {len(scanned.files) + scanned.files_skipped} seen")
             summary.add_row("chunks", f"{totals.get('chunks', 0)} in index (0 embedded now): up to date, model not loaded")
             summary.add_row("model", f"{shown(enc.get('spec'))} (dim {enc.get('dim')})")
-            summary.add_row("index", f"{(recorded.get('index') or {}).get('kind')}, generation {recorded.get('generation')}")
+            summary.add_row("index", f"{_dict(recorded.get('index')).get('kind')}, generation {recorded.get('generation')}")
             out.print(summary)
             return
 
@@ -252,6 +254,15 @@ def index(
         out.print(summary)
 
     run_command(body)
+
+
+def _dict(value) -> dict:
+    """A manifest field that should be an object; {} for anything else (a hand-edited or foreign file)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _abs(spec: str) -> str:
@@ -362,7 +373,7 @@ def info(
     def body() -> None:
         from rich.table import Table
 
-        from ..corpus import format_size
+        from ..corpus import FileSelection, format_size
         from ..store import Store, index_is_locked
 
         with Store.open(index_dir, device="cpu") as store:
@@ -408,10 +419,11 @@ def info(
         table.add_row("source", shown(manifest.get("source")))
         sel = ch.get("files") if isinstance(ch.get("files"), dict) else None
         if sel:
+            fs = FileSelection.from_dict(sel)  # tolerant of a hand-edited manifest
+            cap_text = format_size(fs.max_file_size) if fs.max_file_size else "no limit"
             table.add_row("file selection", shown(
-                f"include {_show_setting(sel.get('include') or [])}, exclude {_show_setting(sel.get('exclude') or [])}, "
-                f".gitignore {'honoured' if sel.get('gitignore') else 'not used'}, max file size "
-                f"{format_size(sel['max_file_size']) if isinstance(sel.get('max_file_size'), int) and sel['max_file_size'] else 'no limit'}"))
+                f"include {_show_setting(fs.include)}, exclude {_show_setting(fs.exclude)}, "
+                f".gitignore {'honoured' if fs.gitignore else 'not used'}, max file size {cap_text}"))
         table.add_row("built", f"created {manifest.get('created_at')}, updated {manifest.get('updated_at')} "
                                f"(ragen {manifest.get('ragen_version')}, format {manifest.get('format_version')})")
         if busy:

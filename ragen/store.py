@@ -605,13 +605,13 @@ class StoreWriter:
         # content hash whenever they are in this run's epoch
         self.full = (self.committed is None or self.rebuild
                      or self.committed.get("chunking") != self.chunking)
+        # what this run was started with, so that a re-run after an interrupted first run reuses it
+        self._set("work_settings", json.dumps({"encoder": asdict(self.encoder), "chunking": self.chunking,
+                                               "index": {"config": asdict(self.index_config)}}, sort_keys=True))
         with self._transaction():
             self._conn.execute("DELETE FROM vectors WHERE epoch NOT IN (?, ?)", (committed_epoch, self.epoch))
             self._set("work_epoch", self.epoch)
             self._set("work_fingerprint", self.encoder.fingerprint)
-            # what this run was started with, so a re-run after a first run was interrupted reuses it
-            self._set("work_settings", json.dumps({"encoder": asdict(self.encoder), "chunking": self.chunking,
-                                                   "index": {"config": asdict(self.index_config)}}, sort_keys=True))
         for stale in self.index_dir.iterdir():  # leftovers of killed runs: temp files, unused generations
             if stale.name.startswith(".") and stale.name.endswith(".tmp") or (
                     stale.name.startswith("vectors-") and not stale.name.startswith(f"vectors-{self.generation}.")):
@@ -857,24 +857,6 @@ def index_is_locked(index_dir: str | Path) -> bool:
     return False
 
 
-def read_manifest(index_dir: str | Path) -> dict:
-    """The committed manifest of an index, from its database (authoritative) without loading FAISS."""
-    directory = Path(index_dir).expanduser()
-    db = directory / DB_NAME
-    if not db.is_file():
-        raise StoreError(f"{directory}: no ragen index here (expected {DB_NAME}); "
-                         f"build one with `ragen index PATH --index {directory}`")
-    _check_manifest_file(directory / MANIFEST_NAME)
-    try:
-        conn = _connect(db)
-        try:
-            return _committed(_meta(conn), db)[0]
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise _corrupt(db, f"not a readable ragen index database ({exc})") from None
-
-
 def read_build_settings(index_dir: str | Path) -> dict | None:
     """How the index in ``index_dir`` was built (the committed manifest), else what an interrupted first
     run was started with (``encoder``, ``chunking``, ``index``; ``"committed": False``), else None (no
@@ -901,6 +883,24 @@ def read_build_settings(index_dir: str | Path) -> dict | None:
     return None
 
 
-__all__ = ["Store", "StoreWriter", "read_build_settings", "IndexConfig", "EncoderInfo", "FileRecord", "CommitResult", "FORMAT_VERSION",
+def read_manifest(index_dir: str | Path) -> dict:
+    """The committed manifest of an index, from its database (authoritative) without loading FAISS."""
+    directory = Path(index_dir).expanduser()
+    db = directory / DB_NAME
+    if not db.is_file():
+        raise StoreError(f"{directory}: no ragen index here (expected {DB_NAME}); "
+                         f"build one with `ragen index PATH --index {directory}`")
+    _check_manifest_file(directory / MANIFEST_NAME)
+    try:
+        conn = _connect(db)
+        try:
+            return _committed(_meta(conn), db)[0]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise _corrupt(db, f"not a readable ragen index database ({exc})") from None
+
+
+__all__ = ["Store", "StoreWriter", "IndexConfig", "EncoderInfo", "FileRecord", "CommitResult", "FORMAT_VERSION",
            "INDEX_KINDS", "build_faiss_index", "gpu_available", "normalize_rows", "read_manifest", "index_is_locked", "check_unlocked",
            "to_cpu", "to_gpu"]

@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DEFAULT_MODEL, app, clean, err, json_line, out, run_command, shown, verbose
+from ._common import clean, json_line, shown, verbose
+from ._common import DEFAULT_MODEL, app, err, out, run_command
 from ..errors import RagenError
 
 DEFAULT_INDEX = os.path.join("indexes", "default")
@@ -318,6 +319,7 @@ def query(
     base_model: BaseModelOpt = None,
 ) -> None:
     """Search an index; print a ranked table, or JSON with --json."""
+    text = _argument_text(text)  # undecodable bytes in the argument: U+FFFD, and a notice
 
     def body() -> None:
         from rich.panel import Panel
@@ -326,21 +328,20 @@ def query(
         from ..retriever import Retriever
         from ..store import Store
 
-        query_text = _argument_text(text)
-        if not query_text.strip():
+        if not text.strip():
             raise RagenError("the query is empty")
         store = Store.open(index_dir, device=device)
         try:
             encoder = _load(model or store.spec, device, base_model or (store.base_model if model is None else None))
             retriever = Retriever(encoder, store)  # refuses an encoder the index was not built with
-            hits = retriever.search(query_text, k=k)
+            hits = retriever.search(text, k=k)
             explanation = None
             if explain:
                 if callable(getattr(encoder, "decode", None)):
                     with err.status("decoding the query embedding ...", spinner="dots"):
-                        explanation = encoder.decode([query_text], instruction=getattr(encoder, "query_instruction", None))[0]
+                        explanation = encoder.decode([text], instruction=getattr(encoder, "query_instruction", None))[0]
                 else:
-                    err.print(f"[yellow]notice[/] --explain needs an LLM2Vec-Gen model; {shown(encoder.spec)} embeds the "
+                    err.print(f"[yellow]notice[/] --explain needs an LLM2Vec-Gen model; {encoder.spec} embeds the "
                               "input text and has nothing to decode", highlight=False)
         finally:
             store.close()
@@ -355,7 +356,7 @@ def query(
         if not hits:
             err.print("no hits: the index is empty")
             return
-        table = Table("rank", "score", "chunk", "snippet", title=shown(query_text, oneline=True), title_justify="left")
+        table = Table("rank", "score", "chunk", "snippet", title=shown(text, oneline=True), title_justify="left")
         for h in hits:
             table.add_row(str(h.rank), f"{h.score:.3f}", shown(h.chunk_id, oneline=True), shown(_snippet(h.text)))
         out.print(table)
@@ -384,12 +385,12 @@ def info(
         busy = index_is_locked(index_dir)
         total_chunks = sum(n for *_, n in files) or 1
         largest = sorted(files, key=lambda f: (-f[3], -f[1], f[0]))[:5]  # most chunks first, then bytes
+        manifest = {**manifest, "largest_sources": [{"path": p, "bytes": s, "chunks": n,
+                                                     "share_of_chunks": round(n / total_chunks, 4)}
+                                                    for p, s, _, n in largest]}  # in --json too
         if as_json:
             print(json.dumps({**manifest, "index_dir": str(Path(index_dir).resolve()), "disk_bytes": size,
-                              "file_types": dict(by_type.most_common()), "being_written": busy,
-                              "largest_sources": [{"path": p, "bytes": s, "chunks": n,
-                                                   "share_of_chunks": round(n / total_chunks, 4)}
-                                                  for p, s, _, n in largest]}, indent=2))
+                              "file_types": dict(by_type.most_common()), "being_written": busy}, indent=2))
             return
         enc = manifest["encoder"]
         counts = manifest.get("counts", {})

@@ -403,3 +403,21 @@ def test_a_hand_edited_build_record_never_gives_a_traceback(runner, docs, tmp_pa
     assert "Traceback" not in res.output and not isinstance(res.exception, (TypeError, AttributeError, ValueError))
     if res.exit_code:
         _one_error_line(res)
+
+
+def test_fuzz_option_values_give_one_line_or_success(runner, docs, tmp_path, loads):
+    rng = random.Random(14)
+    idx = tmp_path / "idx"
+    assert _index(runner, docs, idx).exit_code == 0
+    before = _manifest(runner, idx)["counts"]
+    alphabet = [chr(c) for c in range(0x20, 0x180)] + ["\udce9", "[/]", "\x1b[2J", "**", "!", "\\"]
+    for i in range(30):
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        option = rng.choice(["--max-file-size", "--include", "--exclude", "--chunk-size", "--index-type"])
+        res = runner.invoke(app, ["index", str(docs), "--index", str(idx), option, value])
+        assert "Traceback" not in res.output and "\x1b" not in res.output, (option, value, res.output)
+        assert res.exception is None or isinstance(res.exception, SystemExit), (option, value, repr(res.exception))
+        if res.exit_code:
+            _one_error_line(res, code=res.exit_code)
+    assert runner.invoke(app, ["query", "plants", "--index", str(idx)]).exit_code == 0
+    assert _manifest(runner, idx)["counts"]["chunks"] >= 1 and before["chunks"] >= 1

@@ -2,7 +2,10 @@
 
 Supported: plain text and markup (.txt, .md, .rst, ...), HTML (visible text only), PDF (pypdf), source
 code and config files, and the string fields of .json / .jsonl. Everything else is skipped with a
-counted reason, never silently. Symbolic links are followed only when they stay inside the root.
+counted reason, never silently. Symbolic links are followed only when they stay inside the root, and files
+are opened race-free: never through a symlink, and only when the opened descriptor is the file the scan
+found (:func:`read_bytes_safely`). Which files are taken: :class:`FileSelection` (globs, ``.gitignore``,
+a size cap).
 
 Offsets (``Chunk.start``/``Chunk.end``) index into the *extracted* text of a file: the decoded file for
 text formats, the visible text for HTML, the page texts joined by blank lines for PDF, the string
@@ -11,10 +14,12 @@ fields joined by newlines for JSON. ``text[start:end] == chunk.text`` always hol
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -74,12 +79,19 @@ class ChunkingConfig:
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A file found under the root: ``relpath`` uses ``/`` separators on every platform."""
+    """A file found under the root: ``relpath`` uses ``/`` separators on every platform.
+
+    ``path`` is the real path to open (for a symlink inside the root: its target). ``root`` is the real
+    root the file was found under; :func:`read_document` refuses a file whose opened descriptor is not
+    ``path`` any more (a file or folder swapped for a symlink after the scan). A name that is not valid
+    UTF-8 gets a ``relpath`` with ``\\xNN`` escapes (``caf\\xe9.txt``); ``path`` keeps the real bytes.
+    """
 
     relpath: str
     path: Path
     size: int
     mtime_ns: int
+    root: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -91,19 +103,111 @@ class Document:
     replaced: bool = False
 
 
+DEFAULT_MAX_FILE_SIZE = 50 * 1024 * 1024  # 50 MiB: a large PDF or log, not a dataset dump
+
+
+@dataclass(frozen=True)
+class FileSelection:
+    """Which files :func:`scan` takes.
+
+    ``include``/``exclude``: gitignore-style globs matched against the path relative to the root
+    (``*.md``, ``docs/**``, ``benchmarks/*/report.json``); with ``include``, only matching files are taken;
+    an ``exclude`` match (file or folder) is skipped. ``gitignore``: inside a git repository, honour its
+    ``.gitignore`` files. ``max_file_size``: bytes; larger files are skipped and counted (0: no limit).
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    gitignore: bool = True
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.max_file_size < 0:
+            raise DataError(f"max file size must be >= 0 bytes (0: no limit), got {self.max_file_size}")
+        for pattern in self.include + self.exclude:
+            if not isinstance(pattern, str) or not pattern.strip():
+                raise DataError(f"file pattern {pattern!r}: expected a non-empty glob such as '*.md'")
+        _glob_spec(self.include)
+        _glob_spec(self.exclude)
+
+    def to_dict(self) -> dict:
+        return {"include": list(self.include), "exclude": list(self.exclude), "gitignore": self.gitignore,
+                "max_file_size": self.max_file_size}
+
+    @classmethod
+    def from_dict(cls, data: object) -> FileSelection:
+        """The selection recorded in a manifest; the defaults for anything missing or malformed."""
+        if not isinstance(data, dict):
+            return cls()
+        def strings(value) -> tuple[str, ...]:
+            return tuple(v for v in value if isinstance(v, str) and v.strip()) if isinstance(value, list) else ()
+        size = data.get("max_file_size")
+        try:
+            return cls(include=strings(data.get("include")), exclude=strings(data.get("exclude")),
+                       gitignore=data.get("gitignore") if isinstance(data.get("gitignore"), bool) else True,
+                       max_file_size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0
+                       else DEFAULT_MAX_FILE_SIZE)
+        except DataError:  # a hand-edited pattern that is not a glob
+            return cls()
+
+
+def parse_size(text: str) -> int:
+    """``"50MB"``, ``"2G"``, ``"800k"``, ``"1234"`` (bytes), ``"0"`` (no limit) -> bytes (powers of 1024)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text), flags=re.IGNORECASE)
+    if not m or len(str(text)) > 40:
+        raise DataError(f"size {text!r}: expected a number of bytes with an optional unit, e.g. 50MB, 800k, 2G")
+    scale = 1024 ** "bkmgt".index((m.group(2) or "b").lower())
+    return int(float(m.group(1)) * scale)
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def _glob_spec(patterns: tuple[str, ...]):
+    if not patterns:
+        return None
+    import pathspec
+
+    try:
+        return pathspec.GitIgnoreSpec.from_lines(patterns)
+    except (ValueError, TypeError) as exc:  # pathspec raises GitWildMatchPatternError (a ValueError)
+        raise DataError(f"file pattern: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+
+
 @dataclass
 class ScanReport:
-    """What the walk found: files to read and, per reason, how many were skipped (with examples)."""
+    """What the walk found: files to read and, per reason, how many were skipped (with examples).
+
+    ``skipped`` counts files per reason and ``skipped_files`` names every one of them;
+    ``folders_skipped`` counts folders that were not entered (hidden, dependency caches, excluded,
+    unreadable, symlinked), with their names in ``skipped_folders``.
+    """
 
     files: list[SourceFile] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    folders_skipped: Counter = field(default_factory=Counter)
+    skipped_folders: list[tuple[str, str]] = field(default_factory=list)
 
     def skip(self, reason: str, relpath: str) -> None:
         self.skipped[reason] += 1
+        self.skipped_files.append((relpath, reason))
         ex = self.examples.setdefault(reason, [])
         if len(ex) < 3:
             ex.append(relpath)
+
+    def skip_folder(self, reason: str, relpath: str) -> None:
+        self.folders_skipped[reason] += 1
+        self.skipped_folders.append((relpath, reason))
 
     @property
     def files_skipped(self) -> int:
@@ -114,82 +218,263 @@ def is_supported(path: Path) -> bool:
     return path.suffix.lower() in SUPPORTED or path.name in KNOWN_NAMES
 
 
-def scan(root: str | Path, *, exclude: tuple[Path, ...] = ()) -> ScanReport:
+def display_name(name: str) -> str:
+    """A file name as ragen records it: the name itself when it is valid UTF-8, else with ``\\xNN`` escapes
+    for the bytes that are not (``os.fsdecode`` turned them into lone surrogates)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _git_root(start: Path) -> Path | None:
+    for d in (start, *start.parents):
+        if (d / ".git").exists():
+            return d
+    return None
+
+
+class _GitIgnores:
+    """The ``.gitignore`` files of a repository that apply under the scanned root (nearest one wins)."""
+
+    def __init__(self, repo: Path, root: Path) -> None:
+        self.specs: dict[Path, object] = {}
+        self.repo = repo
+        for d in reversed((root, *root.parents)):  # the repository's folders above the root, top first
+            if d == repo or d.is_relative_to(repo):
+                self.load(d)
+
+    def load(self, directory: Path) -> None:
+        import pathspec
+
+        try:
+            with open(directory / ".gitignore", "rb") as f:
+                lines = f.read(1024 * 1024).decode("utf-8", "replace").splitlines()
+        except OSError:
+            return
+        try:
+            self.specs[directory] = pathspec.GitIgnoreSpec.from_lines(lines)
+        except (ValueError, TypeError) as exc:
+            logger.warning("%s: ignored (%s)", directory / ".gitignore", exc)
+
+    def ignored(self, full: Path, is_dir: bool) -> bool:
+        verdict = None
+        for d in (full.parent, *full.parent.parents):  # nearest .gitignore first
+            spec = self.specs.get(d)
+            if spec is not None:
+                rel = full.relative_to(d).as_posix() + ("/" if is_dir else "")
+                result = spec.check_file(rel)
+                if result.include is not None:
+                    verdict = result.include
+                    break
+            if d == self.repo:
+                break
+        return bool(verdict)
+
+
+def scan(root: str | Path, *, exclude: tuple[Path, ...] = (), selection: FileSelection | None = None) -> ScanReport:
     """List the supported files under ``root`` (sorted by relative path; deterministic).
 
-    Hidden directories (``.git``, ``.venv``, ...) and :data:`SKIP_DIRS` are not entered; directories in
-    ``exclude`` (e.g. the index being written, when it lies inside the root) are not entered either.
-    Symlinks to files are followed only when their target lies inside the root; symlinked directories
-    are never entered (no loops, no escaping the root).
+    Hidden directories (``.git``, ``.venv``, ...) and :data:`SKIP_DIRS` are not entered (counted in
+    ``folders_skipped``); directories in ``exclude`` (e.g. the index being written, when it lies inside the
+    root) are not entered either, and a root that *is* one of them is refused. Symlinks to files are
+    followed only when their target lies inside the root; symlinked directories are never entered (no
+    loops, no escaping the root). Only regular files are taken: FIFOs, sockets and devices are skipped and
+    counted. The walk uses an explicit stack (any depth), and a folder that cannot be listed is counted,
+    never fatal. ``selection``: include/exclude globs, ``.gitignore``, the size cap.
     """
+    selection = selection or FileSelection()
     root_path = Path(root).expanduser()
-    if not root_path.exists():
-        raise DataError(f"{root}: no such file or directory")
+    try:
+        root_st = os.stat(root_path)
+    except FileNotFoundError:
+        raise DataError(f"{root}: no such file or directory") from None
+    except OSError as exc:
+        raise DataError(f"{root}: cannot be read ({exc.strerror or exc})") from None
     root_real = root_path.resolve()
     report = ScanReport()
-    if root_path.is_file():
-        st = root_path.stat()
-        if not is_supported(root_path):
-            report.skip("unsupported type", root_path.name)
+    if not stat.S_ISDIR(root_st.st_mode):
+        name = display_name(root_path.name)
+        if not stat.S_ISREG(root_st.st_mode):
+            report.skip("not a regular file (FIFO, socket or device)", name)
+        elif not is_supported(root_path):
+            report.skip("unsupported type", name)
+        elif selection.max_file_size and root_st.st_size > selection.max_file_size:
+            report.skip(f"larger than --max-file-size ({format_size(selection.max_file_size)})", name)
         else:
-            report.files.append(SourceFile(root_path.name, root_real, st.st_size, st.st_mtime_ns))
+            report.files.append(SourceFile(name, root_real, root_st.st_size, root_st.st_mtime_ns, root_real.parent))
         return report
-    excluded = {p.resolve() for p in exclude}
-    for dirpath, dirnames, filenames in os.walk(root_real, followlinks=False):
-        here = Path(dirpath)
-        keep = []
-        for d in sorted(dirnames):
-            full = here / d
-            if d.startswith(".") or d in SKIP_DIRS or full in excluded:
-                continue
-            if full.is_symlink():
-                report.skip("symlinked directory (not followed)", _rel(full, root_real))
-                continue
-            keep.append(d)
-        dirnames[:] = keep
-        for name in sorted(filenames):
+    excluded = {Path(p).expanduser().resolve() for p in exclude}
+    if root_real in excluded:
+        raise DataError(f"{root}: is the index folder itself; index a folder that does not hold the index, "
+                        "or pass another --index")
+    includes, excludes = _glob_spec(selection.include), _glob_spec(selection.exclude)
+    repo = _git_root(root_real) if selection.gitignore else None
+    gitignores = _GitIgnores(repo, root_real) if repo is not None else None
+    seen: set[str] = set()
+
+    stack: list[tuple[Path, str]] = [(root_real, "")]  # (real folder, its relpath); no recursion, any depth
+    while stack:
+        here, here_rel = stack.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            report.skip_folder(f"unreadable folder ({exc.strerror or exc})", here_rel or ".")
+            continue
+        if gitignores is not None and here != root_real:
+            gitignores.load(here)
+        subdirs = []
+        for entry in entries:
+            name = entry.name
+            rel = f"{here_rel}/{display_name(name)}" if here_rel else display_name(name)
             full = here / name
-            rel = _rel(full, root_real)
-            if name.startswith("."):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                report.skip(f"unreadable ({exc.strerror or exc})", rel)
                 continue
-            if full.is_symlink():
-                target = full.resolve()
+            if stat.S_ISDIR(st.st_mode):
+                if name.startswith("."):
+                    report.skip_folder("hidden folder", rel)
+                elif name in SKIP_DIRS:
+                    report.skip_folder("dependency or cache folder", rel)
+                elif full in excluded:
+                    report.skip_folder("the index folder", rel)
+                elif excludes is not None and excludes.match_file(rel + "/"):
+                    report.skip_folder("matches --exclude", rel)
+                elif gitignores is not None and gitignores.ignored(full, True):
+                    report.skip_folder("ignored by .gitignore", rel)
+                else:
+                    subdirs.append((full, rel))
+                continue
+            if name.startswith("."):
+                report.skip("hidden file", rel)
+                continue
+            target = full
+            if stat.S_ISLNK(st.st_mode):
+                if full in excluded:
+                    continue
+                try:
+                    target = Path(os.path.realpath(full))
+                    st = os.stat(full)  # ELOOP for a loop, ENOENT for a dangling link
+                except OSError:  # dangling, or a loop (ELOOP)
+                    report.skip("broken or non-file symlink", rel)
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    report.skip("symlinked directory (not followed)", rel)
+                    continue
                 if not target.is_relative_to(root_real):
                     report.skip("symlink pointing outside the root", rel)
                     continue
-                if not target.is_file():
+                if any(target.is_relative_to(e) for e in excluded):
+                    report.skip("symlink into the index folder", rel)
+                    continue
+                if not stat.S_ISREG(st.st_mode):
                     report.skip("broken or non-file symlink", rel)
                     continue
+            if not stat.S_ISREG(st.st_mode):
+                report.skip("not a regular file (FIFO, socket or device)", rel)
+                continue
+            if excludes is not None and excludes.match_file(rel):
+                report.skip("matches --exclude", rel)
+                continue
+            if includes is not None and not includes.match_file(rel):
+                report.skip("does not match --include", rel)
+                continue
+            if gitignores is not None and gitignores.ignored(full, False):
+                report.skip("ignored by .gitignore", rel)
+                continue
             if not is_supported(full):
                 report.skip("unsupported type", rel)
                 continue
-            try:
-                st = full.stat()
-            except OSError:
-                report.skip("unreadable", rel)
+            if selection.max_file_size and st.st_size > selection.max_file_size:
+                report.skip(f"larger than --max-file-size ({format_size(selection.max_file_size)})", rel)
                 continue
-            report.files.append(SourceFile(rel, full, st.st_size, st.st_mtime_ns))
+            if rel in seen:  # an escaped non-UTF-8 name equal to a real one
+                report.skip("name clashes with another file's escaped name", rel)
+                continue
+            seen.add(rel)
+            report.files.append(SourceFile(rel, target, st.st_size, st.st_mtime_ns, root_real))
+        stack.extend(reversed(subdirs))
     report.files.sort(key=lambda f: f.relpath)
     return report
-
-
-def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
 
 
 class SkipFile(Exception):
     """Raised by :func:`read_document` for a file that cannot be indexed; the message is the reason."""
 
 
-def read_document(source: SourceFile) -> Document:
-    """Extract the text of a file. Raises :class:`SkipFile` (with a short reason) when it cannot."""
-    suffix = source.path.suffix.lower()
+def _fd_path(fd: int) -> str | None:
+    """The real path of an open descriptor (Linux: /proc; macOS: F_GETPATH), or None where unknown."""
     try:
-        if suffix in PDF_EXTENSIONS:
-            return Document(source, _read_pdf(source.path))
-        raw = source.path.read_bytes()
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        pass
+    try:
+        import fcntl
+
+        if hasattr(fcntl, "F_GETPATH"):
+            raw = fcntl.fcntl(fd, fcntl.F_GETPATH, bytes(1024))
+            return os.fsdecode(raw.split(b"\0", 1)[0])
+    except OSError:
+        pass
+    return None
+
+
+def read_bytes_safely(source: SourceFile, max_bytes: int = 0) -> bytes:
+    """The bytes of ``source``, opened race-free: never through a symlink, only a regular file, and only
+    the very file the scan found (the opened descriptor's real path must be ``source.path``). A file or
+    folder swapped for a symlink after the scan, a FIFO or a device raises :class:`SkipFile`; so does a
+    file larger than ``max_bytes`` (0: no limit)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(source.path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SkipFile("became a symlink after the scan (not followed)") from None
+        raise SkipFile(f"unreadable ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SkipFile("not a regular file (FIFO, socket or device)")
+        if source.root is not None:
+            real = _fd_path(fd)
+            if real is None:  # no way to name the descriptor: compare it with what the path names now
+                now = os.stat(os.path.realpath(source.path))
+                same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+                real = os.path.realpath(source.path) if same else ""
+            if real != os.fspath(source.path) or not Path(real).is_relative_to(source.root):
+                raise SkipFile("moved outside the indexed folder after the scan (symlink swap)")
+        if max_bytes and st.st_size > max_bytes:
+            raise SkipFile(f"larger than --max-file-size ({format_size(max_bytes)})")
+        os.set_blocking(fd, True)
+        parts, total = [], 0
+        while True:
+            block = os.read(fd, 1 << 20)
+            if not block:
+                break
+            parts.append(block)
+            total += len(block)
+            if max_bytes and total > max_bytes:  # the file grew after fstat
+                raise SkipFile(f"larger than --max-file-size ({format_size(max_bytes)})")
+        return b"".join(parts)
     except OSError as exc:
         raise SkipFile(f"unreadable ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+
+
+def read_document(source: SourceFile, *, max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Document:
+    """Extract the text of a file. Raises :class:`SkipFile` (with a short reason) when it cannot.
+
+    The file is opened race-free (see :func:`read_bytes_safely`) and read at most ``max_file_size`` bytes.
+    """
+    suffix = source.path.suffix.lower()
+    raw = read_bytes_safely(source, max_file_size)
+    if suffix in PDF_EXTENSIONS:
+        return Document(source, _read_pdf(raw))
     text, replaced = decode_bytes(raw)
     if suffix in HTML_EXTENSIONS:
         text = html_to_text(text)
@@ -229,7 +514,8 @@ def decode_bytes(raw: bytes) -> tuple[str, bool]:
 
 
 class _HTMLText(HTMLParser):
-    _HIDDEN = frozenset({"script", "style", "noscript", "template", "svg", "head"})
+    # not "head": HTML5 lets a page omit </head> (and <body>), and head holds no visible text besides the title
+    _HIDDEN = frozenset({"script", "style", "noscript", "template", "svg"})
     _BLOCK = frozenset({"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header",
                         "footer", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "hr", "dt", "dd",
                         "title", "main", "nav", "aside", "figure", "figcaption"})
@@ -312,13 +598,15 @@ def _jsonl_text(text: str, relpath: str) -> str:
     return "\n\n".join(r for r in records if r)
 
 
-def _read_pdf(path: Path) -> str:
+def _read_pdf(raw: bytes) -> str:
     try:
         from pypdf import PdfReader
     except ImportError:  # pragma: no cover - pypdf is a core dependency
         raise SkipFile("PDF support needs pypdf: pip install pypdf") from None
     try:
-        reader = PdfReader(str(path))
+        import io
+
+        reader = PdfReader(io.BytesIO(raw))
         if reader.is_encrypted and not reader.decrypt(""):
             raise SkipFile("encrypted PDF")
         pages = [(page.extract_text() or "").strip() for page in reader.pages]
@@ -393,6 +681,7 @@ def chunk_document(doc: Document, config: ChunkingConfig = ChunkingConfig()) -> 
     return out
 
 
-__all__ = ["ChunkingConfig", "SourceFile", "Document", "ScanReport", "SkipFile", "scan", "read_document",
+__all__ = ["ChunkingConfig", "FileSelection", "DEFAULT_MAX_FILE_SIZE", "parse_size", "format_size", "display_name",
+           "read_bytes_safely", "SourceFile", "Document", "ScanReport", "SkipFile", "scan", "read_document",
            "decode_bytes", "html_to_text", "json_strings", "chunk_spans", "chunk_document", "content_hash",
            "is_supported", "DEFAULT_CHUNK_SIZE", "DEFAULT_CHUNK_OVERLAP", "SUPPORTED"]

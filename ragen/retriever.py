@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, ChunkingConfig, ScanReport, SkipFile, chunk_document,
-                     read_document, scan)
+from .corpus import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, ChunkingConfig, FileSelection, ScanReport, SkipFile,
+                     chunk_document, read_document, scan)
 from .errors import DataError, StoreError
 from .guard import GuardVerdict, RefusalGuard, resolve_guard
 from .store import EncoderInfo, FileRecord, IndexConfig, Store, StoreWriter, read_manifest
@@ -69,6 +69,7 @@ class IndexStats:
     unsupported, binary or unreadable files (per reason in ``skipped``). ``chunks_embedded``: vectors
     computed in this run (chunks already stored, e.g. by an interrupted run, are not embedded again).
     ``files_with_replacements``: files whose undecodable bytes were replaced with U+FFFD.
+    ``skipped_files``: ``(relpath, reason)`` of every skipped file.
     """
 
     files_seen: int
@@ -85,6 +86,7 @@ class IndexStats:
     generation: int = 0
     skipped: tuple[tuple[str, int], ...] = ()
     files_with_replacements: tuple[str, ...] = ()
+    skipped_files: tuple[tuple[str, str], ...] = ()
 
 
 def encoder_info(encoder) -> EncoderInfo:
@@ -103,19 +105,22 @@ def encoder_info(encoder) -> EncoderInfo:
                        base_model=str(base) if base else None)
 
 
-def scan_source(source: str | Path, index_dir: str | Path) -> ScanReport:
+def scan_source(source: str | Path, index_dir: str | Path, selection: FileSelection | None = None) -> ScanReport:
     """The supported files under ``source`` (the index directory itself excluded). Raises
     :class:`~ragen.errors.DataError` when there is nothing to index, so callers can check a folder before
     loading a model."""
     src = Path(source).expanduser()
-    report = scan(src, exclude=(Path(index_dir).expanduser(),))
+    report = scan(src, exclude=(Path(index_dir).expanduser(),), selection=selection)
     files_seen = len(report.files) + report.files_skipped
     if files_seen == 0:
         raise DataError(f"{source}: no files found")
     if not report.files:
-        raise DataError(f"{source}: none of the {files_seen} files is a supported type "
-                        f"({_describe_skips(report.skipped)}); supported: text, markdown, rst, html, pdf, "
-                        "source code, json/jsonl")
+        if set(report.skipped) == {"unsupported type"}:
+            raise DataError(f"{source}: none of the {files_seen} files is a supported type "
+                            f"({_describe_skips(report.skipped)}); supported: text, markdown, rst, html, pdf, "
+                            "source code, json/jsonl")
+        raise DataError(f"{source}: none of the {files_seen} files is selected ({_describe_skips(report.skipped)}); "
+                        "see --include/--exclude/--no-gitignore/--max-file-size, and --list-skipped")
     return report
 
 
@@ -132,6 +137,7 @@ def build_index(
     index_type: str = "flat",
     index_config: IndexConfig | None = None,
     scanned: ScanReport | None = None,
+    selection: FileSelection | None = None,
 ) -> IndexStats:
     """Index the supported files under ``source`` into ``index_dir``, incrementally.
 
@@ -140,28 +146,33 @@ def build_index(
     loadable and the next run resumes. ``index_type``: ``flat`` (exact, default), ``hnsw`` or ``ivf``
     (approximate, for large corpora); ``index_config`` sets their parameters (and wins over ``index_type``).
     ``scanned``: the result of :func:`scan_source` when the caller already checked the folder.
+    ``selection``: include/exclude globs, ``.gitignore``, size cap; recorded in the manifest (under
+    ``chunking.files``) so that a plain re-run selects the same files.
     """
     t0 = time.perf_counter()
     emit = progress or (lambda event: None)
     chunking = ChunkingConfig(chunk_size=chunk_size, chunk_overlap=chunk_overlap)
     config = index_config or IndexConfig(kind=index_type)
+    selection = selection or FileSelection()
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     src = Path(source).expanduser()
     index_path = Path(index_dir).expanduser()
 
     emit(ProgressEvent("scan", 0, 0, str(src)))
-    report = scanned if scanned is not None else scan_source(src, index_path)
+    report = scanned if scanned is not None else scan_source(src, index_path, selection)
     files_seen = len(report.files) + report.files_skipped
     emit(ProgressEvent("scan", len(report.files), len(report.files), f"{len(report.files)} files"))
 
     info = encoder_info(encoder)
-    writer = StoreWriter(index_path, encoder=info, chunking=chunking.to_dict(), index_config=config,
+    writer = StoreWriter(index_path, encoder=info, chunking={**chunking.to_dict(), "files": selection.to_dict()},
+                         index_config=config,
                          rebuild=rebuild, source=str(src.resolve()))
     committed = False
     try:
         known = writer.known_files()
         skipped = dict(report.skipped)
+        skipped_files = list(report.skipped_files)
         updated: list[FileRecord] = []
         present: list[str] = []
         replaced: list[str] = []
@@ -171,10 +182,11 @@ def build_index(
                 present.append(sf.relpath)  # unchanged since the last committed run: nothing to read
             else:
                 try:
-                    doc = read_document(sf)
+                    doc = read_document(sf, max_file_size=selection.max_file_size)
                 except SkipFile as why:
                     reason = str(why)
                     skipped[reason] = skipped.get(reason, 0) + 1
+                    skipped_files.append((sf.relpath, reason))
                     logger.info("skipping %s: %s", sf.relpath, reason)
                     emit(ProgressEvent("read", n, total_files, sf.relpath))
                     continue
@@ -224,7 +236,7 @@ def build_index(
         seconds=time.perf_counter() - t0, files_changed=len(updated), files_removed=result.files_removed,
         encode_seconds=encode_seconds, index_kind=result.index_kind, generation=result.generation,
         skipped=tuple(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))),
-        files_with_replacements=tuple(replaced))
+        files_with_replacements=tuple(replaced), skipped_files=tuple(skipped_files))
     emit(ProgressEvent("done", 1, 1, ""))
     return stats
 

@@ -605,6 +605,9 @@ class StoreWriter:
         # content hash whenever they are in this run's epoch
         self.full = (self.committed is None or self.rebuild
                      or self.committed.get("chunking") != self.chunking)
+        # what this run was started with, so that a re-run after an interrupted first run reuses it
+        self._set("work_settings", json.dumps({"encoder": asdict(self.encoder), "chunking": self.chunking,
+                                               "index": {"config": asdict(self.index_config)}}, sort_keys=True))
         with self._transaction():
             self._conn.execute("DELETE FROM vectors WHERE epoch NOT IN (?, ?)", (committed_epoch, self.epoch))
             self._set("work_epoch", self.epoch)
@@ -852,6 +855,32 @@ def index_is_locked(index_dir: str | Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def read_build_settings(index_dir: str | Path) -> dict | None:
+    """How the index in ``index_dir`` was built (the committed manifest), else what an interrupted first
+    run was started with (``encoder``, ``chunking``, ``index``; ``"committed": False``), else None (no
+    index, or an unreadable one: the writer reports that properly)."""
+    directory = Path(index_dir).expanduser()
+    db = directory / DB_NAME
+    if not db.is_file():
+        return None
+    try:
+        conn = _connect(db)
+        try:
+            meta = _meta(conn)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return None
+    for key, committed in (("manifest", True), ("work_settings", False)):
+        try:
+            value = json.loads(meta[key]) if key in meta else None
+        except ValueError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("encoder"), dict):
+            return {**value, "committed": committed}
+    return None
 
 
 def read_manifest(index_dir: str | Path) -> dict:

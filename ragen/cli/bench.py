@@ -45,13 +45,13 @@ def _command_line() -> str:
 
 
 class _Bars:
-    """rich progress bars on stderr, one per phase (embedding, search, ranking)."""
+    """Progress on stderr, one step per phase (embedding, search, ranking): rich bars on a terminal, plain
+    periodic lines (done/total, rate, ETA) under nohup or CI."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from ._progress import progress_display
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+        self.progress = progress_display()
 
     def __enter__(self) -> _Bars:
         self.progress.__enter__()
@@ -61,8 +61,14 @@ class _Bars:
         self.progress.__exit__(*exc)
 
     def __call__(self, description: str, total: int) -> Callable[[int], None]:
-        task_id = self.progress.add_task(description, total=total)
-        return lambda n: self.progress.advance(task_id, n)
+        task_id = self.progress.add(description, total=total)
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            self.progress.update(task_id, done[0])
+
+        return advance
 
 
 def _print_table(table: Any) -> None:

@@ -10,50 +10,42 @@ from typing import Annotated, Optional
 
 import typer
 
+from ._common import clean, json_line, shown, verbose
 from ._common import DEFAULT_MODEL, app, err, out, run_command
 from .ask import GuardConfigOpt, GuardOpt, guard_option, safe
 from ..errors import RagenError
 
 DEFAULT_INDEX = os.path.join("indexes", "default")
 
-IndexOpt = Annotated[str, typer.Option("--index", "-i", help="Index directory.")]
+IndexOpt = Annotated[str, typer.Option("--index", "-i", metavar="DIR", help="Index directory.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: GPU when available).")]
 
 
 def _index_model(model: str | None, index_dir: Path) -> str:
-    """--model, else $RAGEN_MODEL, else the model an existing index was built with, else the default."""
+    """--model, else $RAGEN_MODEL, else the model an existing index was built with (or an interrupted
+    first run was started with), else the default."""
     if model:
         return model
     if os.environ.get("RAGEN_MODEL"):
         return os.environ["RAGEN_MODEL"]
-    from ..store import read_manifest
-
-    if (index_dir / "chunks.sqlite").exists():
-        try:
-            return str(read_manifest(index_dir)["encoder"]["spec"])
-        except RagenError:
-            pass  # incomplete or unreadable: the writer reports it properly
-    return DEFAULT_MODEL
+    recorded = _recorded(index_dir)
+    spec = ((recorded or {}).get("encoder") or {}).get("spec")
+    return str(spec) if isinstance(spec, str) and spec else DEFAULT_MODEL
 
 
 def _load(spec: str, device: str | None, base_model: str | None = None):
     from ..encoders import load_encoder
 
-    with err.status(f"loading model [bold]{spec}[/] ...", spinner="dots"):
+    with err.status(f"loading model [bold]{shown(spec)}[/] ...", spinner="dots"):
         return load_encoder(spec, device=device, base_model=base_model)
 
 
 def _recorded_base_model(index_dir: Path, spec: str) -> str | None:
     """The backbone an existing index recorded for ``spec`` (so re-runs work offline without repeating it)."""
-    from ..store import read_manifest
-
-    if (index_dir / "chunks.sqlite").exists():
-        try:
-            enc = read_manifest(index_dir)["encoder"]
-        except RagenError:
-            return None
-        if enc.get("spec") in (spec, str(Path(spec).expanduser().resolve())):
-            return enc.get("base_model")
+    enc = ((_recorded(index_dir) or {}).get("encoder") or {})
+    if enc.get("spec") in (spec, str(Path(spec).expanduser().resolve())):
+        base = enc.get("base_model")
+        return str(base) if isinstance(base, str) and base else None
     return None
 
 
@@ -62,85 +54,257 @@ BaseModelOpt = Annotated[Optional[str], typer.Option(
                          "recorded in the index).")]
 
 
+def _recorded(target: Path) -> dict | None:
+    from ..store import read_build_settings
+
+    return read_build_settings(target)
+
+
+def _resolve(name: str, given, recorded_value, default, changes: list[str], committed: bool):
+    """The value of one build setting: given explicitly, else recorded in the index, else the default.
+    A given value that differs from the committed index's is a deliberate rebuild and is announced."""
+    if given is None:
+        return default if recorded_value is None else recorded_value
+    if committed and recorded_value is not None and given != recorded_value:
+        changes.append(f"{name} {_show_setting(recorded_value)} -> {_show_setting(given)}")
+    return given
+
+
+def _show_setting(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(value) + "]" if value else "none"
+    return str(value)
+
+
+def _patterns(values: Optional[list[str]]) -> tuple[str, ...] | None:
+    """--include/--exclude values; None when not given; ``""`` alone clears the recorded patterns."""
+    if values is None or values == []:
+        return None
+    return tuple(v for v in values if v != "")
+
+
+def _up_to_date(target: Path, scanned, selection) -> list[tuple[str, str]] | None:
+    """Whether a run would change nothing, so the model need not be loaded: every indexed file is still
+    there with the same size and mtime, and every other scanned file still cannot be read (binary, bad
+    JSON, ...; re-checked, which costs no model). Returns those files' ``(relpath, reason)``, or None when
+    something changed."""
+    from ..corpus import SkipFile, read_document
+    from ..store import Store
+
+    try:
+        with Store.open(target, device="cpu") as store:
+            indexed = {p: (s, m) for p, s, m, _ in store.files()}
+    except RagenError:
+        return None  # unreadable or inconsistent: the writer reports it (and a rebuild fixes it)
+    found = {f.relpath: f for f in scanned.files}
+    if not indexed or any(found.get(p) is None or (found[p].size, found[p].mtime_ns) != sm
+                          for p, sm in indexed.items()):
+        return None
+    unreadable = []
+    for rel, sf in found.items():
+        if rel not in indexed:
+            try:
+                read_document(sf, max_file_size=selection.max_file_size)
+            except SkipFile as why:
+                unreadable.append((rel, str(why)))
+                continue
+            return None  # readable now: a new file, or one that was fixed
+    return unreadable
+
+
 @app.command()
 def index(
     path: Annotated[str, typer.Argument(help="Folder (or single file) to index.")],
     index_dir: IndexOpt = DEFAULT_INDEX,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder spec. Default: $RAGEN_MODEL, else the model the index was built with, else McGill-NLP/LLM2Vec-Gen-Qwen3-06B.")] = None,
-    chunk_size: Annotated[int, typer.Option(help="Characters per chunk.")] = 1000,
-    chunk_overlap: Annotated[int, typer.Option(help="Characters shared by consecutive chunks.")] = 200,
+    chunk_size: Annotated[Optional[int], typer.Option(help="Characters per chunk. Default: as the index was built, else 1000.")] = None,
+    chunk_overlap: Annotated[Optional[int], typer.Option(help="Characters shared by consecutive chunks. Default: as the index was built, else 200.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Chunks per encoder batch (and per committed write).")] = 32,
     device: DeviceOpt = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-embed everything instead of updating.")] = False,
-    index_type: Annotated[str, typer.Option(help="flat (exact), hnsw or ivf (approximate, for large corpora).")] = "flat",
+    index_type: Annotated[Optional[str], typer.Option(help="flat (exact), hnsw or ivf (approximate, for large corpora). Default: as the index was built, else flat.")] = None,
     base_model: BaseModelOpt = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="Only files matching this glob (gitignore syntax, relative to PATH; repeatable), e.g. '*.md', 'docs/**'. Remembered; --include '' clears.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="GLOB", help="Skip files and folders matching this glob (repeatable), e.g. 'benchmarks/**/report.json'. Remembered; --exclude '' clears.")] = None,
+    gitignore: Annotated[Optional[bool], typer.Option("--gitignore/--no-gitignore", help="Inside a git repository, skip what its .gitignore files ignore. Default: as the index was built, else on.")] = None,
+    max_file_size: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Skip larger files, e.g. 50MB, 800k; 0: no limit. Default: as the index was built, else 50MB.")] = None,
+    list_skipped: Annotated[bool, typer.Option("--list-skipped", help="Name every skipped file and folder with its reason.")] = False,
+    verbose_flag: Annotated[bool, typer.Option("--verbose", "-v", help="--list-skipped, plus library warnings and notes.")] = False,
 ) -> None:
-    """Index a folder: embed new or changed chunks, drop deleted files, write the index atomically."""
+    """Index a folder: embed new or changed chunks, drop deleted files, write the index atomically.
+
+    Settings (model, chunking, index type, file patterns, size cap) are recorded in the index and reused by
+    a plain re-run; an explicitly different value rebuilds, and says so.
+    """
+    from . import _common
+
+    if verbose_flag:
+        _common._state["verbose"] = True
 
     def body() -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
         from rich.table import Table
 
-        from ..corpus import ChunkingConfig
+        from ..corpus import ChunkingConfig, FileSelection, parse_size
         from ..retriever import build_index, scan_source
         from ..store import IndexConfig, check_unlocked
 
         src = Path(path).expanduser()
-        if not src.exists():
+        if not os.path.lexists(src):
             raise RagenError(f"{path}: no such file or directory")
-        ChunkingConfig(chunk_size, chunk_overlap)  # validate before loading a model
-        config = IndexConfig(kind=index_type)
         target = Path(index_dir).expanduser()
+        if target.exists() and src.is_dir() and target.resolve() == src.resolve():
+            raise RagenError(f"--index {index_dir} is the folder being indexed; keep the index outside it "
+                             "(or in a subfolder, which is then skipped)")
         check_unlocked(target)
-        scanned = scan_source(src, target)  # an empty or unsupported folder fails before the model loads
-        spec = _index_model(model, target)
-        encoder = _load(spec, device, base_model or _recorded_base_model(target, spec))
 
-        columns = (TextColumn("[progress.description]{task.description:<10}"), BarColumn(),
-                   MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                   TextColumn("[dim]{task.fields[detail]}"))
-        with Progress(*columns, console=err, transient=False) as bar:
+        recorded = _recorded(target)
+        committed = bool(recorded and recorded.get("committed"))
+        rec_chunking = _dict((recorded or {}).get("chunking"))
+        rec_files = FileSelection.from_dict(rec_chunking.get("files")) if "files" in rec_chunking else None
+        rec_kind = _dict(_dict((recorded or {}).get("index")).get("config")).get("kind")
+        rec_kind = rec_kind if isinstance(rec_kind, str) else None
+        changes: list[str] = []
+        size = _resolve("chunk size", chunk_size, _int(rec_chunking.get("chunk_size")), 1000, changes, committed)
+        overlap = _resolve("chunk overlap", chunk_overlap, _int(rec_chunking.get("chunk_overlap")), 200, changes,
+                           committed)
+        ChunkingConfig(size, overlap)  # validate before loading a model
+        kind = _resolve("index type", index_type, rec_kind, "flat", changes, committed)
+        config = IndexConfig(kind=kind)
+        default_sel = FileSelection()
+        selection = FileSelection(
+            include=_resolve("--include", _patterns(include), rec_files and rec_files.include, (), changes, committed),
+            exclude=_resolve("--exclude", _patterns(exclude), rec_files and rec_files.exclude, (), changes, committed),
+            gitignore=_resolve("--gitignore", gitignore, rec_files and rec_files.gitignore, default_sel.gitignore,
+                               changes, committed),
+            max_file_size=_resolve("--max-file-size", None if max_file_size is None else parse_size(max_file_size),
+                                   rec_files and rec_files.max_file_size, default_sel.max_file_size, changes,
+                                   committed))
+
+        rec_encoder = {k: v for k, v in _dict((recorded or {}).get("encoder")).items() if isinstance(v, str)}
+        spec = _index_model(model, target)
+        rebuild_now = rebuild
+        if committed and rec_encoder.get("spec") and rec_encoder["spec"] not in (spec, _abs(spec)) and not rebuild:
+            changes.append(f"model {rec_encoder['spec']} -> {spec}")
+            rebuild_now = True  # another encoder: every vector is new
+        elif committed and base_model and rec_encoder.get("base_model") and not rebuild \
+                and rec_encoder["base_model"] not in (base_model, _abs(base_model)):
+            changes.append(f"base model {rec_encoder['base_model']} -> {base_model}")
+            rebuild_now = True
+        scanned = scan_source(src, target, selection)  # an empty or unsupported folder fails before the model loads
+
+        if changes:
+            err.print(f"[yellow]rebuilding[/] with a setting given explicitly: {shown('; '.join(changes))}",
+                      highlight=False)
+        elif committed and not rebuild_now and (unreadable := _up_to_date(target, scanned, selection)) is not None:
+            counts = Counter(dict(scanned.skipped))
+            counts.update(reason for _, reason in unreadable)
+            _print_skips(scanned.skipped_files + unreadable, dict(counts), scanned, list_skipped or verbose())
+            totals = _dict(recorded.get("counts"))
+            enc = recorded["encoder"]
+            summary = Table(title=f"index {shown(target)}", show_header=False, title_justify="left")
+            n_skipped = scanned.files_skipped + len(unreadable)
+            summary.add_row("files", f"{totals.get('files', 0)} indexed, all unchanged ({n_skipped} "
+                                     f"skipped) of {len(scanned.files) + scanned.files_skipped} seen")
+            summary.add_row("chunks", f"{totals.get('chunks', 0)} in index (0 embedded now): up to date, model not loaded")
+            summary.add_row("model", f"{shown(enc.get('spec'))} (dim {enc.get('dim')})")
+            summary.add_row("index", f"{_dict(recorded.get('index')).get('kind')}, generation {recorded.get('generation')}")
+            out.print(summary)
+            return
+
+        base = base_model or _recorded_base_model(target, spec)
+        encoder = _load(spec, device, base)
+
+        from ._progress import progress_display
+
+        with progress_display() as bar:
             tasks: dict[str, int] = {}
+            labels = {"read": ("files", "files"), "embed": ("chunks", "vec"), "write": ("writing", "")}
 
             def on_progress(event) -> None:
-                if event.stage in ("read", "embed", "write") and event.stage not in tasks:
-                    label = {"read": "files", "embed": "chunks", "write": "writing"}[event.stage]
-                    tasks[event.stage] = bar.add_task(label, total=event.total or None, rate="", detail="")
-                if event.stage not in tasks:
-                    return
-                task = tasks[event.stage]
-                detail = event.detail[-40:] if event.stage == "read" else event.detail
-                bar.update(task, completed=event.done, total=event.total or None, detail=detail)
-                if event.stage == "embed":
-                    speed = bar.tasks[task].speed if task < len(bar.tasks) else None
-                    bar.update(task, rate=f"{speed:,.1f} vec/s" if speed else "")
+                if event.stage in labels and event.stage not in tasks:
+                    label, unit = labels[event.stage]
+                    tasks[event.stage] = bar.add(label, event.total or None, unit=unit)
+                if event.stage in tasks:
+                    bar.update(tasks[event.stage], event.done, event.total or None,
+                               clean(event.detail, oneline=True)[-40:] if event.stage == "read" else "")
 
-            stats = build_index(src, target, encoder=encoder, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
-                                batch_size=batch_size, rebuild=rebuild, progress=on_progress, index_config=config,
-                                scanned=scanned)
+            stats = build_index(src, target, encoder=encoder, chunk_size=size, chunk_overlap=overlap,
+                                batch_size=batch_size, rebuild=rebuild_now, progress=on_progress, index_config=config,
+                                scanned=scanned, selection=selection)
 
-        for reason, n in stats.skipped:
-            err.print(f"[yellow]skipped[/] {n} file{'s' if n != 1 else ''}: {reason}", highlight=False)
+        _print_skips(stats.skipped_files, dict(stats.skipped), scanned, list_skipped or verbose())
         if stats.files_with_replacements:
             names = ", ".join(stats.files_with_replacements[:3])
             more = f" and {len(stats.files_with_replacements) - 3} more" if len(stats.files_with_replacements) > 3 else ""
-            err.print(f"[yellow]notice[/] undecodable bytes replaced with U+FFFD in {names}{more}", highlight=False)
-        summary = Table(title=f"index {target}", show_header=False, title_justify="left")
+            err.print(f"[yellow]notice[/] undecodable bytes replaced with U+FFFD in {shown(names)}{more}", highlight=False)
+        if stats.index_kind != config.kind:
+            err.print(f"[yellow]notice[/] --index-type {config.kind} needs more vectors than the {stats.chunks_total} "
+                      f"in this index (IVF: at least 78); built {stats.index_kind} (exact) instead; the next run "
+                      f"with more text builds {config.kind}", highlight=False)
+        summary = Table(title=f"index {shown(target)}", show_header=False, title_justify="left")
         summary.add_row("files", f"{stats.files_indexed} indexed ({stats.files_changed} new or changed, "
                                  f"{stats.files_removed} removed, {stats.files_skipped} skipped) of {stats.files_seen} seen")
         summary.add_row("chunks", f"{stats.chunks_total} in index ({stats.chunks_embedded} embedded now, "
                                   f"{stats.chunks_removed} removed)")
         rate = f", {stats.chunks_embedded / stats.encode_seconds:,.1f} vec/s" if stats.encode_seconds > 0 else ""
         summary.add_row("time", f"{stats.seconds:.1f} s (encoding {stats.encode_seconds:.1f} s{rate})")
-        summary.add_row("model", f"{encoder.spec} (dim {encoder.dim})")
+        summary.add_row("model", f"{shown(encoder.spec)} (dim {encoder.dim})")
         summary.add_row("index", f"{stats.index_kind}, generation {stats.generation}")
+        if selection.include or selection.exclude:
+            summary.add_row("patterns", shown(f"include {_show_setting(selection.include)}, "
+                                              f"exclude {_show_setting(selection.exclude)}"))
         out.print(summary)
 
     run_command(body)
 
 
+def _dict(value) -> dict:
+    """A manifest field that should be an object; {} for anything else (a hand-edited or foreign file)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _abs(spec: str) -> str:
+    local = Path(spec).expanduser()
+    return str(local.resolve()) if local.exists() else spec
+
+
+def _print_skips(skipped_files, counts: dict, scanned, name_all: bool) -> None:
+    """Skipped files per reason (and skipped folders); every one by name with --list-skipped/--verbose."""
+    for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        err.print(f"[yellow]skipped[/] {n} file{'s' if n != 1 else ''}: {shown(reason, oneline=True)}", highlight=False)
+    for reason, n in sorted(scanned.folders_skipped.items(), key=lambda kv: (-kv[1], kv[0])):
+        err.print(f"[yellow]skipped[/] {n} folder{'s' if n != 1 else ''}: {shown(reason, oneline=True)} (not entered)",
+                  highlight=False)
+    if name_all:
+        for rel, reason in skipped_files:
+            err.print(f"  skipped file {shown(rel, oneline=True)}: {shown(reason, oneline=True)}", highlight=False)
+        for rel, reason in scanned.skipped_folders:
+            err.print(f"  skipped folder {shown(rel, oneline=True)}/: {shown(reason, oneline=True)}", highlight=False)
+    elif counts or scanned.folders_skipped:
+        err.print("[dim]  (--list-skipped names them)[/]", highlight=False)
+
+
+def _argument_text(text: str) -> str:
+    """A command-line argument as text: bytes that are not valid UTF-8 (which Python keeps as lone surrogates,
+    and no tokenizer accepts) are decoded with U+FFFD, and the user is told."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-8", "surrogateescape" if all("\udc80" <= c <= "\udcff" for c in text if
+                                                              "\ud800" <= c <= "\udfff") else "surrogatepass")
+        value = fixed.decode("utf-8", "replace")
+        err.print("[yellow]notice[/] the query is not valid UTF-8; undecodable bytes were replaced with U+FFFD",
+                  highlight=False)
+        return value
+
+
 def _snippet(text: str, width: int = 160) -> str:
-    flat = " ".join(text.split())
+    flat = " ".join(clean(text, oneline=True).split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
@@ -158,6 +322,7 @@ def query(
     guard_config: GuardConfigOpt = None,
 ) -> None:
     """Search an index; print a ranked table, or JSON with --json."""
+    text = _argument_text(text)  # undecodable bytes in the argument: U+FFFD, and a notice
 
     def body() -> None:
         from rich.panel import Panel
@@ -188,19 +353,19 @@ def query(
             store.close()
         if as_json:
             if explanation is not None:
-                err.print(Panel(explanation, title="the query embedding decodes to"))
-            print(json.dumps([{"rank": h.rank, "score": round(h.score, 6), "path": h.path, "chunk_id": h.chunk_id,
-                               "text": h.text, "start": h.start, "end": h.end} for h in hits], ensure_ascii=False))
+                err.print(Panel(shown(explanation), title="the query embedding decodes to"))
+            print(json_line([{"rank": h.rank, "score": round(h.score, 6), "path": h.path, "chunk_id": h.chunk_id,
+                               "text": h.text, "start": h.start, "end": h.end} for h in hits]))
             return
         if explanation is not None:
-            out.print(Panel(explanation or "(empty)", title="the query embedding decodes to", title_align="left"))
+            out.print(Panel(shown(explanation) or "(empty)", title="the query embedding decodes to", title_align="left"))
         if not hits:
             if not found.blocked:
                 err.print("no hits: the index is empty")
             return
-        table = Table("rank", "score", "path", "snippet", title=f"{text}", title_justify="left")
+        table = Table("rank", "score", "chunk", "snippet", title=shown(text, oneline=True), title_justify="left")
         for h in hits:
-            table.add_row(str(h.rank), f"{h.score:.3f}", h.chunk_id, _snippet(h.text))
+            table.add_row(str(h.rank), f"{h.score:.3f}", shown(h.chunk_id, oneline=True), shown(_snippet(h.text)))
         out.print(table)
 
     run_command(body)
@@ -216,6 +381,7 @@ def info(
     def body() -> None:
         from rich.table import Table
 
+        from ..corpus import FileSelection, format_size
         from ..store import Store, index_is_locked
 
         with Store.open(index_dir, device="cpu") as store:
@@ -224,6 +390,11 @@ def info(
             size = store.disk_bytes()
         by_type = Counter(Path(p).suffix.lower() or Path(p).name for p, *_ in files)
         busy = index_is_locked(index_dir)
+        total_chunks = sum(n for *_, n in files) or 1
+        largest = sorted(files, key=lambda f: (-f[3], -f[1], f[0]))[:5]  # most chunks first, then bytes
+        manifest = {**manifest, "largest_sources": [{"path": p, "bytes": s, "chunks": n,
+                                                     "share_of_chunks": round(n / total_chunks, 4)}
+                                                    for p, s, _, n in largest]}  # in --json too
         if as_json:
             print(json.dumps({**manifest, "index_dir": str(Path(index_dir).resolve()), "disk_bytes": size,
                               "file_types": dict(by_type.most_common()), "being_written": busy}, indent=2))
@@ -232,24 +403,35 @@ def info(
         counts = manifest.get("counts", {})
         ch = manifest.get("chunking", {})
         idx = manifest.get("index", {})
-        table = Table(title=f"index {index_dir}", show_header=False, title_justify="left")
-        table.add_row("encoder", enc["spec"])
+        table = Table(title=f"index {shown(index_dir)}", show_header=False, title_justify="left")
+        table.add_row("encoder", shown(enc["spec"]))
         if enc.get("base_model"):
-            table.add_row("base model", str(enc["base_model"]))
+            table.add_row("base model", shown(enc["base_model"]))
         table.add_row("fingerprint", f"{enc['fingerprint']} (dim {enc['dim']}, {manifest.get('normalization')}-normalised, "
                                      f"{manifest.get('metric', 'inner_product').replace('_', ' ')})")
         if enc.get("query_instruction") is not None or enc.get("document_instruction") is not None:
-            table.add_row("instructions", f"query: {enc.get('query_instruction')!r}\ndocument: {enc.get('document_instruction')!r}")
+            table.add_row("instructions", shown(f"query: {enc.get('query_instruction')!r}\n"
+                                                f"document: {enc.get('document_instruction')!r}"))
         table.add_row("contents", f"{counts.get('files', 0)} files, {counts.get('chunks', 0)} chunks, "
                                   f"{counts.get('unique_vectors', 0)} unique vectors")
-        table.add_row("file types", ", ".join(f"{t} {n}" for t, n in by_type.most_common(8)) or "-")
+        table.add_row("file types", shown(", ".join(f"{t} {n}" for t, n in by_type.most_common(8)) or "-"))
+        table.add_row("largest sources", "\n".join(
+            f"{shown(p, oneline=True)}: {n} chunk{'s' if n != 1 else ''} ({100 * n / total_chunks:.0f}%), {format_size(s)}"
+            for p, s, _, n in largest) or "-")
         table.add_row("chunking", f"{ch.get('chunk_size')} chars, overlap {ch.get('chunk_overlap')} ({ch.get('method')})")
         kind = idx.get("kind", "flat")
         params = idx.get("config", {})
         extra = {"hnsw": f" (M {params.get('hnsw_m')}, efSearch {params.get('hnsw_ef_search')})",
                  "ivf": f" (nprobe {params.get('ivf_nprobe')})"}.get(kind, " (exact)")
         table.add_row("faiss", f"{kind}{extra}, generation {manifest.get('generation')}, {size / 1e6:.1f} MB on disk")
-        table.add_row("source", str(manifest.get("source")))
+        table.add_row("source", shown(manifest.get("source")))
+        sel = ch.get("files") if isinstance(ch.get("files"), dict) else None
+        if sel:
+            fs = FileSelection.from_dict(sel)  # tolerant of a hand-edited manifest
+            cap_text = format_size(fs.max_file_size) if fs.max_file_size else "no limit"
+            table.add_row("file selection", shown(
+                f"include {_show_setting(fs.include)}, exclude {_show_setting(fs.exclude)}, "
+                f".gitignore {'honoured' if fs.gitignore else 'not used'}, max file size {cap_text}"))
         table.add_row("built", f"created {manifest.get('created_at')}, updated {manifest.get('updated_at')} "
                                f"(ragen {manifest.get('ragen_version')}, format {manifest.get('format_version')})")
         if busy:

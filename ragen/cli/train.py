@@ -64,8 +64,6 @@ def generate_responses_cmd(
     """Stage 1: the frozen LLM answers the queries (chat template, generation prompt) -> OUTPUT/responses.jsonl."""
 
     def body() -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         from ..training.distributed import barrier
         from ..training.loop import setup_runtime
         from ..training.responses import generate_responses, merge_responses, responses_complete
@@ -78,11 +76,12 @@ def generate_responses_cmd(
         explicit = _parse_shard(shard)
         ctx, dev, dt = setup_runtime(cfg)
         part = explicit or (ctx.rank, ctx.world_size)
-        with Progress(TextColumn("[bold]responses[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err, disable=not _is_main()) as progress:
-            task = progress.add_task("responses", total=None)
+        from ._progress import progress_display
+
+        with progress_display(enabled=_is_main()) as progress:
+            task = progress.add("responses", None)
             n = generate_responses(cfg, output, shard=part, device=dev, dtype=dt,
-                                   progress=lambda d, total: progress.update(task, completed=d, total=total))
+                                   progress=lambda d, total: progress.update(task, d, total))
         barrier(ctx)
         if ctx.is_main:
             try:
@@ -153,12 +152,10 @@ class _RichCallback:
     """Draws the library's progress reports: a bar per stage, loss/lr/tokens per second while training."""
 
     def __init__(self, enabled: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from ._progress import progress_display
 
         self.enabled = enabled
-        self.progress = Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=err, disable=not enabled)
+        self.progress = progress_display(enabled=enabled)  # bars on a terminal, plain lines under nohup/CI
         self.tasks: dict[str, Any] = {}
         self.eval_info = ""
         if enabled:
@@ -166,7 +163,7 @@ class _RichCallback:
 
     def _task(self, name: str, total: int | None = None, completed: int = 0):
         if name not in self.tasks:
-            self.tasks[name] = self.progress.add_task(name, total=total, completed=completed, info="")
+            self.tasks[name] = self.progress.add(name, total, completed=completed)
         return self.tasks[name]
 
     def on_stage(self, name: str, detail: str) -> None:
@@ -174,7 +171,7 @@ class _RichCallback:
             self.progress.console.print(f"[cyan]{name}[/]: {detail}", highlight=False)
 
     def on_progress(self, stage: str, done: int, total: int) -> None:
-        self.progress.update(self._task(stage), completed=done, total=total)
+        self.progress.update(self._task(stage), done, total)
 
     def on_train_start(self, start_step: int, max_steps: int) -> None:
         self._task("train", total=max_steps, completed=start_step)
@@ -184,7 +181,7 @@ class _RichCallback:
     def on_step(self, m: dict[str, Any]) -> None:
         info = (f"loss {m['loss']:.4f} (rec {m['rec']:.4f}, align {m['align']:.5f}) lr {m['lr']:.2e} "
                 f"{m['tokens_per_s']:.0f} tok/s{self.eval_info}")
-        self.progress.update(self._task("train"), completed=m["step"], info=info)
+        self.progress.update(self._task("train"), m["step"], detail=info)
 
     def on_eval(self, m: dict[str, Any]) -> None:
         self.eval_info = f" | eval {m['eval_loss']:.4f}"

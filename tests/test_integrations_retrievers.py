@@ -181,3 +181,49 @@ def test_index_built_by_the_cli_is_usable_from_both_frameworks(corpus, tiny_chec
     lc = RagenLangChainRetriever(index, k=3, device="cpu")
     assert [n.node.node_id for n in li.retrieve(QUERIES[0])] == cli_ids
     assert [d.metadata["chunk_id"] for d in lc.invoke(QUERIES[0])] == cli_ids
+
+
+# ------------------------------------------------------------------------------------------------------------
+# metadata filters
+# ------------------------------------------------------------------------------------------------------------
+def _expected_filtered(reference, query: str, k: int, keep) -> list:
+    """ragen's full ranking with the predicate applied: what a filtered search must return."""
+    return [h for h in reference.search(query, k=100) if keep(h)][:k]
+
+
+def test_llama_index_retriever_filters(tiny_index, reference):
+    from llama_index.core.vector_stores.types import (FilterCondition, FilterOperator, MetadataFilter,
+                                                      MetadataFilters)
+
+    only_sky = MetadataFilters(filters=[MetadataFilter(key="path", value="sky.txt")])
+    li = RagenLlamaIndexRetriever(reference, similarity_top_k=3, filters=only_sky)
+    got = li.retrieve(QUERIES[1])
+    assert [n.node.metadata["path"] for n in got] == ["sky.txt"]
+    _same_hits([n.node.node_id for n in got], [n.score for n in got],
+               _expected_filtered(reference, QUERIES[1], 3, lambda h: h.path == "sky.txt"))
+
+    either = MetadataFilters(filters=[MetadataFilter(key="path", value=["paris.md", "cache.txt"],
+                                                     operator=FilterOperator.IN),
+                                      MetadataFilter(key="chunk_id", value="plants/", operator=FilterOperator.TEXT_MATCH)],
+                             condition=FilterCondition.OR)
+    got = RagenLlamaIndexRetriever(reference, similarity_top_k=5, filters=either).retrieve(QUERIES[0])
+    keep = lambda h: h.path in ("paris.md", "cache.txt") or "plants/" in h.chunk_id  # noqa: E731
+    _same_hits([n.node.node_id for n in got], [n.score for n in got], _expected_filtered(reference, QUERIES[0], 5, keep))
+    assert {n.node.metadata["path"] for n in got} == {"paris.md", "cache.txt", "plants/leaf.txt"}
+
+    not_paris = MetadataFilters(filters=[MetadataFilter(key="path", value="paris.md")], condition=FilterCondition.NOT)
+    got = asyncio.run(RagenLlamaIndexRetriever(reference, similarity_top_k=5, filters=not_paris).aretrieve(QUERIES[1]))
+    assert len(got) == 4 and "paris.md" not in {n.node.metadata["path"] for n in got}
+    assert [n.score for n in got] == sorted((n.score for n in got), reverse=True)
+
+
+def test_llama_index_retriever_bad_filters(reference):
+    from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter, MetadataFilters
+
+    with pytest.raises(RagenError, match=r"cannot filter on metadata key 'author'.*path, chunk_id, start, end"):
+        RagenLlamaIndexRetriever(reference, filters=MetadataFilters(filters=[MetadataFilter(key="author", value="x")]))
+    with pytest.raises(RagenError, match="list-valued metadata"):
+        RagenLlamaIndexRetriever(reference, filters=MetadataFilters(
+            filters=[MetadataFilter(key="path", value=["a"], operator=FilterOperator.ANY)]))
+    with pytest.raises(RagenError, match="must be llama_index MetadataFilters"):
+        RagenLlamaIndexRetriever(reference, filters={"path": "sky.txt"})

@@ -6,7 +6,8 @@
 - :class:`RagenFaissVectorStore` is LlamaIndex's ``FaissVectorStore`` on an inner-product index (cosine
   similarity with normalised vectors), on the GPU when FAISS sees one, persisted atomically from a CPU copy.
 - :class:`RagenLlamaIndexRetriever` is a ``BaseRetriever`` over an index built with ``ragen index``: no
-  re-embedding, results identical to ``Retriever.search``.
+  re-embedding, results identical to ``Retriever.search``; ``filters=`` (``MetadataFilters``) on the chunk
+  metadata a ragen index stores: ``path``, ``chunk_id``, ``start``, ``end``.
 
 Needs the ``llama-index`` extra: ``pip install 'ragen[llama-index]'``.
 """
@@ -14,8 +15,10 @@ Needs the ``llama-index`` extra: ``pip install 'ragen[llama-index]'``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -23,7 +26,9 @@ try:
     from llama_index.core.bridge.pydantic import Field, PrivateAttr
     from llama_index.core.callbacks import CallbackManager
     from llama_index.core.embeddings import BaseEmbedding
-    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+    from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle, TextNode
+    from llama_index.core.vector_stores.types import (FilterCondition, FilterOperator, MetadataFilters,
+                                                      VectorStoreQuery, VectorStoreQueryResult)
     from llama_index.vector_stores.faiss import FaissVectorStore
     from fsspec.implementations.local import LocalFileSystem  # a llama-index-core dependency
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
@@ -33,14 +38,16 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 import numpy as np
 
-from .._io import atomic_path
+from .._io import atomic_path, atomic_write_text
 from ..encoders.base import Encoder
 from ..errors import RagenError, StoreError
-from ._shared import EmbedSettings, embed, encode_lock, hit_metadata, open_index, shared_encoder
+from ._shared import (EmbedSettings, check_filter_key, embed, hit_metadata, open_index, search_filtered,
+                      shared_encoder)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PERSIST_FNAME = "default__vector_store.json"  # the file name StorageContext.persist gives the store
+FAISS_SUFFIX = ".faiss"  # the FAISS index itself sits beside that JSON file: default__vector_store.faiss
 
 
 class LLM2VecGenEmbedding(BaseEmbedding):
@@ -78,15 +85,23 @@ class LLM2VecGenEmbedding(BaseEmbedding):
         normalize: bool = True,
         encoder: Encoder | None = None,
         callback_manager: CallbackManager | None = None,
+        num_workers: int | None = None,
+        embeddings_cache: Any = None,
+        rate_limiter: Any = None,
     ) -> None:
-        if (model_name is None) == (encoder is None):
-            raise RagenError("LLM2VecGenEmbedding needs exactly one of model_name (an encoder spec) or encoder")
+        """Every ``BaseEmbedding`` field is accepted (``embed_batch_size``, ``callback_manager``,
+        ``num_workers``, ``embeddings_cache``, ``rate_limiter``), so ``from_dict(e.to_dict())`` and
+        ``from_json(e.to_json())`` rebuild an equal instance (loading the model through the shared cache)."""
+        if (model_name is None) == (encoder is None) and (encoder is None or model_name != encoder.spec):
+            raise RagenError("LLM2VecGenEmbedding needs exactly one of model_name (an encoder spec) or encoder "
+                             "(both only when model_name is that encoder's spec)")
         if encoder is None:
             encoder = shared_encoder(model_name, base_model=base_model, device=device, dtype=dtype)  # type: ignore[arg-type]
         super().__init__(model_name=model_name if model_name is not None else encoder.spec, base_model=base_model,
                          device=device, dtype=dtype, query_instruction=query_instruction,
                          text_instruction=text_instruction, embed_batch_size=embed_batch_size,
-                         max_length=max_length, normalize=normalize, callback_manager=callback_manager)
+                         max_length=max_length, normalize=normalize, callback_manager=callback_manager,
+                         num_workers=num_workers, embeddings_cache=embeddings_cache, rate_limiter=rate_limiter)
         self._settings()  # validate now, not at the first embed
         self._encoder = encoder
 
@@ -150,11 +165,34 @@ def _to_gpu(index: Any) -> tuple[Any, Any]:
     return faiss.index_cpu_to_gpu(resources, 0, index), resources
 
 
+def _faiss_path(persist_path: str) -> str:
+    """Where the FAISS index of a store persisted at ``persist_path`` lives: beside the JSON file."""
+    return persist_path[:-len(".json")] + FAISS_SUFFIX if persist_path.endswith(".json") else persist_path
+
+
+def _layout_marker(faiss_name: str) -> dict:
+    """The JSON written at the path StorageContext gives the store. A ``SimpleVectorStore`` (what
+    ``StorageContext.from_defaults(persist_dir=...)`` loads when no ``vector_store=`` is passed) fails on it
+    with this sentence as its error message, instead of a ``UnicodeDecodeError`` on FAISS bytes."""
+    message = (f"this directory holds a ragen FAISS vector store ({faiss_name}), not a SimpleVectorStore: load it "
+               "with StorageContext.from_defaults(persist_dir=DIR, "
+               "vector_store=RagenFaissVectorStore.from_persist_dir(DIR))")
+    return {"ragen_faiss_vector_store": {"format": 1, "faiss_file": faiss_name}, "embedding_dict": {"ragen": [message]}}
+
+
 class RagenFaissVectorStore(FaissVectorStore):
     """``FaissVectorStore`` with inner-product search, GPU placement when available, and atomic persistence.
 
     Build one with :meth:`create` (new, empty) or :meth:`from_persist_dir` (reload). With
-    ``LLM2VecGenEmbedding(normalize=True)`` the scores are cosine similarities.
+    ``LLM2VecGenEmbedding(normalize=True)`` the scores are cosine similarities. A vector of another width than
+    the store's raises :class:`~ragen.errors.StoreError` before anything is added.
+
+    Persisted layout (``index.storage_context.persist(persist_dir=DIR)``): the FAISS index in
+    ``DIR/default__vector_store.faiss`` and, at the ``default__vector_store.json`` path LlamaIndex assigns,
+    a small JSON file pointing at it. Reload with
+    ``StorageContext.from_defaults(persist_dir=DIR, vector_store=RagenFaissVectorStore.from_persist_dir(DIR))``;
+    without ``vector_store=`` LlamaIndex fails with a message saying exactly that. Directories persisted by
+    older ragen versions (FAISS bytes in the ``.json`` file) still load.
     """
 
     _gpu_resources: Any = PrivateAttr(default=None)
@@ -163,7 +201,7 @@ class RagenFaissVectorStore(FaissVectorStore):
     def create(cls, dim: int, *, use_gpu: bool | None = None) -> RagenFaissVectorStore:
         import faiss
 
-        if not isinstance(dim, int) or dim < 1:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise RagenError(f"vector dimension must be a positive integer, got {dim!r}")
         return cls._wrap(faiss.IndexFlatIP(dim), use_gpu)
 
@@ -177,6 +215,34 @@ class RagenFaissVectorStore(FaissVectorStore):
             return store
         return cls(faiss_index=cpu_index)
 
+    @property
+    def dim(self) -> int:
+        return int(self._faiss_index.d)
+
+    def _check_width(self, width: int, what: str) -> None:
+        if width != self.dim:
+            raise StoreError(f"{what} has dimension {width}, but this vector store was created with dimension "
+                             f"{self.dim}; create it with RagenFaissVectorStore.create(embed_model.dim) for the "
+                             "embedding model in use")
+
+    def add(self, nodes: list[BaseNode], **add_kwargs: Any) -> list[str]:
+        """Add the nodes' embeddings (all checked first, so a bad node adds nothing)."""
+        vectors = []
+        for node in nodes:
+            vector = node.get_embedding()
+            self._check_width(len(vector), f"the embedding of node {node.node_id!r}")
+            vectors.append(vector)
+        if not vectors:
+            return []
+        first = int(self._faiss_index.ntotal)
+        self._faiss_index.add(np.asarray(vectors, dtype=np.float32))  # (n, dim)
+        return [str(first + i) for i in range(len(vectors))]
+
+    def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        if query.query_embedding is not None:
+            self._check_width(len(query.query_embedding), "the query embedding")
+        return super().query(query, **kwargs)
+
     @classmethod
     def from_persist_dir(cls, persist_dir: str = "./storage", fs: Any = None, *,
                          use_gpu: bool | None = None) -> RagenFaissVectorStore:
@@ -189,12 +255,27 @@ class RagenFaissVectorStore(FaissVectorStore):
 
         if fs is not None and not isinstance(fs, LocalFileSystem):
             raise RagenError("the FAISS vector store persists to the local file system only")
+        persist_path = str(persist_path)
         if not os.path.isfile(persist_path):
             raise StoreError(f"{persist_path}: no persisted FAISS vector store here; build and persist an index first")
+        with open(persist_path, "rb") as f:
+            head = f.read(1)
+        faiss_path = persist_path
+        if head == b"{":  # the JSON marker: the index is the file it names
+            try:
+                with open(persist_path, encoding="utf-8") as f:
+                    name = json.load(f)["ragen_faiss_vector_store"]["faiss_file"]
+            except (ValueError, KeyError, TypeError):
+                raise StoreError(f"{persist_path}: not a ragen FAISS vector store (a JSON file without the "
+                                 "'ragen_faiss_vector_store' entry; a SimpleVectorStore loads without vector_store=)"
+                                 ) from None
+            faiss_path = os.path.join(os.path.dirname(persist_path), os.path.basename(str(name)))
+            if not os.path.isfile(faiss_path):
+                raise StoreError(f"{faiss_path}: missing; {persist_path} names it as the FAISS index of this store")
         try:
-            index = faiss.read_index(str(persist_path))
+            index = faiss.read_index(faiss_path)
         except RuntimeError as exc:
-            raise StoreError(f"{persist_path}: not a readable FAISS index ({str(exc).splitlines()[0][:120]})") from None
+            raise StoreError(f"{faiss_path}: not a readable FAISS index ({str(exc).splitlines()[0][:120]})") from None
         return cls._wrap(index, use_gpu)
 
     @property
@@ -202,14 +283,78 @@ class RagenFaissVectorStore(FaissVectorStore):
         return self._gpu_resources is not None
 
     def persist(self, persist_path: str = os.path.join("./storage", DEFAULT_PERSIST_FNAME), fs: Any = None) -> None:
-        """Write a CPU copy of the index (GPU indexes cannot be serialised) via temp file + fsync + rename."""
+        """Write a CPU copy of the index (GPU indexes cannot be serialised) via temp file + fsync + rename:
+        to ``<name>.faiss`` beside a ``<name>.json`` path (plus the JSON marker), or to any other path as is."""
         import faiss
 
         if fs is not None and not isinstance(fs, LocalFileSystem):
             raise RagenError("the FAISS vector store persists to the local file system only")
+        persist_path = str(persist_path)
         index = faiss.index_gpu_to_cpu(self._faiss_index) if self.on_gpu else self._faiss_index
-        with atomic_path(persist_path) as tmp:
+        faiss_path = _faiss_path(persist_path)
+        with atomic_path(faiss_path) as tmp:
             faiss.write_index(index, str(tmp))
+        if faiss_path != persist_path:
+            atomic_write_text(persist_path, json.dumps(_layout_marker(os.path.basename(faiss_path))) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metadata filters
+# ----------------------------------------------------------------------------------------------------------
+def _compare(op: FilterOperator, actual: Any, wanted: Any) -> bool:
+    if op == FilterOperator.EQ:
+        return actual == wanted
+    if op == FilterOperator.NE:
+        return actual != wanted
+    if op in (FilterOperator.GT, FilterOperator.GTE, FilterOperator.LT, FilterOperator.LTE):
+        try:
+            return {FilterOperator.GT: actual > wanted, FilterOperator.GTE: actual >= wanted,
+                    FilterOperator.LT: actual < wanted, FilterOperator.LTE: actual <= wanted}[op]
+        except TypeError:
+            raise RagenError(f"cannot compare metadata value {actual!r} with {wanted!r} ({op.value})") from None
+    if op in (FilterOperator.IN, FilterOperator.NIN):
+        if not isinstance(wanted, (list, tuple, set)):
+            raise RagenError(f"the {op.value!r} filter needs a list of values, got {wanted!r}")
+        return (actual in wanted) == (op == FilterOperator.IN)
+    if op == FilterOperator.TEXT_MATCH:
+        return isinstance(actual, str) and str(wanted) in actual
+    if op == FilterOperator.TEXT_MATCH_INSENSITIVE:
+        return isinstance(actual, str) and str(wanted).lower() in actual.lower()
+    if op == FilterOperator.IS_EMPTY:
+        return actual is None or actual == ""
+    raise RagenError(f"filter operator {op.value!r} applies to list-valued metadata; a ragen index's metadata "
+                     "(path, chunk_id, start, end) are single values: use ==, !=, <, <=, >, >=, in, nin, "
+                     "text_match, text_match_insensitive or is_empty")
+
+
+def metadata_filter_fn(filters: MetadataFilters) -> Callable[[dict], bool]:
+    """A predicate over a chunk's metadata dict equivalent to LlamaIndex ``MetadataFilters`` (nested
+    filters, ``and``/``or``/``not``); unknown keys and list operators raise :class:`RagenError` up front."""
+    if not isinstance(filters, MetadataFilters):
+        raise RagenError(f"filters must be llama_index MetadataFilters, got {type(filters).__name__}")
+
+    def check(f: MetadataFilters) -> None:
+        for item in f.filters:
+            if isinstance(item, MetadataFilters):
+                check(item)
+            else:
+                check_filter_key(item.key)
+                if item.operator in (FilterOperator.ANY, FilterOperator.ALL, FilterOperator.CONTAINS):
+                    _compare(item.operator, None, item.value)  # raises: list operators on scalar metadata
+
+    check(filters)
+
+    def test(f: MetadataFilters, meta: dict) -> bool:
+        results = (test(item, meta) if isinstance(item, MetadataFilters)
+                   else _compare(item.operator, meta.get(item.key), item.value) for item in f.filters)
+        condition = f.condition or FilterCondition.AND
+        if condition == FilterCondition.OR:
+            return any(results)
+        if condition == FilterCondition.NOT:  # LlamaIndex: none of the filters holds
+            return not any(results)
+        return all(results)
+
+    return lambda meta: test(filters, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,23 +368,27 @@ class RagenLlamaIndexRetriever(BaseRetriever):
     ``path``, ``chunk_id``, ``start``, ``end`` (the LLM sees only ``path``); scores are ragen's. A
     ``QueryBundle`` that carries an embedding is searched with that vector, which must come from the index's
     encoder (e.g. ``LLM2VecGenEmbedding`` on the same checkpoint).
+
+    ``filters``: LlamaIndex ``MetadataFilters`` over those four keys, e.g.
+    ``MetadataFilters(filters=[MetadataFilter(key="path", value="docs/a.md")])``; applied after the FAISS
+    search (more candidates are fetched until ``similarity_top_k`` pass or the whole index was searched).
     """
 
-    def __init__(self, index: Any, *, similarity_top_k: int = 10, model: str | None = None,
-                 device: str | None = None, callback_manager: CallbackManager | None = None) -> None:
-        if not isinstance(similarity_top_k, int) or similarity_top_k < 1:
+    def __init__(self, index: Any, *, similarity_top_k: int = 10, filters: MetadataFilters | None = None,
+                 model: str | None = None, device: str | None = None,
+                 callback_manager: CallbackManager | None = None) -> None:
+        if not isinstance(similarity_top_k, int) or isinstance(similarity_top_k, bool) or similarity_top_k < 1:
             raise RagenError(f"similarity_top_k must be a positive integer, got {similarity_top_k!r}")
+        self._keep = metadata_filter_fn(filters) if filters is not None else None
+        self.filters = filters
         self.retriever = open_index(index, model=model, device=device)
         self.similarity_top_k = similarity_top_k
         super().__init__(callback_manager=callback_manager)
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
-        with encode_lock(self.retriever.encoder):
-            if query_bundle.embedding is not None:
-                vector = np.asarray(query_bundle.embedding, dtype=np.float32)
-                hits = self.retriever.search_vector(vector, k=self.similarity_top_k)
-            else:
-                hits = self.retriever.search(query_bundle.query_str, k=self.similarity_top_k)
+        query = query_bundle.query_str if query_bundle.embedding is None else np.asarray(query_bundle.embedding,
+                                                                                          dtype=np.float32)
+        hits = search_filtered(self.retriever, query, self.similarity_top_k, self._keep)
         return [_node(hit) for hit in hits]
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
@@ -255,4 +404,4 @@ def _node(hit: Any) -> NodeWithScore:
     return NodeWithScore(node=node, score=float(hit.score))
 
 
-__all__ = ["LLM2VecGenEmbedding", "RagenFaissVectorStore", "RagenLlamaIndexRetriever"]
+__all__ = ["LLM2VecGenEmbedding", "RagenFaissVectorStore", "RagenLlamaIndexRetriever", "metadata_filter_fn"]

@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -161,9 +161,12 @@ def check_filter_key(key: object) -> str:
     return str(key)
 
 
-def search_filtered(retriever, query: str | np.ndarray, k: int, keep: Callable[[dict], bool] | None = None) -> list:
-    """The ``k`` best hits of ``retriever`` for a query string or ``(dim,)`` query vector whose metadata
-    (:data:`HIT_METADATA_KEYS`) passes ``keep``; ranks renumbered from 1. Without ``keep``: plain search."""
+def search_filtered(retriever, query: str | np.ndarray, k: int, keep: Callable[[Any], bool] | None = None) -> list:
+    """The ``k`` best hits of ``retriever`` for a query string or ``(dim,)`` query vector that pass ``keep``
+    (a predicate over a :class:`~ragen.types.Hit`); ranks renumbered from 1. Without ``keep``: plain search.
+
+    Filters run after the FAISS search: the candidate pool grows (x4 each round) until ``k`` hits pass or
+    the whole index has been searched, so a selective filter costs more searches, never missing results."""
     with encode_lock(retriever.encoder):
         if isinstance(query, str):
             if keep is None:
@@ -177,11 +180,16 @@ def search_filtered(retriever, query: str | np.ndarray, k: int, keep: Callable[[
     fetch = min(total, max(4 * k, 64))
     while True:
         hits = retriever.search_vector(vector, k=max(fetch, 1))
-        kept = [h for h in hits if keep({key: getattr(h, key) for key in HIT_METADATA_KEYS})]
+        kept = [h for h in hits if keep(h)]
         if len(kept) >= k or fetch >= total:
             break
         fetch = min(total, fetch * 4)
     return [dataclasses.replace(h, rank=i + 1) for i, h in enumerate(kept[:k])]
+
+
+def hit_fields(hit) -> dict:
+    """The metadata a ragen index stores for a hit's chunk (:data:`HIT_METADATA_KEYS`)."""
+    return {key: getattr(hit, key) for key in HIT_METADATA_KEYS}
 
 
 def hit_metadata(hit) -> dict:
@@ -191,4 +199,4 @@ def hit_metadata(hit) -> dict:
 
 
 __all__ = ["EmbedSettings", "embed", "shared_encoder", "encode_lock", "takes_instructions", "open_index",
-           "hit_metadata", "search_filtered", "check_filter_key", "HIT_METADATA_KEYS"]
+           "hit_metadata", "hit_fields", "search_filtered", "check_filter_key", "HIT_METADATA_KEYS"]

@@ -41,8 +41,8 @@ import numpy as np
 from .._io import atomic_path, atomic_write_text
 from ..encoders.base import Encoder
 from ..errors import RagenError, StoreError
-from ._shared import (EmbedSettings, check_filter_key, embed, hit_metadata, open_index, search_filtered,
-                      shared_encoder)
+from ._shared import (EmbedSettings, check_filter_key, embed, hit_fields, hit_metadata, open_index,
+                      search_filtered, shared_encoder)
 
 logger = logging.getLogger(__name__)
 
@@ -379,7 +379,10 @@ class RagenLlamaIndexRetriever(BaseRetriever):
                  callback_manager: CallbackManager | None = None) -> None:
         if not isinstance(similarity_top_k, int) or isinstance(similarity_top_k, bool) or similarity_top_k < 1:
             raise RagenError(f"similarity_top_k must be a positive integer, got {similarity_top_k!r}")
-        self._keep = metadata_filter_fn(filters) if filters is not None else None
+        self._keep = None
+        if filters is not None:
+            test = metadata_filter_fn(filters)
+            self._keep = lambda hit: test(hit_fields(hit))
         self.filters = filters
         self.retriever = open_index(index, model=model, device=device)
         self.similarity_top_k = similarity_top_k

@@ -98,7 +98,7 @@ class LLM2VecGenEmbeddings(BaseModel, Embeddings):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
 
-    model_name: str | None = Field(default=None, description="Encoder spec: checkpoint dir or hub id, minilm, st:NAME.")
+    model_name: str | None = Field(default=None, description="Encoder spec: checkpoint dir, hub id, minilm, st:NAME.")
     base_model: str | None = Field(default=None, description="Backbone override for LLM2Vec-Gen checkpoints.")
     device: str | None = Field(default=None, description="cpu, cuda, cuda:N; None picks a GPU when present.")
     dtype: str | None = Field(default=None, description="float32, bfloat16, float16; None: bf16 on GPU, fp32 on CPU.")
@@ -107,7 +107,8 @@ class LLM2VecGenEmbeddings(BaseModel, Embeddings):
     batch_size: int = 32
     max_length: int = Field(default=512, description="Token limit of every input (all encoder kinds).")
     normalize: bool = Field(default=True, description="L2-normalise vectors (cosine = inner product).")
-    model_kwargs: dict[str, Any] | None = Field(default=None, description="HuggingFaceEmbeddings spelling: device, dtype.")
+    model_kwargs: dict[str, Any] | None = Field(default=None,
+                                                description="HuggingFaceEmbeddings spelling: device, dtype.")
     encode_kwargs: dict[str, Any] | None = Field(
         default=None, description="HuggingFaceEmbeddings spelling: batch_size, normalize_embeddings.")
     encoder: Any = Field(default=None, exclude=True, repr=False, description="An already loaded ragen encoder.")

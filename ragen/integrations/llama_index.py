@@ -9,7 +9,7 @@
   re-embedding, results identical to ``Retriever.search``; ``filters=`` (``MetadataFilters``) on the chunk
   metadata a ragen index stores: ``path``, ``chunk_id``, ``start``, ``end``.
 
-Needs the ``llama-index`` extra: ``pip install 'ragen[llama-index]'``.
+Needs the ``llama-index`` extra: ``pip install "ragen-toolkit[llama-index]"``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ try:
     from fsspec.implementations.local import LocalFileSystem  # a llama-index-core dependency
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(f"ragen's LlamaIndex integration needs the 'llama-index' extra "
-                      f"(llama-index-core and llama-index-vector-stores-faiss): pip install 'ragen[llama-index]' "
+                      f"(llama-index-core and llama-index-vector-stores-faiss): "
+                      f"pip install \"ragen-toolkit[llama-index]\" "
                       f"({exc})") from exc
 
 import numpy as np
@@ -153,7 +154,8 @@ def _gpu_available(use_gpu: bool | None) -> bool:
 
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if use_gpu and gpus == 0:
-        raise RagenError("use_gpu=True but this FAISS build sees no GPU; install ragen[gpu] or pass use_gpu=None")
+        raise RagenError("use_gpu=True but this FAISS build sees no GPU; pip install \"ragen-toolkit[gpu]\" "
+                         "or pass use_gpu=None")
     return gpus > 0 if use_gpu is None else bool(use_gpu)
 
 

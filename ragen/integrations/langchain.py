@@ -24,22 +24,28 @@ Needs the ``langchain`` extra: ``pip install "ragen-toolkit[langchain]"``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import os
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import numpy as np
 
 try:
     from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
     from langchain_core.documents import Document
     from langchain_core.embeddings import Embeddings
     from langchain_core.retrievers import BaseRetriever
+    from langchain_core.vectorstores import VectorStore
     from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(f"ragen's LangChain integration needs the 'langchain' extra (langchain-core): "
                       f"pip install \"ragen-toolkit[langchain]\" ({exc})") from exc
 
 from ..errors import RagenError
-from ._shared import (HIT_METADATA_KEYS, EmbedSettings, check_filter_key, embed, hit_metadata, open_index,
-                      search_filtered, shared_encoder)
+from ._index_store import IndexStore, NodeRecord, StoredNode
+from ._shared import (HIT_METADATA_KEYS, EmbedSettings, check_filter_key, embed, hit_fields, hit_metadata,
+                      open_index, search_filtered, shared_encoder)
 
 # HuggingFaceEmbeddings keys -> the LLM2VecGenEmbeddings field they set.
 _MODEL_KWARGS = {"device": "device", "dtype": "dtype", "torch_dtype": "dtype"}
@@ -187,8 +193,9 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-def _condition(key: str, spec: Any) -> Callable[[dict], bool]:
-    check_filter_key(key)
+def _condition(key: str, spec: Any, keys: tuple[str, ...] | None) -> Callable[[dict], bool]:
+    if keys is not None:
+        check_filter_key(key)
     if isinstance(spec, dict):
         tests = []
         for op, wanted in spec.items():
@@ -196,13 +203,16 @@ def _condition(key: str, spec: Any) -> Callable[[dict], bool]:
                 raise RagenError(f"unknown filter operator {op!r} for {key!r}; expected one of {', '.join(_OPS)}")
             if op in ("$in", "$nin") and not isinstance(wanted, (list, tuple, set)):
                 raise RagenError(f"the {op} filter on {key!r} needs a list of values, got {wanted!r}")
-            tests.append((_OPS[op], wanted))
+            tests.append((op, _OPS[op], wanted))
 
         def test(meta: dict) -> bool:
+            value = meta.get(key)
+            if value is None:  # a missing key matches only $ne / $nin
+                return all(op in ("$ne", "$nin") or (op == "$eq" and wanted is None) for op, _, wanted in tests)
             try:
-                return all(fn(meta.get(key), wanted) for fn, wanted in tests)
+                return all(fn(value, wanted) for _, fn, wanted in tests)
             except TypeError:
-                raise RagenError(f"filter on {key!r}: cannot compare {meta.get(key)!r} with {spec!r}") from None
+                raise RagenError(f"filter on {key!r}: cannot compare {value!r} with {spec!r}") from None
 
         return test
     if isinstance(spec, (list, tuple, set)):  # LangChain's FAISS store: a list means "one of"
@@ -210,40 +220,50 @@ def _condition(key: str, spec: Any) -> Callable[[dict], bool]:
     return lambda meta: meta.get(key) == spec
 
 
-def _dict_filter(spec: dict) -> Callable[[dict], bool]:
+def _dict_filter(spec: dict, keys: tuple[str, ...] | None) -> Callable[[dict], bool]:
     parts: list[Callable[[dict], bool]] = []
     for key, value in spec.items():
         if key in ("$and", "$or"):
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, dict) for v in value):
                 raise RagenError(f"{key} takes a list of filter dicts, got {value!r}")
-            subs = [_dict_filter(v) for v in value]
+            subs = [_dict_filter(v, keys) for v in value]
             parts.append((lambda m, subs=subs: all(s(m) for s in subs)) if key == "$and"
                          else (lambda m, subs=subs: any(s(m) for s in subs)))
         elif key == "$not":
             if not isinstance(value, dict):
                 raise RagenError(f"$not takes one filter dict, got {value!r}")
-            sub = _dict_filter(value)
+            sub = _dict_filter(value, keys)
             parts.append(lambda m, sub=sub: not sub(m))
         else:
-            parts.append(_condition(key, value))
+            parts.append(_condition(key, value, keys))
     return lambda meta: all(p(meta) for p in parts)
 
 
-def compile_filter(spec: Any) -> Callable[[Any], bool] | None:
-    """A predicate over ragen hits for a LangChain-style ``filter`` (dict or ``Document`` callable)."""
+def compile_filter(spec: Any, *, keys: tuple[str, ...] | None = HIT_METADATA_KEYS
+                   ) -> Callable[[dict, Callable[[], Document]], bool] | None:
+    """A predicate ``(metadata, make_document) -> bool`` for a LangChain-style ``filter``: a dict over the
+    metadata (``keys``: the only keys there are, checked up front; ``None``: any) or a callable taking a
+    ``Document``."""
     if spec is None:
         return None
     if callable(spec):
-        return lambda hit: bool(spec(_document(hit)))
+        return lambda meta, make_document: bool(spec(make_document()))
     if isinstance(spec, dict):
-        test = _dict_filter(spec)
-        return lambda hit: test({key: getattr(hit, key) for key in HIT_METADATA_KEYS})
-    raise RagenError(f"filter must be a dict over {', '.join(HIT_METADATA_KEYS)} or a callable taking a Document, "
-                     f"got {type(spec).__name__}")
+        test = _dict_filter(spec, keys)
+        return lambda meta, make_document: test(meta)
+    known = ", ".join(keys) if keys else "the metadata"
+    raise RagenError(f"filter must be a dict over {known} or a callable taking a Document, got {type(spec).__name__}")
 
 
 def _document(hit: Any) -> Document:
     return Document(page_content=hit.text, metadata=hit_metadata(hit), id=hit.chunk_id)
+
+
+def _hit_keep(spec: Any) -> Callable[[Any], bool] | None:
+    pred = compile_filter(spec)
+    if pred is None:
+        return None
+    return lambda hit: pred(hit_fields(hit), lambda: _document(hit))
 
 
 def _check_k(k: Any) -> int:
@@ -282,7 +302,7 @@ class RagenLangChainRetriever(BaseRetriever):
 
     def model_post_init(self, __context: Any) -> None:
         _check_k(self.k)
-        self._keep = compile_filter(self.filter)
+        self._keep = _hit_keep(self.filter)
         self._retriever = open_index(self.index, model=self.model, device=self.device)
 
     @property
@@ -292,7 +312,7 @@ class RagenLangChainRetriever(BaseRetriever):
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: int | None = None, filter: Any = None) -> list[Document]:
-        keep = self._keep if filter is None else compile_filter(filter)
+        keep = self._keep if filter is None else _hit_keep(filter)
         hits = search_filtered(self._retriever, query, self.k if k is None else _check_k(k), keep)
         return [_document(hit) for hit in hits]
 
@@ -302,4 +322,120 @@ class RagenLangChainRetriever(BaseRetriever):
                                        k=k, filter=filter)
 
 
-__all__ = ["LLM2VecGenEmbeddings", "RagenLangChainRetriever", "compile_filter"]
+# ----------------------------------------------------------------------------------------------------------
+# a full read-write vector store over a ragen index
+# ----------------------------------------------------------------------------------------------------------
+class RagenVectorStore(VectorStore):
+    """A LangChain ``VectorStore`` that *is* a ragen index (SQLite + FAISS): the directory ``ragen index``
+    writes and ``ragen query`` reads, created when absent.
+
+    ``add_texts``/``add_documents`` (an existing id is replaced), ``delete(ids=...)`` or
+    ``delete(filter=...)``, ``get_by_ids``, ``similarity_search[_with_score|_by_vector]`` with ``filter``
+    (dict or ``Document`` callable, over the texts' own metadata and ``path``/``chunk_id``/``start``/``end``),
+    and ``as_retriever(search_kwargs={"k": 2, "filter": {...}})``. Scores are cosine similarities. A text's
+    ``metadata["path"]`` (else ``["source"]``, else its id) is its document in the index, so chunks of one
+    file can share a path. Each call is one atomic commit.
+
+    ``embedding``: an :class:`LLM2VecGenEmbeddings`; it records the encoder in a new index (so
+    ``ragen query`` can embed queries) and must match an existing one. Metadata lives beside the index in
+    ``framework_nodes.sqlite``; see ``ragen.integrations._index_store`` for what a later ``ragen index
+    FOLDER`` run does to these texts.
+    """
+
+    def __init__(self, index_dir: str | os.PathLike[str], embedding: Embeddings) -> None:
+        encoder = getattr(embedding, "encoder", None)
+        if encoder is None or not all(hasattr(encoder, a) for a in ("spec", "fingerprint", "dim")):
+            raise RagenError(f"embedding must be an LLM2VecGenEmbeddings (a ragen encoder), got "
+                             f"{type(embedding).__name__}: the index records the encoder that made its vectors")
+        from ..retriever import encoder_info
+
+        self.index_dir = str(index_dir)
+        self._embedding = embedding
+        self._core = IndexStore(index_dir, encoder=encoder_info(encoder))
+
+    @property
+    def embeddings(self) -> Embeddings:
+        return self._embedding
+
+    @classmethod
+    def from_texts(cls, texts: list[str], embedding: Embeddings, metadatas: list[dict] | None = None, *,
+                   ids: list[str] | None = None, index_dir: str | os.PathLike[str] | None = None,
+                   **kwargs: Any) -> RagenVectorStore:
+        if index_dir is None:
+            raise RagenError("RagenVectorStore.from_texts needs index_dir= (the ragen index directory to write)")
+        _no_extra("from_texts", kwargs)
+        store = cls(index_dir, embedding)
+        store.add_texts(texts, metadatas, ids=ids)
+        return store
+
+    def add_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *, ids: list[str] | None = None,
+                  **kwargs: Any) -> list[str]:
+        _no_extra("add_texts", kwargs)
+        texts = list(texts)
+        if metadatas is not None and len(metadatas) != len(texts):
+            raise RagenError(f"got {len(metadatas)} metadatas for {len(texts)} texts")
+        if ids is not None and len(ids) != len(texts):
+            raise RagenError(f"got {len(ids)} ids for {len(texts)} texts")
+        ids = [i if i else str(uuid.uuid4()) for i in (ids or [None] * len(texts))]
+        if not texts:
+            return []
+        vectors = self._embedding.embed_documents(texts)
+        records = []
+        for text, meta, cid, vec in zip(texts, metadatas or [{}] * len(texts), ids, vectors):
+            meta = dict(meta or {})
+            path = str(meta.get("path") or meta.get("source") or cid)
+            records.append(NodeRecord(chunk_id=str(cid), path=path, text=text, vector=np.asarray(vec, np.float32),
+                                      metadata=meta))
+        self._core.write(add=records)
+        return [r.chunk_id for r in records]
+
+    def delete(self, ids: list[str] | None = None, *, filter: Any = None, **kwargs: Any) -> bool:
+        _no_extra("delete", kwargs)
+        if ids is None and filter is None:
+            raise RagenError("delete needs ids or filter=; deleting everything takes filter={} explicitly")
+        keep = _node_keep(filter) if filter else None
+        doomed = self._core.get(ids, keep)
+        self._core.write(delete_ids=[n.chunk_id for n in doomed])
+        return True
+
+    def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
+        return [_node_document(n) for n in self._core.get(ids)]
+
+    def similarity_search_with_score(self, query: str, k: int = 4, *, filter: Any = None,
+                                     **kwargs: Any) -> list[tuple[Document, float]]:
+        _no_extra("similarity_search_with_score", kwargs)
+        return self.similarity_search_with_score_by_vector(self._embedding.embed_query(query), k, filter=filter)
+
+    def similarity_search_with_score_by_vector(self, embedding: list[float], k: int = 4, *, filter: Any = None,
+                                               **kwargs: Any) -> list[tuple[Document, float]]:
+        _no_extra("similarity_search_with_score_by_vector", kwargs)
+        found = self._core.search(np.asarray(embedding, dtype=np.float32), _check_k(k), _node_keep(filter))
+        return [(_node_document(n), n.score) for n in found]
+
+    def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
+        return [doc for doc, _ in self.similarity_search_with_score(query, k, **kwargs)]
+
+    def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
+        return [doc for doc, _ in self.similarity_search_with_score_by_vector(embedding, k, **kwargs)]
+
+    def _select_relevance_score_fn(self) -> Callable[[float], float]:
+        return lambda score: min(1.0, max(0.0, (1.0 + score) / 2.0))  # cosine similarity -> [0, 1]
+
+
+def _no_extra(method: str, kwargs: dict) -> None:
+    if kwargs:
+        raise RagenError(f"RagenVectorStore.{method} got unsupported arguments: {', '.join(sorted(kwargs))}")
+
+
+def _node_document(n: StoredNode) -> Document:
+    return Document(page_content=n.text, metadata=n.fields, id=n.chunk_id)
+
+
+def _node_keep(spec: Any) -> Callable[[StoredNode], bool] | None:
+    pred = compile_filter(spec, keys=None)
+    if pred is None:
+        return None
+    return lambda n: pred(n.fields, lambda: _node_document(n))
+
+
+__all__ = ["LLM2VecGenEmbeddings", "RagenLangChainRetriever", "RagenVectorStore", "compile_filter"]

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 try:
@@ -26,9 +26,11 @@ try:
     from llama_index.core.bridge.pydantic import Field, PrivateAttr
     from llama_index.core.callbacks import CallbackManager
     from llama_index.core.embeddings import BaseEmbedding
-    from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle, TextNode
+    from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle, TextNode
     from llama_index.core.vector_stores.types import (FilterCondition, FilterOperator, MetadataFilters,
-                                                      VectorStoreQuery, VectorStoreQueryResult)
+                                                      BasePydanticVectorStore, VectorStoreQuery,
+                                                      VectorStoreQueryResult)
+    from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
     from llama_index.vector_stores.faiss import FaissVectorStore
     from fsspec.implementations.local import LocalFileSystem  # a llama-index-core dependency
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
@@ -42,8 +44,9 @@ import numpy as np
 from .._io import atomic_path, atomic_write_text
 from ..encoders.base import Encoder
 from ..errors import RagenError, StoreError
-from ._shared import (EmbedSettings, check_filter_key, embed, hit_fields, hit_metadata, open_index,
-                      search_filtered, shared_encoder)
+from ._index_store import IndexStore, NodeRecord, StoredNode
+from ._shared import (HIT_METADATA_KEYS, EmbedSettings, check_filter_key, embed, hit_fields, hit_metadata,
+                      open_index, search_filtered, shared_encoder)
 
 logger = logging.getLogger(__name__)
 
@@ -303,35 +306,51 @@ class RagenFaissVectorStore(FaissVectorStore):
 # ----------------------------------------------------------------------------------------------------------
 # metadata filters
 # ----------------------------------------------------------------------------------------------------------
+_LIST_OPS = (FilterOperator.ANY, FilterOperator.ALL, FilterOperator.CONTAINS)
+
+
 def _compare(op: FilterOperator, actual: Any, wanted: Any) -> bool:
+    """LlamaIndex's filter operators on one metadata value; a missing value (``None``) matches only
+    ``!=``, ``nin`` and ``is_empty``."""
     if op == FilterOperator.EQ:
         return actual == wanted
     if op == FilterOperator.NE:
         return actual != wanted
-    if op in (FilterOperator.GT, FilterOperator.GTE, FilterOperator.LT, FilterOperator.LTE):
-        try:
-            return {FilterOperator.GT: actual > wanted, FilterOperator.GTE: actual >= wanted,
-                    FilterOperator.LT: actual < wanted, FilterOperator.LTE: actual <= wanted}[op]
-        except TypeError:
-            raise RagenError(f"cannot compare metadata value {actual!r} with {wanted!r} ({op.value})") from None
-    if op in (FilterOperator.IN, FilterOperator.NIN):
+    if op == FilterOperator.IS_EMPTY:
+        return actual is None or actual == "" or actual == []
+    if op in (FilterOperator.IN, FilterOperator.NIN, FilterOperator.ANY, FilterOperator.ALL):
         if not isinstance(wanted, (list, tuple, set)):
             raise RagenError(f"the {op.value!r} filter needs a list of values, got {wanted!r}")
-        return (actual in wanted) == (op == FilterOperator.IN)
+    if op == FilterOperator.IN:
+        return actual in wanted
+    if op == FilterOperator.NIN:
+        return actual not in wanted
+    if actual is None:
+        return False
+    if op in (FilterOperator.GT, FilterOperator.GTE, FilterOperator.LT, FilterOperator.LTE):
+        try:
+            return {FilterOperator.GT: lambda: actual > wanted, FilterOperator.GTE: lambda: actual >= wanted,
+                    FilterOperator.LT: lambda: actual < wanted, FilterOperator.LTE: lambda: actual <= wanted}[op]()
+        except TypeError:
+            raise RagenError(f"cannot compare metadata value {actual!r} with {wanted!r} ({op.value})") from None
     if op == FilterOperator.TEXT_MATCH:
         return isinstance(actual, str) and str(wanted) in actual
     if op == FilterOperator.TEXT_MATCH_INSENSITIVE:
         return isinstance(actual, str) and str(wanted).lower() in actual.lower()
-    if op == FilterOperator.IS_EMPTY:
-        return actual is None or actual == ""
-    raise RagenError(f"filter operator {op.value!r} applies to list-valued metadata; a ragen index's metadata "
-                     "(path, chunk_id, start, end) are single values: use ==, !=, <, <=, >, >=, in, nin, "
-                     "text_match, text_match_insensitive or is_empty")
+    values = actual if isinstance(actual, (list, tuple, set)) else None
+    if values is None:
+        return False
+    if op == FilterOperator.CONTAINS:
+        return wanted in values
+    if op == FilterOperator.ANY:
+        return any(v in values for v in wanted)
+    return all(v in values for v in wanted)  # ALL
 
 
-def metadata_filter_fn(filters: MetadataFilters) -> Callable[[dict], bool]:
-    """A predicate over a chunk's metadata dict equivalent to LlamaIndex ``MetadataFilters`` (nested
-    filters, ``and``/``or``/``not``); unknown keys and list operators raise :class:`RagenError` up front."""
+def metadata_filter_fn(filters: MetadataFilters, *, keys: tuple[str, ...] | None = None) -> Callable[[dict], bool]:
+    """A predicate over a metadata dict equivalent to LlamaIndex ``MetadataFilters`` (nested filters,
+    ``and``/``or``/``not``). ``keys``: the only keys (all single-valued) the data has, e.g. a ragen index's
+    ``path``, ``chunk_id``, ``start``, ``end``; other keys and list operators then raise up front."""
     if not isinstance(filters, MetadataFilters):
         raise RagenError(f"filters must be llama_index MetadataFilters, got {type(filters).__name__}")
 
@@ -339,10 +358,12 @@ def metadata_filter_fn(filters: MetadataFilters) -> Callable[[dict], bool]:
         for item in f.filters:
             if isinstance(item, MetadataFilters):
                 check(item)
-            else:
+            elif keys is not None:
                 check_filter_key(item.key)
-                if item.operator in (FilterOperator.ANY, FilterOperator.ALL, FilterOperator.CONTAINS):
-                    _compare(item.operator, None, item.value)  # raises: list operators on scalar metadata
+                if item.operator in _LIST_OPS:
+                    raise RagenError(f"filter operator {item.operator.value!r} applies to list-valued metadata; a "
+                                     "ragen index's metadata (path, chunk_id, start, end) are single values: use ==, "
+                                     "!=, <, <=, >, >=, in, nin, text_match, text_match_insensitive or is_empty")
 
     check(filters)
 
@@ -357,6 +378,127 @@ def metadata_filter_fn(filters: MetadataFilters) -> Callable[[dict], bool]:
         return all(results)
 
     return lambda meta: test(filters, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a full read-write vector store over a ragen index
+# ----------------------------------------------------------------------------------------------------------
+class RagenVectorStore(BasePydanticVectorStore):
+    """A LlamaIndex vector store that *is* a ragen index (SQLite + FAISS): the directory ``ragen index``
+    writes and ``ragen query`` reads, created when absent.
+
+    ``add`` / ``delete`` (``index.delete_ref_doc``) / ``delete_nodes`` / ``get_nodes`` / ``clear`` and
+    therefore ``index.insert``, ``index.update_ref_doc`` and ``index.refresh_ref_docs`` work; queries take
+    ``filters`` (``MetadataFilters`` over the nodes' own metadata and ``path``/``chunk_id``/``start``/``end``),
+    ``doc_ids`` and ``node_ids``. A document's ``ref_doc_id`` is its path in the index, a node's id its chunk
+    id. Each change is one atomic commit; ``persist`` has nothing left to write. Reopen with
+    ``VectorStoreIndex.from_vector_store(RagenVectorStore(DIR), embed_model=...)``.
+
+    ``embed_model``: an :class:`LLM2VecGenEmbedding` (or a ragen encoder); required to create a new index
+    (it records which encoder made the vectors, so ``ragen query`` can embed queries), checked against an
+    existing one. Node metadata lives beside the index in ``framework_nodes.sqlite``; see
+    ``ragen.integrations._index_store`` for what a later ``ragen index FOLDER`` run does to these documents.
+    """
+
+    stores_text: bool = True
+    flat_metadata: bool = False
+    index_dir: str = Field(description="The ragen index directory.")
+
+    _core: Any = PrivateAttr()
+
+    def __init__(self, index_dir: str | os.PathLike[str], *, embed_model: Any = None) -> None:
+        super().__init__(index_dir=str(index_dir))
+        self._core = IndexStore(index_dir, encoder=_encoder_info_of(embed_model))
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RagenVectorStore"
+
+    @property
+    def client(self) -> Any:
+        """The underlying :class:`ragen.integrations._index_store.IndexStore`."""
+        return self._core
+
+    def add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
+        records = []
+        for node in nodes:
+            embedding = node.embedding
+            if embedding is None:
+                raise StoreError(f"node {node.node_id!r} has no embedding; embed it first (VectorStoreIndex does)")
+            record = node_to_metadata_dict(node, remove_text=True, flat_metadata=False)
+            records.append(NodeRecord(chunk_id=node.node_id, path=node.ref_doc_id or node.node_id,
+                                      text=node.get_content(metadata_mode=MetadataMode.NONE),
+                                      vector=np.asarray(embedding, dtype=np.float32), metadata=dict(node.metadata),
+                                      node=record, start=getattr(node, "start_char_idx", None),
+                                      end=getattr(node, "end_char_idx", None)))
+        self._core.write(add=records)
+        return [r.chunk_id for r in records]
+
+    def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
+        self._core.write(delete_paths=[ref_doc_id])
+
+    def delete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
+                     **delete_kwargs: Any) -> None:
+        if node_ids is None and filters is None:
+            raise RagenError("delete_nodes needs node_ids or filters; use clear() to delete everything")
+        doomed = self._core.get(node_ids, _keep(filters))
+        self._core.write(delete_ids=[n.chunk_id for n in doomed])
+
+    def get_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None) -> list[BaseNode]:
+        return [_to_node(n) for n in self._core.get(node_ids, _keep(filters))]
+
+    def clear(self) -> None:
+        self._core.write(clear=True)
+
+    def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        if query.query_embedding is None:
+            raise RagenError("RagenVectorStore searches by embedding; the query carries none")
+        base = _keep(query.filters)
+        doc_ids = set(query.doc_ids) if query.doc_ids else None
+        node_ids = set(query.node_ids) if query.node_ids else None
+
+        def keep(n: StoredNode) -> bool:
+            return ((doc_ids is None or n.path in doc_ids) and (node_ids is None or n.chunk_id in node_ids)
+                    and (base is None or base(n)))
+
+        filtered = base is not None or doc_ids is not None or node_ids is not None
+        found = self._core.search(np.asarray(query.query_embedding, dtype=np.float32), query.similarity_top_k,
+                                  keep if filtered else None)
+        return VectorStoreQueryResult(nodes=[_to_node(n) for n in found], similarities=[n.score for n in found],
+                                      ids=[n.chunk_id for n in found])
+
+    def persist(self, persist_path: str = "", fs: Any = None) -> None:
+        """Nothing to do: every change was committed to the index directory when it was made."""
+
+
+def _encoder_info_of(embed_model: Any):
+    if embed_model is None:
+        return None
+    from ..retriever import encoder_info
+
+    encoder = getattr(embed_model, "encoder", embed_model)
+    if not all(hasattr(encoder, attr) for attr in ("spec", "fingerprint", "dim")):
+        raise RagenError(f"embed_model must be an LLM2VecGenEmbedding or a ragen encoder, got "
+                         f"{type(embed_model).__name__}")
+    return encoder_info(encoder)
+
+
+def _keep(filters: MetadataFilters | None) -> Callable[[StoredNode], bool] | None:
+    if filters is None:
+        return None
+    test = metadata_filter_fn(filters)
+    return lambda n: test(n.fields)
+
+
+def _to_node(n: StoredNode) -> BaseNode:
+    if n.node is not None:
+        node = metadata_dict_to_node(n.node, text=n.text)
+    else:  # a chunk written by `ragen index`
+        node = TextNode(id_=n.chunk_id, text=n.text,
+                        metadata={"path": n.path, "chunk_id": n.chunk_id, "start": n.start, "end": n.end},
+                        excluded_embed_metadata_keys=["path", "chunk_id", "start", "end"],
+                        excluded_llm_metadata_keys=["chunk_id", "start", "end"])
+    return node
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,7 +525,7 @@ class RagenLlamaIndexRetriever(BaseRetriever):
             raise RagenError(f"similarity_top_k must be a positive integer, got {similarity_top_k!r}")
         self._keep = None
         if filters is not None:
-            test = metadata_filter_fn(filters)
+            test = metadata_filter_fn(filters, keys=HIT_METADATA_KEYS)
             self._keep = lambda hit: test(hit_fields(hit))
         self.filters = filters
         self.retriever = open_index(index, model=model, device=device)
@@ -409,4 +551,5 @@ def _node(hit: Any) -> NodeWithScore:
     return NodeWithScore(node=node, score=float(hit.score))
 
 
-__all__ = ["LLM2VecGenEmbedding", "RagenFaissVectorStore", "RagenLlamaIndexRetriever", "metadata_filter_fn"]
+__all__ = ["LLM2VecGenEmbedding", "RagenFaissVectorStore", "RagenLlamaIndexRetriever", "RagenVectorStore",
+           "metadata_filter_fn"]

@@ -65,3 +65,6 @@ def test_lazy_exports_are_the_integration_classes():
     assert ragen.RagenLlamaIndexRetriever is llama_index.RagenLlamaIndexRetriever
     assert ragen.LLM2VecGenEmbeddings is langchain.LLM2VecGenEmbeddings
     assert ragen.RagenLangChainRetriever is langchain.RagenLangChainRetriever
+    from ragen.integrations import sentence_transformers
+
+    assert ragen.LLM2VecGenSentenceTransformer is sentence_transformers.LLM2VecGenSentenceTransformer

@@ -187,16 +187,13 @@ class IndexStore:
 
     def get(self, chunk_ids: Iterable[str] | None = None,
             keep: Callable[[StoredNode], bool] | None = None) -> list[StoredNode]:
-        """Stored nodes by id (all when ``chunk_ids`` is None), in index order, that pass ``keep``."""
+        """Stored nodes by id, in the order asked (all, by path, when ``chunk_ids`` is None), that pass ``keep``."""
         with self._lock:
             if chunk_ids is None:
                 chunks = self._chunks()
             else:
-                ids = list(dict.fromkeys(chunk_ids))
-                chunks = []
-                for start in range(0, len(ids), 500):
-                    part = ids[start:start + 500]
-                    chunks += self._chunks(f"WHERE chunk_id IN ({','.join('?' * len(part))})", part)
+                order = {cid: i for i, cid in enumerate(dict.fromkeys(chunk_ids))}
+                chunks = sorted(self._chunks_in("chunk_id", order), key=lambda c: order[c.chunk_id])
             nodes = self._stored(chunks)
         return [n for n in nodes if keep is None or keep(n)]
 
@@ -214,20 +211,13 @@ class IndexStore:
             while True:
                 hits = store.hits(v, max(fetch, 1)) if total else []
                 total = store.count  # hits() reloads when another process committed meanwhile
-                by_id = {c.chunk_id: c for c in self._chunks_by_id([h.chunk_id for h in hits])}
+                by_id = {c.chunk_id: c for c in self._chunks_in("chunk_id", [h.chunk_id for h in hits])}
                 found = [h for h in hits if h.chunk_id in by_id]
                 nodes = self._stored([by_id[h.chunk_id] for h in found], [h.score for h in found])
                 kept = [n for n in nodes if keep is None or keep(n)]
                 if len(kept) >= k or fetch >= total:
                     return kept[:k]
                 fetch = min(total, fetch * 4)
-
-    def _chunks_by_id(self, ids: list[str]) -> list[Chunk]:
-        out: list[Chunk] = []
-        for start in range(0, len(ids), 500):
-            part = ids[start:start + 500]
-            out += self._chunks(f"WHERE chunk_id IN ({','.join('?' * len(part))})", part)
-        return out
 
     # --- writing ------------------------------------------------------------------------------------------
     def _writer(self) -> StoreWriter:
@@ -236,9 +226,8 @@ class IndexStore:
         if self.exists:
             manifest = read_manifest(self.index_dir)
             chunking = dict(manifest.get("chunking") or {})  # the recorded one: a different one means a full pass
-            if config is None:
-                index = manifest.get("index", {})
-                config = IndexConfig.from_dict({**index.get("config", {}), "kind": index.get("kind", "flat")})
+            if config is None:  # the index type the index was asked to be (its "kind" may be a fallback)
+                config = IndexConfig.from_dict(manifest.get("index", {}).get("config", {}))
         return StoreWriter(self.index_dir, encoder=self.encoder, chunking=chunking,
                            index_config=config or IndexConfig())
 
@@ -259,22 +248,22 @@ class IndexStore:
         with self._lock:
             writer = self._writer()
             try:
-                existing = self._chunks()
-                all_paths = {c.path for c in existing} | {p for (p,) in self._file_paths()}
+                all_paths = set(self._file_paths())
                 drop_ids = set(delete_ids) | set(ids)
-                drop_paths = set(all_paths) if clear else set(delete_paths)
-                # chunk ids are unique across the index: a re-added id leaves its old document
-                touched = {c.path for c in existing if c.chunk_id in drop_ids} | (drop_paths & all_paths)
-                touched |= {rec.path for rec in add}
+                drop_paths = set(all_paths) if clear else set(delete_paths) & all_paths
+                # only the documents this change touches are read and re-committed; chunk ids are unique
+                # across the index, so a re-added id leaves the document it was in
+                touched = {c.path for c in self._chunks_in("chunk_id", drop_ids)} if not clear else set()
+                touched |= drop_paths | {rec.path for rec in add}
                 kept: dict[str, list[Chunk]] = {p: [] for p in touched}
-                for c in existing:
-                    if c.path in touched and c.path not in drop_paths and c.chunk_id not in drop_ids:
+                for c in self._chunks_in("path", touched - drop_paths):
+                    if c.chunk_id not in drop_ids:
                         kept[c.path].append(c)
                 hashes = [_hash(rec.text, rec.vector) for rec in add]
                 for rec, h in zip(add, hashes):
-                    kept.setdefault(rec.path, []).append(Chunk(rec.chunk_id, rec.path, 0, rec.text,
-                                                              0 if rec.start is None else int(rec.start),
-                                                              len(rec.text) if rec.end is None else int(rec.end), h))
+                    kept[rec.path].append(Chunk(rec.chunk_id, rec.path, 0, rec.text,
+                                                0 if rec.start is None else int(rec.start),
+                                                len(rec.text) if rec.end is None else int(rec.end), h))
                 now = time.time_ns()
                 updated = []
                 for path, chunks in sorted(kept.items()):
@@ -284,7 +273,7 @@ class IndexStore:
                               for i, c in enumerate(chunks)]
                     size = sum(len(c.text.encode("utf-8", errors="surrogatepass")) for c in chunks)
                     updated.append(FileRecord(path, size, now, tuple(chunks)))
-                present = (all_paths - drop_paths - touched) | {f.path for f in updated}
+                present = (all_paths - touched) | {f.path for f in updated}
                 if add:
                     self._put_node_rows(add, hashes)
                     writer.add_vectors(hashes, np.stack([np.asarray(r.vector, dtype=np.float32) for r in add]))
@@ -294,12 +283,20 @@ class IndexStore:
             self._prune_node_rows()
             self._reload()
 
-    def _file_paths(self) -> list[tuple[str]]:
+    def _chunks_in(self, column: str, values: Iterable[str]) -> list[Chunk]:
+        values = sorted(set(values))
+        out: list[Chunk] = []
+        for start in range(0, len(values), 500):
+            part = values[start:start + 500]
+            out += self._chunks(f"WHERE {column} IN ({','.join('?' * len(part))})", part)
+        return out
+
+    def _file_paths(self) -> list[str]:
         if not self.exists:
             return []
         conn = sqlite3.connect(f"file:{self.index_dir / DB_NAME}?mode=ro", uri=True, timeout=30.0)
         try:
-            return conn.execute("SELECT path FROM files").fetchall()
+            return [p for (p,) in conn.execute("SELECT path FROM files")]
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.index_dir / DB_NAME}: cannot read file rows ({exc})") from None
         finally:
@@ -321,10 +318,11 @@ class IndexStore:
         """Drop metadata rows whose chunk is gone or was replaced (after the commit that removed it)."""
         if not (self.index_dir / NODES_DB).is_file():
             return
-        live = {(c.chunk_id, c.content_hash) for c in self._chunks()}
         conn = self._connect_nodes()
         try:
-            stale = [cid for cid, h in conn.execute("SELECT chunk_id, content_hash FROM nodes") if (cid, h) not in live]
+            rows = conn.execute("SELECT chunk_id, content_hash FROM nodes").fetchall()
+            live = {(c.chunk_id, c.content_hash) for c in self._chunks_in("chunk_id", [cid for cid, _ in rows])}
+            stale = [cid for cid, h in rows if (cid, h) not in live]
             if stale:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany("DELETE FROM nodes WHERE chunk_id=?", [(cid,) for cid in stale])

@@ -159,3 +159,13 @@ def test_huggingface_embeddings_spellings(minilm):
         LLM2VecGenEmbeddings(model_name="minilm", batch_size=4, encode_kwargs={"batch_size": 8})
     with pytest.raises(RagenError, match="cache_folder=.*Extra inputs are not permitted"):
         LLM2VecGenEmbeddings(model_name="minilm", cache_folder="/somewhere")
+
+
+def test_max_length_truncates_sentence_transformers_specs(minilm):
+    words = ("the cat sat on the mat and the dog ran in the park " * 20).split()
+    emb = LLM2VecGenEmbeddings("minilm", device="cpu", max_length=16)
+    assert len(minilm.model.tokenizer(" ".join(words[:14]))["input_ids"]) == 16  # one token per word + 2
+    np.testing.assert_allclose(emb.embed_documents([" ".join(words)]),
+                               minilm.encode_documents([" ".join(words[:14])], normalize=True), atol=1e-5)
+    np.testing.assert_allclose(emb.embed_query(" ".join(words)),
+                               minilm.encode_queries([" ".join(words[:14])], normalize=True)[0], atol=1e-5)

@@ -410,3 +410,20 @@ def test_store_persisted_by_the_old_layout_still_loads(tmp_path):
     index.add(np.eye(4, dtype=np.float32))
     faiss.write_index(index, str(tmp_path / "default__vector_store.json"))  # FAISS bytes in the .json file
     assert RagenFaissVectorStore.from_persist_dir(str(tmp_path), use_gpu=False).client.ntotal == 4
+
+
+def test_faiss_store_points_to_ragen_vector_store_for_updates_and_filters(minilm, restore_settings):
+    from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters
+
+    emb = LLM2VecGenEmbedding(model_name="minilm", device="cpu")
+    store = RagenFaissVectorStore.create(emb.dim)
+    docs = [Document(text=t, id_=f"doc{i}", metadata={"n": i}) for i, t in enumerate(TEXTS[:3])]
+    index = VectorStoreIndex.from_documents(docs, embed_model=emb,
+                                            storage_context=StorageContext.from_defaults(vector_store=store))
+    with pytest.raises(RagenError, match="cannot delete documents: .*RagenVectorStore"):
+        index.delete_ref_doc("doc0")
+    with pytest.raises(RagenError, match="cannot delete documents: .*RagenVectorStore"):
+        index.refresh_ref_docs([Document(text="changed", id_="doc1", metadata={"n": 1})])
+    with pytest.raises(RagenError, match="cannot filter: .*RagenVectorStore"):
+        index.as_retriever(filters=MetadataFilters(filters=[MetadataFilter(key="n", value=1)])).retrieve("x")
+    assert store.client.ntotal == 3

@@ -185,6 +185,11 @@ def _layout_marker(faiss_name: str) -> dict:
     return {"ragen_faiss_vector_store": {"format": 1, "faiss_file": faiss_name}, "embedding_dict": {"ragen": [message]}}
 
 
+_USE_RAGEN_STORE = ("a FAISS index keeps vectors by position only, with no document ids or metadata; "
+                    "ragen.integrations.llama_index.RagenVectorStore(DIR, embed_model=...) supports delete_ref_doc, "
+                    "refresh_ref_docs, delete_nodes and metadata filters")
+
+
 class RagenFaissVectorStore(FaissVectorStore):
     """``FaissVectorStore`` with inner-product search, GPU placement when available, and atomic persistence.
 
@@ -244,9 +249,18 @@ class RagenFaissVectorStore(FaissVectorStore):
         return [str(first + i) for i in range(len(vectors))]
 
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        if query.filters is not None:
+            raise RagenError(f"RagenFaissVectorStore cannot filter: {_USE_RAGEN_STORE}")
         if query.query_embedding is not None:
             self._check_width(len(query.query_embedding), "the query embedding")
         return super().query(query, **kwargs)
+
+    def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
+        raise RagenError(f"RagenFaissVectorStore cannot delete documents: {_USE_RAGEN_STORE}")
+
+    def delete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
+                     **delete_kwargs: Any) -> None:
+        raise RagenError(f"RagenFaissVectorStore cannot delete nodes: {_USE_RAGEN_STORE}")
 
     @classmethod
     def from_persist_dir(cls, persist_dir: str = "./storage", fs: Any = None, *,

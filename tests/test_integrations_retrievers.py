@@ -204,11 +204,13 @@ def test_llama_index_retriever_filters(tiny_index, reference):
 
     either = MetadataFilters(filters=[MetadataFilter(key="path", value=["paris.md", "cache.txt"],
                                                      operator=FilterOperator.IN),
-                                      MetadataFilter(key="chunk_id", value="plants/", operator=FilterOperator.TEXT_MATCH)],
+                                      MetadataFilter(key="chunk_id", value="plants/",
+                                                     operator=FilterOperator.TEXT_MATCH)],
                              condition=FilterCondition.OR)
     got = RagenLlamaIndexRetriever(reference, similarity_top_k=5, filters=either).retrieve(QUERIES[0])
     keep = lambda h: h.path in ("paris.md", "cache.txt") or "plants/" in h.chunk_id  # noqa: E731
-    _same_hits([n.node.node_id for n in got], [n.score for n in got], _expected_filtered(reference, QUERIES[0], 5, keep))
+    _same_hits([n.node.node_id for n in got], [n.score for n in got],
+               _expected_filtered(reference, QUERIES[0], 5, keep))
     assert {n.node.metadata["path"] for n in got} == {"paris.md", "cache.txt", "plants/leaf.txt"}
 
     not_paris = MetadataFilters(filters=[MetadataFilter(key="path", value="paris.md")], condition=FilterCondition.NOT)

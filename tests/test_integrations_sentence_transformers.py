@@ -85,8 +85,8 @@ def test_task_prompts_the_way_mteb_passes_them(fixture_model):
                                fixture_model.encode(QUERIES, instruction=prompts["ArguAna"]), atol=TOL)
     np.testing.assert_allclose(model.encode_queries(QUERIES), fixture_model.encode_queries(QUERIES), atol=TOL)
     corpus = [{"title": "Sky", "text": TEXTS[2]}, {"text": TEXTS[0]}]
-    np.testing.assert_allclose(model.encode_corpus(corpus), fixture_model.encode_documents(["Sky " + TEXTS[2], TEXTS[0]]),
-                               atol=TOL)
+    np.testing.assert_allclose(model.encode_corpus(corpus),
+                               fixture_model.encode_documents(["Sky " + TEXTS[2], TEXTS[0]]), atol=TOL)
 
 
 def test_bad_arguments(fixture_model, st_fixture):

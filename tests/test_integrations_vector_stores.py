@@ -132,8 +132,10 @@ def test_llama_index_creates_an_index_ragen_query_reads(tmp_path, minilm):
                                    "--device", "cpu"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)[0]["path"] == "sky.txt"
-    # a reopened store (new process, no docstore) serves the same nodes
-    again = VectorStoreIndex.from_vector_store(li.RagenVectorStore(target), embed_model=emb)
+    # a reopened store (new process, no docstore) serves the same nodes; to_dict/from_dict round-trips
+    reopened = li.RagenVectorStore.from_dict(store.to_dict())
+    assert reopened.to_dict() == store.to_dict() and reopened.index_dir == str(target)
+    again = VectorStoreIndex.from_vector_store(reopened, embed_model=emb)
     assert again.as_retriever(similarity_top_k=1).retrieve("capital of France")[0].node.ref_doc_id == "paris.md"
 
 

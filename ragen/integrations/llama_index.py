@@ -420,7 +420,13 @@ class RagenVectorStore(BasePydanticVectorStore):
 
     _core: Any = PrivateAttr()
 
-    def __init__(self, index_dir: str | os.PathLike[str], *, embed_model: Any = None) -> None:
+    def __init__(self, index_dir: str | os.PathLike[str], *, embed_model: Any = None, stores_text: bool = True,
+                 flat_metadata: bool = False, is_embedding_query: bool = True) -> None:
+        # stores_text / flat_metadata / is_embedding_query: what to_dict() records, accepted so that
+        # from_dict() round-trips; this store's values are fixed
+        if (stores_text, flat_metadata, is_embedding_query) != (True, False, True):
+            raise RagenError("RagenVectorStore always stores text and nested metadata and searches by embedding "
+                             "(stores_text=True, flat_metadata=False, is_embedding_query=True)")
         super().__init__(index_dir=str(index_dir))
         self._core = IndexStore(index_dir, encoder=_encoder_info_of(embed_model))
 

@@ -126,8 +126,10 @@ def test_llama_index_creates_an_index_ragen_query_reads(tmp_path, minilm):
     store = li.RagenVectorStore(target, embed_model=emb)
     from llama_index.core import StorageContext
 
-    VectorStoreIndex.from_documents([Document(text=t, id_=name) for name, t in FILES.items()], embed_model=emb,
-                                    storage_context=StorageContext.from_defaults(vector_store=store))
+    first = VectorStoreIndex.from_documents([Document(text=t, id_=name) for name, t in FILES.items()],
+                                            embed_model=emb,
+                                            storage_context=StorageContext.from_defaults(vector_store=store))
+    first.storage_context.persist(persist_dir=str(tmp_path / "li-meta"))  # LlamaIndex's docstore, elsewhere
     out = CliRunner().invoke(app, ["query", "why is the sky blue?", "--index", str(target), "--json", "-k", "1",
                                    "--device", "cpu"])
     assert out.exit_code == 0, out.output
@@ -137,6 +139,18 @@ def test_llama_index_creates_an_index_ragen_query_reads(tmp_path, minilm):
     assert reopened.to_dict() == store.to_dict() and reopened.index_dir == str(target)
     again = VectorStoreIndex.from_vector_store(reopened, embed_model=emb)
     assert again.as_retriever(similarity_top_k=1).retrieve("capital of France")[0].node.ref_doc_id == "paris.md"
+    # refresh_ref_docs in a later run: the persisted docstore knows the hashes, the ragen index the vectors
+    from llama_index.core import load_index_from_storage
+
+    later = load_index_from_storage(StorageContext.from_defaults(persist_dir=str(tmp_path / "li-meta"),
+                                                                 vector_store=li.RagenVectorStore(target)),
+                                    embed_model=emb)
+    moved = "Paris, on the Seine, is the capital and largest city of France."
+    assert later.refresh_ref_docs([Document(text=FILES["sky.txt"], id_="sky.txt"),
+                                   Document(text=moved, id_="paris.md")]) == [False, True]
+    with _open(target) as r:
+        assert [(h.path, h.text) for h in r.search("capital of France", k=2)] == [("paris.md", moved),
+                                                                                 ("sky.txt", FILES["sky.txt"])]
 
 
 def test_llama_index_store_errors(ragen_index, tiny_checkpoint):

@@ -131,8 +131,10 @@ def test_embeddings_are_a_pydantic_model_that_round_trips(tiny_checkpoint, tiny_
     assert again.model_dump() == dumped and again.encoder is emb.encoder
     np.testing.assert_allclose(again.embed_query(TEXTS[0]), emb.embed_query(TEXTS[0]), atol=1e-6)
     assert LLM2VecGenEmbeddings.model_validate(dumped).model_dump() == dumped
-    copy = emb.model_copy(update={"batch_size": 5})
-    assert copy.batch_size == 5 and copy.encoder is emb.encoder
+    copy = emb.model_copy(update={"normalize": False})
+    assert copy.encoder is emb.encoder
+    np.testing.assert_allclose(copy.embed_documents(TEXTS[:1]), tiny_model.encode_documents(TEXTS[:1], max_length=40),
+                               atol=1e-5)  # the copy embeds with its own settings
     assert "model_name" in LLM2VecGenEmbeddings.model_json_schema()["properties"]
     # an instance made from an encoder dumps its spec
     assert LLM2VecGenEmbeddings(encoder=tiny_model).model_dump()["model_name"] == tiny_model.spec

@@ -119,8 +119,6 @@ class LLM2VecGenEmbeddings(BaseModel, Embeddings):
         default=None, description="HuggingFaceEmbeddings spelling: batch_size, normalize_embeddings.")
     encoder: Any = Field(default=None, exclude=True, repr=False, description="An already loaded ragen encoder.")
 
-    _settings: EmbedSettings = PrivateAttr()
-
     def __init__(self, model_name: str | None = None, **fields: Any) -> None:
         try:
             super().__init__(model_name=model_name, **fields)
@@ -145,9 +143,7 @@ class LLM2VecGenEmbeddings(BaseModel, Embeddings):
         if self.model_name is not None and self.encoder is not None and self.model_name != self.encoder.spec:
             raise RagenError("LLM2VecGenEmbeddings needs exactly one of model_name (an encoder spec) or encoder "
                              "(both only when model_name is that encoder's spec)")
-        self._settings = EmbedSettings(query_instruction=self.query_instruction,
-                                       document_instruction=self.document_instruction, batch_size=self.batch_size,
-                                       max_length=self.max_length, normalize=self.normalize)
+        _ = self.settings  # validate now, not at the first embed
         if self.encoder is None:
             self.encoder = shared_encoder(self.model_name, base_model=self.base_model, device=self.device,
                                           dtype=self.dtype)
@@ -156,19 +152,21 @@ class LLM2VecGenEmbeddings(BaseModel, Embeddings):
 
     @property
     def settings(self) -> EmbedSettings:
-        return self._settings
+        """Built from the fields on every call, so ``model_copy(update=...)`` takes effect."""
+        return EmbedSettings(query_instruction=self.query_instruction, document_instruction=self.document_instruction,
+                             batch_size=self.batch_size, max_length=self.max_length, normalize=self.normalize)
 
     @property
     def dim(self) -> int:
         return int(self.encoder.dim)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return embed(self.encoder, texts, "document", self._settings).tolist()
+        return embed(self.encoder, texts, "document", self.settings).tolist()
 
     def embed_query(self, text: str) -> list[float]:
         if not isinstance(text, str):
             raise TypeError(f"embed_query takes one string, got {type(text).__name__}")
-        return embed(self.encoder, [text], "query", self._settings)[0].tolist()
+        return embed(self.encoder, [text], "query", self.settings)[0].tolist()
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         return await asyncio.to_thread(self.embed_documents, texts)
@@ -292,7 +290,6 @@ class RagenLangChainRetriever(BaseRetriever):
     device: str | None = None
 
     _retriever: Any = PrivateAttr()
-    _keep: Any = PrivateAttr(default=None)
 
     def __init__(self, index: Any = None, **fields: Any) -> None:
         try:
@@ -302,7 +299,7 @@ class RagenLangChainRetriever(BaseRetriever):
 
     def model_post_init(self, __context: Any) -> None:
         _check_k(self.k)
-        self._keep = _hit_keep(self.filter)
+        _hit_keep(self.filter)  # validate now, not at the first search
         self._retriever = open_index(self.index, model=self.model, device=self.device)
 
     @property
@@ -312,7 +309,7 @@ class RagenLangChainRetriever(BaseRetriever):
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: int | None = None, filter: Any = None) -> list[Document]:
-        keep = self._keep if filter is None else _hit_keep(filter)
+        keep = _hit_keep(self.filter if filter is None else filter)  # from the fields: model_copy(update=) counts
         hits = search_filtered(self._retriever, query, self.k if k is None else _check_k(k), keep)
         return [_document(hit) for hit in hits]
 

@@ -41,6 +41,7 @@ def main() -> None:
                                                   "else McGill-NLP/LLM2Vec-Gen-Qwen3-06B); minilm works offline")
     ap.add_argument("--device", default=None)
     ap.add_argument("-k", type=int, default=4, help="documents per question")
+    ap.add_argument("--filter-path", default=None, help="only chunks whose path contains this text, e.g. guides/")
     ap.add_argument("--llm", default=None, help="local Hugging Face causal LM directory for the answer")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--show-prompt", action="store_true", help="without --llm: also print the filled prompt")
@@ -52,12 +53,16 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # a metadata filter; the same dict works for RagenVectorStore.as_retriever(search_kwargs={"filter": ...})
+    where = {"path": {"$contains": args.filter_path}} if args.filter_path else None
     if args.folder:  # build (incrementally) with an encoder, then search with that same loaded encoder
         encoder = load_encoder(args.model or "McGill-NLP/LLM2Vec-Gen-Qwen3-06B", device=args.device)
         build_index(args.folder, args.index, encoder=encoder)
-        retriever = RagenLangChainRetriever(Retriever.open(args.index, encoder=encoder, device=args.device), k=args.k)
+        retriever = RagenLangChainRetriever(Retriever.open(args.index, encoder=encoder, device=args.device), k=args.k,
+                                            filter=where)
     else:  # an existing index: its manifest names the model
-        retriever = RagenLangChainRetriever(str(args.index), k=args.k, model=args.model, device=args.device)
+        retriever = RagenLangChainRetriever(str(args.index), k=args.k, model=args.model, device=args.device,
+                                            filter=where)
 
     # retrieve once, keep the documents as sources, fill the prompt from them, then (optionally) answer
     retrieve = RunnableParallel(docs=retriever, question=RunnablePassthrough())

@@ -22,6 +22,7 @@ from llama_index.core import (Settings, SimpleDirectoryReader, StorageContext, V
 from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter, MetadataFilters
 
 from ragen import RagenError
 from ragen.integrations.llama_index import LLM2VecGenEmbedding, RagenFaissVectorStore, RagenLlamaIndexRetriever
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--base-model", default=None, help="backbone override for LLM2Vec-Gen checkpoints")
     ap.add_argument("--device", default=None)
     ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--filter-path", default=None, help="only chunks whose path contains this text, e.g. guides/")
     ap.add_argument("--persist-dir", type=Path, default=None, help="save the index here and reuse it next time")
     ap.add_argument("--rebuild", action="store_true", help="re-embed even if --persist-dir holds an index")
     ap.add_argument("--llm", default=None, help="local Hugging Face causal LM directory for answer synthesis")
@@ -90,9 +92,17 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if (args.folder / "chunks.sqlite").is_file():  # a ragen index: its own encoder embeds the question
-        retriever = RagenLlamaIndexRetriever(str(args.folder), similarity_top_k=args.top_k, model=args.model,
-                                             device=args.device)
+    is_ragen_index = (args.folder / "chunks.sqlite").is_file()
+    where = None
+    if args.filter_path:
+        if not is_ragen_index:  # LlamaIndex's FAISS store keeps no metadata to filter on
+            raise RagenError("--filter-path needs FOLDER to be a ragen index (built by `ragen index`); a FAISS "
+                             "VectorStoreIndex cannot filter, ragen's RagenVectorStore can")
+        where = MetadataFilters(filters=[MetadataFilter(key="path", value=args.filter_path,
+                                                        operator=FilterOperator.TEXT_MATCH)])
+    if is_ragen_index:  # a ragen index: its own encoder embeds the question
+        retriever = RagenLlamaIndexRetriever(str(args.folder), similarity_top_k=args.top_k, filters=where,
+                                             model=args.model, device=args.device)
     else:
         if not args.folder.is_dir():
             raise RagenError(f"{args.folder}: not a folder")

@@ -25,6 +25,7 @@ _LAZY = {
     "LLM2VecGenEmbeddings": ("ragen.integrations.langchain", "LLM2VecGenEmbeddings"),
     "RagenLlamaIndexRetriever": ("ragen.integrations.llama_index", "RagenLlamaIndexRetriever"),
     "RagenLangChainRetriever": ("ragen.integrations.langchain", "RagenLangChainRetriever"),
+    "LLM2VecGenSentenceTransformer": ("ragen.integrations.sentence_transformers", "LLM2VecGenSentenceTransformer"),
 }
 
 from .errors import RagenError  # noqa: E402  (stdlib only)

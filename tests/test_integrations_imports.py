@@ -27,12 +27,15 @@ def test_import_ragen_imports_no_framework():
     assert "LOADED []" in proc.stdout
 
 
+LI, LC = 'pip install "ragen-toolkit[llama-index]"', 'pip install "ragen-toolkit[langchain]"'
+
+
 @pytest.mark.parametrize("module, blocked, extra, attr", [
-    ("ragen.integrations.llama_index", "llama_index", "pip install 'ragen[llama-index]'", "LLM2VecGenEmbedding"),
-    ("ragen.integrations.llama_index", "llama_index.vector_stores.faiss", "pip install 'ragen[llama-index]'",
+    ("ragen.integrations.llama_index", "llama_index", LI, "LLM2VecGenEmbedding"),
+    ("ragen.integrations.llama_index", "llama_index.vector_stores.faiss", LI,
      "RagenLlamaIndexRetriever"),
-    ("ragen.integrations.langchain", "langchain_core", "pip install 'ragen[langchain]'", "LLM2VecGenEmbeddings"),
-    ("ragen.integrations.langchain", "langchain_core", "pip install 'ragen[langchain]'", "RagenLangChainRetriever"),
+    ("ragen.integrations.langchain", "langchain_core", LC, "LLM2VecGenEmbeddings"),
+    ("ragen.integrations.langchain", "langchain_core", LC, "RagenLangChainRetriever"),
 ])
 def test_missing_extra_names_what_to_install(module, blocked, extra, attr):
     code = (f"import sys\nsys.modules[{blocked!r}] = None\n"
@@ -62,3 +65,6 @@ def test_lazy_exports_are_the_integration_classes():
     assert ragen.RagenLlamaIndexRetriever is llama_index.RagenLlamaIndexRetriever
     assert ragen.LLM2VecGenEmbeddings is langchain.LLM2VecGenEmbeddings
     assert ragen.RagenLangChainRetriever is langchain.RagenLangChainRetriever
+    from ragen.integrations import sentence_transformers
+
+    assert ragen.LLM2VecGenSentenceTransformer is sentence_transformers.LLM2VecGenSentenceTransformer

@@ -106,7 +106,7 @@ def test_bad_arguments(tiny_model):
         LLM2VecGenEmbeddings()
     with pytest.raises(RagenError, match="batch size must be a positive integer"):
         LLM2VecGenEmbeddings(encoder=tiny_model, batch_size=0)
-    with pytest.raises(RagenError, match="query_instruction must be a string"):
+    with pytest.raises(RagenError, match="query_instruction=3: Input should be a valid string"):
         LLM2VecGenEmbeddings(encoder=tiny_model, query_instruction=3)
     emb = LLM2VecGenEmbeddings(encoder=tiny_model)
     with pytest.raises(TypeError, match="one string"):
@@ -114,3 +114,60 @@ def test_bad_arguments(tiny_model):
     with pytest.raises(TypeError, match="not a single string"):
         emb.embed_documents("one string")
     assert emb.embed_documents([]) == []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a pydantic model like the rest of langchain-core; HuggingFaceEmbeddings spellings
+# ------------------------------------------------------------------------------------------------------------
+def test_embeddings_are_a_pydantic_model_that_round_trips(tiny_checkpoint, tiny_model):
+    from pydantic import BaseModel
+
+    emb = LLM2VecGenEmbeddings(str(tiny_checkpoint), device="cpu", query_instruction="Find: ", batch_size=3,
+                               max_length=40)
+    assert isinstance(emb, BaseModel)
+    dumped = emb.model_dump()
+    assert dumped["model_name"] == str(tiny_checkpoint) and dumped["batch_size"] == 3 and "encoder" not in dumped
+    again = LLM2VecGenEmbeddings(**dumped)
+    assert again.model_dump() == dumped and again.encoder is emb.encoder
+    np.testing.assert_allclose(again.embed_query(TEXTS[0]), emb.embed_query(TEXTS[0]), atol=1e-6)
+    assert LLM2VecGenEmbeddings.model_validate(dumped).model_dump() == dumped
+    copy = emb.model_copy(update={"normalize": False})
+    assert copy.encoder is emb.encoder
+    np.testing.assert_allclose(copy.embed_documents(TEXTS[:1]), tiny_model.encode_documents(TEXTS[:1], max_length=40),
+                               atol=1e-5)  # the copy embeds with its own settings
+    assert "model_name" in LLM2VecGenEmbeddings.model_json_schema()["properties"]
+    # an instance made from an encoder dumps its spec
+    assert LLM2VecGenEmbeddings(encoder=tiny_model).model_dump()["model_name"] == tiny_model.spec
+
+
+def test_huggingface_embeddings_spellings(minilm):
+    """What HuggingFaceEmbeddings users paste: model_kwargs / encode_kwargs map onto ragen's own fields."""
+    emb = LLM2VecGenEmbeddings(model_name="minilm", model_kwargs={"device": "cpu"},
+                               encode_kwargs={"batch_size": 2, "normalize_embeddings": False})
+    assert (emb.device, emb.batch_size, emb.normalize) == ("cpu", 2, False)
+    raw = np.asarray(emb.embed_documents(TEXTS[:2]), dtype=np.float32)
+    np.testing.assert_allclose(raw, minilm.encode_documents(TEXTS[:2], normalize=False), atol=1e-5)
+    assert emb.model_dump()["encode_kwargs"] == {"batch_size": 2, "normalize_embeddings": False}
+    assert LLM2VecGenEmbeddings(**emb.model_dump()).normalize is False
+    import torch
+
+    assert LLM2VecGenEmbeddings(model_name="minilm", device="cpu",
+                                model_kwargs={"torch_dtype": torch.float32}).dtype == "float32"
+    with pytest.raises(RagenError, match=r"encode_kwargs\['prompt'\] is not supported.*query_instruction="):
+        LLM2VecGenEmbeddings(model_name="minilm", encode_kwargs={"prompt": "query: "})
+    with pytest.raises(RagenError, match=r"model_kwargs\['revision'\].*accepted model_kwargs keys: device, dtype"):
+        LLM2VecGenEmbeddings(model_name="minilm", model_kwargs={"revision": "main"})
+    with pytest.raises(RagenError, match=r"batch_size=4 and encode_kwargs\['batch_size'\]=8 disagree"):
+        LLM2VecGenEmbeddings(model_name="minilm", batch_size=4, encode_kwargs={"batch_size": 8})
+    with pytest.raises(RagenError, match="cache_folder=.*Extra inputs are not permitted"):
+        LLM2VecGenEmbeddings(model_name="minilm", cache_folder="/somewhere")
+
+
+def test_max_length_truncates_sentence_transformers_specs(minilm):
+    words = ("the cat sat on the mat and the dog ran in the park " * 20).split()
+    emb = LLM2VecGenEmbeddings("minilm", device="cpu", max_length=16)
+    assert len(minilm.model.tokenizer(" ".join(words[:14]))["input_ids"]) == 16  # one token per word + 2
+    np.testing.assert_allclose(emb.embed_documents([" ".join(words)]),
+                               minilm.encode_documents([" ".join(words[:14])], normalize=True), atol=1e-5)
+    np.testing.assert_allclose(emb.embed_query(" ".join(words)),
+                               minilm.encode_queries([" ".join(words[:14])], normalize=True)[0], atol=1e-5)

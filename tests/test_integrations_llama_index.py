@@ -271,6 +271,9 @@ def test_vector_store_errors(tmp_path):
     with pytest.raises(StoreError, match="no persisted FAISS vector store"):
         RagenFaissVectorStore.from_persist_dir(str(tmp_path))
     (tmp_path / "default__vector_store.json").write_text("{}")
+    with pytest.raises(StoreError, match="not a ragen FAISS vector store"):
+        RagenFaissVectorStore.from_persist_dir(str(tmp_path))
+    (tmp_path / "default__vector_store.json").write_bytes(b"IxF2 not really faiss")
     with pytest.raises(StoreError, match="not a readable FAISS index"):
         RagenFaissVectorStore.from_persist_dir(str(tmp_path))
     with pytest.raises(RagenError, match="positive integer"):
@@ -303,3 +306,124 @@ def test_gpu_store_matches_cpu_and_persists(tmp_path):
     gpu.persist(str(tmp_path / "default__vector_store.json"))
     again = RagenFaissVectorStore.from_persist_dir(str(tmp_path), use_gpu=False)
     assert again.client.ntotal == 200
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a normal BaseEmbedding: serialisation and every BaseEmbedding field
+# ------------------------------------------------------------------------------------------------------------
+def test_embedding_round_trips_through_dict_and_json(tiny_checkpoint, tiny_embedding):
+    from llama_index.core.embeddings import BaseEmbedding
+
+    emb = LLM2VecGenEmbedding(model_name=str(tiny_checkpoint), device="cpu", query_instruction="Find: ",
+                              text_instruction="", embed_batch_size=7, max_length=40, num_workers=2)
+    data = emb.to_dict()
+    assert data["class_name"] == "LLM2VecGenEmbedding" and data["num_workers"] == 2
+    for again in (LLM2VecGenEmbedding.from_dict(data), LLM2VecGenEmbedding.from_json(emb.to_json())):
+        assert again.to_dict() == data
+        assert again.encoder is tiny_embedding.encoder  # the shared model, not a second copy
+        np.testing.assert_allclose(again.get_query_embedding(QUERIES[0]), emb.get_query_embedding(QUERIES[0]),
+                                   atol=1e-6)
+    # every field BaseEmbedding declares is accepted by the constructor
+    assert set(BaseEmbedding.model_fields) <= set(LLM2VecGenEmbedding.model_fields)
+
+
+def test_embedding_accepts_base_embedding_fields_and_uses_the_cache(tiny_model):
+    from llama_index.core.callbacks import CallbackManager
+    from llama_index.core.storage.kvstore import SimpleKVStore
+
+    cache = SimpleKVStore()
+    rec = Recording(tiny_model)
+    manager = CallbackManager([])
+    emb = LLM2VecGenEmbedding(encoder=rec, num_workers=3, embeddings_cache=cache, callback_manager=manager,
+                              embed_batch_size=2)
+    assert emb.num_workers == 3 and emb.embeddings_cache is cache and emb.callback_manager is manager
+    first = emb.get_text_embedding_batch(TEXTS[:3])
+    assert rec.calls == [("document", 2), ("document", 1)]
+    again = emb.get_text_embedding_batch(TEXTS[:3])  # all three from the cache: no encode
+    assert rec.calls == [("document", 2), ("document", 1)]
+    np.testing.assert_allclose(again, first, atol=1e-6)
+    # from_dict keeps the cache object and the other fields
+    rebuilt = LLM2VecGenEmbedding.from_dict(emb.to_dict(), encoder=rec)
+    assert rebuilt.embeddings_cache is cache and rebuilt.num_workers == 3 and rebuilt.embed_batch_size == 2
+
+
+def test_max_length_truncates_sentence_transformers_specs(minilm):
+    """As HuggingFaceEmbedding(max_length=...) does: a long text embeds like its first max_length tokens."""
+    words = ("the cat sat on the mat and the dog ran in the park " * 20).split()
+    emb = LLM2VecGenEmbedding(model_name="minilm", device="cpu", max_length=16)
+    # MiniLM's tokenizer: one token per word here, plus [CLS] and [SEP]
+    assert len(minilm.model.tokenizer(" ".join(words[:14]))["input_ids"]) == 16
+    long_vec = np.asarray(emb.get_text_embedding(" ".join(words)), dtype=np.float32)
+    np.testing.assert_allclose(long_vec, minilm.encode_documents([" ".join(words[:14])], normalize=True)[0], atol=1e-5)
+    assert not np.allclose(long_vec, minilm.encode_documents([" ".join(words)], normalize=True)[0], atol=1e-3)
+    np.testing.assert_allclose(emb.get_query_embedding(" ".join(words)),
+                               minilm.encode_queries([" ".join(words[:14])], normalize=True)[0], atol=1e-5)
+    assert minilm.model.max_seq_length == 256  # the shared model's own limit is restored after the call
+    # the default (512) keeps MiniLM's own 256-token limit
+    default = LLM2VecGenEmbedding(model_name="minilm", device="cpu")
+    np.testing.assert_allclose(default.get_text_embedding(" ".join(words)),
+                               minilm.encode_documents([" ".join(words)], normalize=True)[0], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# vector store: dimensions and persisted layout
+# ------------------------------------------------------------------------------------------------------------
+def test_vector_store_dimension_mismatch_is_a_clear_error(minilm, restore_settings):
+    emb = LLM2VecGenEmbedding(model_name="minilm", device="cpu")
+    store = RagenFaissVectorStore.create(emb.dim + 1)
+    with pytest.raises(StoreError, match=r"dimension 384, but this vector store was created with dimension 385"):
+        VectorStoreIndex.from_documents([Document(text=t) for t in TEXTS], embed_model=emb,
+                                        storage_context=StorageContext.from_defaults(vector_store=store))
+    assert store.client.ntotal == 0  # nothing half-added
+    good = RagenFaissVectorStore.create(emb.dim)
+    index = VectorStoreIndex.from_documents([Document(text=t) for t in TEXTS], embed_model=emb,
+                                            storage_context=StorageContext.from_defaults(vector_store=good))
+    from llama_index.core.vector_stores.types import VectorStoreQuery
+
+    with pytest.raises(StoreError, match="the query embedding has dimension 3"):
+        good.query(VectorStoreQuery(query_embedding=[0.1, 0.2, 0.3], similarity_top_k=1))
+    assert index.as_retriever(similarity_top_k=1).retrieve(QUERIES[1])[0].node.get_content().startswith("Paris")
+
+
+def test_persisted_store_without_vector_store_argument_names_the_layout(minilm, tmp_path, restore_settings):
+    emb = LLM2VecGenEmbedding(model_name="minilm", device="cpu")
+    Settings.embed_model = emb
+    store = RagenFaissVectorStore.create(emb.dim)
+    index = VectorStoreIndex.from_documents([Document(text=t) for t in TEXTS],
+                                            storage_context=StorageContext.from_defaults(vector_store=store))
+    persist_dir = tmp_path / "storage"
+    index.storage_context.persist(persist_dir=str(persist_dir))
+    assert (persist_dir / "default__vector_store.faiss").is_file()
+    with pytest.raises(ValueError, match=r"ragen FAISS vector store .*RagenFaissVectorStore\.from_persist_dir"):
+        StorageContext.from_defaults(persist_dir=str(persist_dir))
+    # the documented way loads it
+    ctx = StorageContext.from_defaults(persist_dir=str(persist_dir),
+                                       vector_store=RagenFaissVectorStore.from_persist_dir(str(persist_dir)))
+    reloaded = load_index_from_storage(ctx)
+    assert reloaded.as_retriever(similarity_top_k=1).retrieve(QUERIES[0])[0].node.get_content().startswith("Rayleigh")
+
+
+def test_store_persisted_by_the_old_layout_still_loads(tmp_path):
+    import faiss
+
+    index = faiss.IndexFlatIP(4)
+    index.add(np.eye(4, dtype=np.float32))
+    faiss.write_index(index, str(tmp_path / "default__vector_store.json"))  # FAISS bytes in the .json file
+    assert RagenFaissVectorStore.from_persist_dir(str(tmp_path), use_gpu=False).client.ntotal == 4
+
+
+def test_faiss_store_points_to_ragen_vector_store_for_updates_and_filters(minilm, restore_settings):
+    from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters
+
+    emb = LLM2VecGenEmbedding(model_name="minilm", device="cpu")
+    store = RagenFaissVectorStore.create(emb.dim)
+    docs = [Document(text=t, id_=f"doc{i}", metadata={"n": i}) for i, t in enumerate(TEXTS[:3])]
+    index = VectorStoreIndex.from_documents(docs, embed_model=emb,
+                                            storage_context=StorageContext.from_defaults(vector_store=store))
+    with pytest.raises(RagenError, match="cannot delete documents: .*RagenVectorStore"):
+        index.delete_ref_doc("doc0")
+    with pytest.raises(RagenError, match="cannot delete documents: .*RagenVectorStore"):
+        index.refresh_ref_docs([Document(text="changed", id_="doc1", metadata={"n": 1})])
+    with pytest.raises(RagenError, match="cannot filter: .*RagenVectorStore"):
+        index.as_retriever(filters=MetadataFilters(filters=[MetadataFilter(key="n", value=1)])).retrieve("x")
+    assert store.client.ntotal == 3

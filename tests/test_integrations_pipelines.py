@@ -84,3 +84,8 @@ def test_langchain_chain_over_a_ragen_index_and_llamaindex_over_the_same_index(f
     proc = _run("llamaindex_rag.py", str(index), "what is the capital of france?", "--top-k", "1", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert _sources(proc.stdout) == ["paris.md"]
+    # and with a metadata filter: only chunks under plants/, though paris.md ranks first
+    proc = _run("langchain_retriever.py", "what is the capital of france?", "--index", str(index), "-k", "3",
+                "--filter-path", "plants/")
+    assert proc.returncode == 0, proc.stderr
+    assert _sources(proc.stdout) == ["plants/leaf.txt"]

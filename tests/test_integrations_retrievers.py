@@ -181,3 +181,111 @@ def test_index_built_by_the_cli_is_usable_from_both_frameworks(corpus, tiny_chec
     lc = RagenLangChainRetriever(index, k=3, device="cpu")
     assert [n.node.node_id for n in li.retrieve(QUERIES[0])] == cli_ids
     assert [d.metadata["chunk_id"] for d in lc.invoke(QUERIES[0])] == cli_ids
+
+
+# ------------------------------------------------------------------------------------------------------------
+# metadata filters
+# ------------------------------------------------------------------------------------------------------------
+def _expected_filtered(reference, query: str, k: int, keep) -> list:
+    """ragen's full ranking with the predicate applied: what a filtered search must return."""
+    return [h for h in reference.search(query, k=100) if keep(h)][:k]
+
+
+def test_llama_index_retriever_filters(tiny_index, reference):
+    from llama_index.core.vector_stores.types import (FilterCondition, FilterOperator, MetadataFilter,
+                                                      MetadataFilters)
+
+    only_sky = MetadataFilters(filters=[MetadataFilter(key="path", value="sky.txt")])
+    li = RagenLlamaIndexRetriever(reference, similarity_top_k=3, filters=only_sky)
+    got = li.retrieve(QUERIES[1])
+    assert [n.node.metadata["path"] for n in got] == ["sky.txt"]
+    _same_hits([n.node.node_id for n in got], [n.score for n in got],
+               _expected_filtered(reference, QUERIES[1], 3, lambda h: h.path == "sky.txt"))
+
+    either = MetadataFilters(filters=[MetadataFilter(key="path", value=["paris.md", "cache.txt"],
+                                                     operator=FilterOperator.IN),
+                                      MetadataFilter(key="chunk_id", value="plants/",
+                                                     operator=FilterOperator.TEXT_MATCH)],
+                             condition=FilterCondition.OR)
+    got = RagenLlamaIndexRetriever(reference, similarity_top_k=5, filters=either).retrieve(QUERIES[0])
+    keep = lambda h: h.path in ("paris.md", "cache.txt") or "plants/" in h.chunk_id  # noqa: E731
+    _same_hits([n.node.node_id for n in got], [n.score for n in got],
+               _expected_filtered(reference, QUERIES[0], 5, keep))
+    assert {n.node.metadata["path"] for n in got} == {"paris.md", "cache.txt", "plants/leaf.txt"}
+
+    not_paris = MetadataFilters(filters=[MetadataFilter(key="path", value="paris.md")], condition=FilterCondition.NOT)
+    got = asyncio.run(RagenLlamaIndexRetriever(reference, similarity_top_k=5, filters=not_paris).aretrieve(QUERIES[1]))
+    assert len(got) == 4 and "paris.md" not in {n.node.metadata["path"] for n in got}
+    assert [n.score for n in got] == sorted((n.score for n in got), reverse=True)
+
+
+def test_llama_index_retriever_bad_filters(reference):
+    from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter, MetadataFilters
+
+    with pytest.raises(RagenError, match=r"cannot filter on metadata key 'author'.*path, chunk_id, start, end"):
+        RagenLlamaIndexRetriever(reference, filters=MetadataFilters(filters=[MetadataFilter(key="author", value="x")]))
+    with pytest.raises(RagenError, match="list-valued metadata"):
+        RagenLlamaIndexRetriever(reference, filters=MetadataFilters(
+            filters=[MetadataFilter(key="path", value=["a"], operator=FilterOperator.ANY)]))
+    with pytest.raises(RagenError, match="must be llama_index MetadataFilters"):
+        RagenLlamaIndexRetriever(reference, filters={"path": "sky.txt"})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LangChain: a normal pydantic BaseRetriever; k and filter per call
+# ------------------------------------------------------------------------------------------------------------
+def test_langchain_retriever_is_a_normal_runnable(tiny_index, reference):
+    from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.runnables import ConfigurableField
+
+    lc = RagenLangChainRetriever(str(tiny_index), k=3, device="cpu", name="ragen-docs", tags=["t"])
+    assert lc.get_name() == "ragen-docs" and lc.model_dump()["k"] == 3 and lc.model_dump()["index"] == str(tiny_index)
+    # k honoured per call, as VectorStoreRetriever honours its search kwargs
+    assert [d.id for d in lc.invoke(QUERIES[0], k=1)] == [h.chunk_id for h in reference.search(QUERIES[0], k=1)]
+    assert len(lc.invoke(QUERIES[0])) == 3
+    assert len(asyncio.run(lc.ainvoke(QUERIES[0], k=2))) == 2
+    with pytest.raises(RagenError, match="k must be a positive integer"):
+        lc.invoke(QUERIES[0], k=0)
+    # configurable_fields / with_config rebuild the retriever with another k
+    configurable = lc.configurable_fields(k=ConfigurableField(id="top_k"))
+    assert len(configurable.with_config(configurable={"top_k": 1}).invoke(QUERIES[1])) == 1
+    assert len(configurable.invoke(QUERIES[1])) == 3
+    # callbacks see the run under its name; batch/abatch equal invoke
+    events = []
+
+    class Recorder(BaseCallbackHandler):
+        def on_retriever_start(self, serialized, query, **kw):
+            events.append(("start", query, kw.get("name")))
+
+        def on_retriever_end(self, documents, **kw):
+            events.append(("end", len(documents)))
+
+    lc.invoke(QUERIES[2], config={"callbacks": [Recorder()]})
+    assert events == [("start", QUERIES[2], "ragen-docs"), ("end", 3)]
+    batched = lc.batch(QUERIES)
+    assert [[d.id for d in docs] for docs in batched] == [[d.id for d in lc.invoke(q)] for q in QUERIES]
+    assert [[d.id for d in docs] for docs in asyncio.run(lc.abatch(QUERIES))] == [[d.id for d in b] for b in batched]
+    with pytest.raises(RagenError, match="top_k=3: Extra inputs are not permitted"):
+        RagenLangChainRetriever(str(tiny_index), top_k=3)
+
+
+def test_langchain_retriever_filters(tiny_index, reference):
+    lc = RagenLangChainRetriever(reference, k=2, filter={"path": "sky.txt"})
+    assert [d.metadata["path"] for d in lc.invoke(QUERIES[1])] == ["sky.txt"]
+    docs = lc.invoke(QUERIES[1], filter={"path": {"$in": ["paris.md", "cache.txt"]}})  # per-call override
+    _same_hits([d.id for d in docs], [d.metadata["score"] for d in docs],
+               _expected_filtered(reference, QUERIES[1], 2, lambda h: h.path in ("paris.md", "cache.txt")))
+    assert [d.metadata["rank"] for d in docs] == [1, 2]
+    either = {"$or": [{"path": ["proofs.md"]}, {"chunk_id": {"$contains": "plants/"}}]}
+    got = {d.metadata["path"] for d in RagenLangChainRetriever(reference, k=5, filter=either).invoke(QUERIES[0])}
+    assert got == {"proofs.md", "plants/leaf.txt"}
+    not_paris = {"$not": {"path": "paris.md"}, "start": {"$gte": 0}}
+    assert "paris.md" not in {d.metadata["path"] for d in
+                              RagenLangChainRetriever(reference, k=5, filter=not_paris).invoke(QUERIES[1])}
+    # a callable over Documents, as InMemoryVectorStore takes
+    by_doc = RagenLangChainRetriever(reference, k=5, filter=lambda doc: doc.metadata["path"].endswith(".md"))
+    assert {d.metadata["path"] for d in by_doc.invoke(QUERIES[0])} == {"paris.md", "proofs.md"}
+    with pytest.raises(RagenError, match=r"cannot filter on metadata key 'author'"):
+        RagenLangChainRetriever(reference, filter={"author": "x"})
+    with pytest.raises(RagenError, match=r"unknown filter operator '\$regex'"):
+        lc.invoke(QUERIES[0], filter={"path": {"$regex": "a"}})

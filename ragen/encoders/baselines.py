@@ -93,21 +93,28 @@ class SentenceTransformerEncoder:
         return self._fingerprint
 
     def _encode(self, texts: Sequence[str], prompt_name: str | None, batch_size: int, normalize: bool,
-                show_progress: bool) -> np.ndarray:
+                show_progress: bool, max_length: int | None = None) -> np.ndarray:
         texts = clean_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        emb = self.model.encode(texts, batch_size=batch_size, prompt_name=prompt_name, convert_to_numpy=True,
-                                normalize_embeddings=normalize, show_progress_bar=show_progress)
+        # max_length: a tighter token cap for this call (the model's own max_seq_length is the ceiling)
+        saved = self.model.max_seq_length
+        if max_length is not None and saved is not None and max_length < saved:
+            self.model.max_seq_length = max_length
+        try:
+            emb = self.model.encode(texts, batch_size=batch_size, prompt_name=prompt_name, convert_to_numpy=True,
+                                    normalize_embeddings=normalize, show_progress_bar=show_progress)
+        finally:
+            self.model.max_seq_length = saved
         return np.asarray(emb, dtype=np.float32)
 
     def encode_queries(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False,
-                       show_progress: bool = False) -> np.ndarray:
-        return self._encode(texts, self._query_prompt, batch_size, normalize, show_progress)
+                       show_progress: bool = False, max_length: int | None = None) -> np.ndarray:
+        return self._encode(texts, self._query_prompt, batch_size, normalize, show_progress, max_length)
 
     def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False,
-                         show_progress: bool = False) -> np.ndarray:
-        return self._encode(texts, self._doc_prompt, batch_size, normalize, show_progress)
+                         show_progress: bool = False, max_length: int | None = None) -> np.ndarray:
+        return self._encode(texts, self._doc_prompt, batch_size, normalize, show_progress, max_length)
 
 
 def minilm_path() -> Path:
@@ -180,11 +187,13 @@ class PooledEncoder:
         return self._fingerprint
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False,
+               max_length: int | None = None) -> np.ndarray:
         texts = clean_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        limit = self.max_length if max_length is None else min(max_length, self.max_length)
+        ids = self.tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]
         ids = [row if row else [self.tokenizer.pad_token_id] for row in ids]  # empty text: pool the pad token
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
         pad = self.tokenizer.pad_token_id
@@ -207,11 +216,13 @@ class PooledEncoder:
             out[idx] = pooled.cpu().numpy()
         return l2_normalize(out) if normalize else out
 
-    def encode_queries(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
-        return self.encode(texts, batch_size=batch_size, normalize=normalize)
+    def encode_queries(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False,
+                       max_length: int | None = None) -> np.ndarray:
+        return self.encode(texts, batch_size=batch_size, normalize=normalize, max_length=max_length)
 
-    def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
-        return self.encode(texts, batch_size=batch_size, normalize=normalize)
+    def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False,
+                         max_length: int | None = None) -> np.ndarray:
+        return self.encode(texts, batch_size=batch_size, normalize=normalize, max_length=max_length)
 
 
 __all__ = ["SentenceTransformerEncoder", "PooledEncoder", "POOLINGS", "load_minilm", "minilm_path"]

@@ -11,19 +11,27 @@ none. Input-centric baselines (``minilm``, ``st:...``, ``mean:...``) have no ins
 non-empty instruction is prepended to every text, exactly as LLM2Vec-Gen applies its instruction, so a
 value the user sets is never silently dropped. Their default is no instruction.
 
-``max_length`` caps LLM2Vec-Gen inputs (and any encoder whose ``encode_*`` accepts ``max_length``);
-sentence-transformers and mean-pooling baselines truncate at their own configured maximum.
+``max_length`` caps the input of every encoder, in its own tokens: LLM2Vec-Gen truncates the text so its
+special tokens survive; sentence-transformers baselines (``minilm``, ``st:...``) truncate at
+``min(max_length, the model's max_seq_length)``, as ``HuggingFaceEmbedding(max_length=...)`` does;
+mean-pooling baselines at ``max_length``.
+
+Metadata filters. A ragen index knows four things about each chunk: ``path`` (relative to the indexed
+folder), ``chunk_id`` (``"<path>#<position>"``), ``start`` and ``end`` (character offsets into the file).
+Both retrievers filter on these (:func:`search_filtered`), after the FAISS search, fetching more candidates
+until ``k`` chunks pass or the whole index has been searched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -115,6 +123,9 @@ def embed(encoder: Encoder, texts: Sequence[str], kind: Kind, settings: EmbedSet
                           normalize=settings.normalize)
         if instruction:
             texts = [instruction + t for t in texts]
+        if accepts_keyword(method, "max_length"):
+            return method(texts, batch_size=settings.batch_size, max_length=settings.max_length,  # type: ignore[call-arg]
+                          normalize=settings.normalize)
         return method(texts, batch_size=settings.batch_size, normalize=settings.normalize)
 
 
@@ -140,6 +151,47 @@ def open_index(index: object, *, model: str | None = None, device: str | None = 
     raise RagenError(f"expected an index directory or a ragen Retriever, got {type(index).__name__}")
 
 
+HIT_METADATA_KEYS = ("path", "chunk_id", "start", "end")  # what a ragen index stores per chunk
+
+
+def check_filter_key(key: object) -> str:
+    if key not in HIT_METADATA_KEYS:
+        raise RagenError(f"cannot filter on metadata key {key!r}: a ragen index stores only "
+                         f"{', '.join(HIT_METADATA_KEYS)} per chunk")
+    return str(key)
+
+
+def search_filtered(retriever, query: str | np.ndarray, k: int, keep: Callable[[Any], bool] | None = None) -> list:
+    """The ``k`` best hits of ``retriever`` for a query string or ``(dim,)`` query vector that pass ``keep``
+    (a predicate over a :class:`~ragen.types.Hit`); ranks renumbered from 1. Without ``keep``: plain search.
+
+    Filters run after the FAISS search: the candidate pool grows (x4 each round) until ``k`` hits pass or
+    the whole index has been searched, so a selective filter costs more searches, never missing results."""
+    with encode_lock(retriever.encoder):
+        if isinstance(query, str):
+            if keep is None:
+                return retriever.search(query, k=k)
+            vector = retriever.encoder.encode_queries([query], normalize=True)[0]  # what Retriever.search does
+        else:
+            vector = np.asarray(query, dtype=np.float32)
+    if keep is None:
+        return retriever.search_vector(vector, k=k)
+    total = int(retriever.store.count)
+    fetch = min(total, max(4 * k, 64))
+    while True:
+        hits = retriever.search_vector(vector, k=max(fetch, 1))
+        kept = [h for h in hits if keep(h)]
+        if len(kept) >= k or fetch >= total:
+            break
+        fetch = min(total, fetch * 4)
+    return [dataclasses.replace(h, rank=i + 1) for i, h in enumerate(kept[:k])]
+
+
+def hit_fields(hit) -> dict:
+    """The metadata a ragen index stores for a hit's chunk (:data:`HIT_METADATA_KEYS`)."""
+    return {key: getattr(hit, key) for key in HIT_METADATA_KEYS}
+
+
 def hit_metadata(hit) -> dict:
     """Metadata both adapters attach to a ragen hit."""
     return {"path": hit.path, "chunk_id": hit.chunk_id, "start": hit.start, "end": hit.end,
@@ -147,4 +199,4 @@ def hit_metadata(hit) -> dict:
 
 
 __all__ = ["EmbedSettings", "embed", "shared_encoder", "encode_lock", "takes_instructions", "open_index",
-           "hit_metadata"]
+           "hit_metadata", "hit_fields", "search_filtered", "check_filter_key", "HIT_METADATA_KEYS"]

@@ -26,7 +26,7 @@ import torch
 
 from .._io import atomic_write_json, atomic_write_text, iter_jsonl
 from ..errors import CheckpointError, DataError
-from .config import PipelineConfig, QueriesConfig, ResponsesConfig
+from .config import PipelineConfig, QueriesConfig, ResponsesConfig, read_utf8, utf8_error
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,11 @@ def _query_from_record(rec: Any, field: str | None, where: str) -> str | None:
             raise DataError(f"{where}: no query field; expected one of {', '.join(_QUERY_FIELDS)} or 'messages' "
                             "(or set queries.field)")
         value = rec[key]
-    if isinstance(value, list):  # chat messages: keep single-turn conversations (one user message)
-        users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
-        return users[0] if len(users) == 1 and isinstance(users[0], str) else None
+    if isinstance(value, list):  # chat messages: the reference keeps exactly 2-message conversations
+        if len(value) != 2 or not isinstance(value[0], dict):
+            return None
+        first = value[0].get("content")
+        return first if isinstance(first, str) else None
     if not isinstance(value, str):
         raise DataError(f"{where}: query must be a string, got {type(value).__name__}")
     return value
@@ -86,12 +88,16 @@ def read_queries(cfg: QueriesConfig) -> list[Query]:
     items: list[tuple[str | None, str]] = []
     if path.is_file():
         if path.suffix.lower() in (".jsonl", ".json"):
-            for n, rec in iter_jsonl(path):
-                text = _query_from_record(rec, cfg.field, f"{path}:{n}")
-                if text is not None and text.strip():
-                    items.append((rec.get("id"), text.strip()))
+            try:
+                for n, rec in iter_jsonl(path):
+                    text = _query_from_record(rec, cfg.field, f"{path}:{n}")
+                    if text is not None and text.strip():
+                        items.append((rec.get("id"), text.strip()))
+            except UnicodeDecodeError as exc:
+                raise utf8_error(path, exc, "UTF-8 JSON lines (one query object per line)") from None
         else:
-            items = [(None, line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            text = read_utf8(path, "UTF-8 text, one query per line")
+            items = [(None, line.strip()) for line in text.splitlines() if line.strip()]
     elif path.exists():
         raise DataError(f"{src}: is a directory; expected a .txt or .jsonl file or a hub dataset id")
     elif "/" in src and not src.startswith((".", "/", "~")) and src.count("/") == 1:
@@ -177,8 +183,8 @@ def load_generator(base_model: str, device: str, dtype: torch.dtype) -> tuple[An
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(base_model)
-        lm = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
+        lm = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load base model {base_model!r} ({str(exc).splitlines()[0][:160]}); "
                               "pass a local directory where the hub is unreachable") from None
@@ -211,24 +217,66 @@ def stop_token_ids(lm: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def _truncate_query(tokenizer: Any, text: str, max_tokens: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+def fit_prompt(tokenizer: Any, query: str, cfg: ResponsesConfig) -> str:
+    """The templated prompt within ``cfg.max_prompt_length`` tokens. The reference truncates the
+    templated prompt itself (cutting the generation prompt off long queries); here the end of the query
+    text is cut instead, so the chat template and its generation prompt always survive."""
+    budget = cfg.max_prompt_length
+    prompt = build_prompt(tokenizer, query, cfg)
+    n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if n <= budget:
+        return prompt
+    ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+    keep = len(ids) - (n - budget)
+    while keep > 0:  # token merges at the query's edges can shift the count by a token or two
+        prompt = build_prompt(tokenizer, tokenizer.decode(ids[:keep]), cfg)
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n <= budget:
+            return prompt
+        keep -= max(1, n - budget)
+    raise DataError(f"responses.max_prompt_length={budget}: the chat template alone needs more tokens")
+
+
+_SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def generation_config(lm: Any, tokenizer: Any, cfg: ResponsesConfig) -> Any:
+    """The model's own generation config with only the explicitly set options overridden (the reference
+    passes none, so the model's defaults apply: Qwen3 samples)."""
+    import copy
+
+    gen = copy.deepcopy(lm.generation_config)
+    for key in _SAMPLING:
+        value = getattr(cfg, key)
+        if value is not None:
+            setattr(gen, key, value)
+    gen.max_new_tokens = cfg.max_new_tokens
+    gen.max_length = None
+    gen.eos_token_id = stop_token_ids(lm, tokenizer)
+    gen.pad_token_id = tokenizer.pad_token_id
+    return gen
+
+
+def effective_settings(gen: Any, seed: int) -> dict[str, Any]:
+    """What the generation really used (recorded in responses.settings.json)."""
+    out: dict[str, Any] = {k: getattr(gen, k, None) for k in _SAMPLING}
+    if not out["do_sample"]:
+        out.update(temperature=None, top_p=None, top_k=None)  # unused by greedy decoding
+    out.update(max_new_tokens=gen.max_new_tokens, seed=seed if out["do_sample"] else None)
+    return json.loads(json.dumps(out, default=str))
 
 
 @torch.inference_mode()
 def answer(lm: Any, tokenizer: Any, queries: list[str], cfg: ResponsesConfig, *, seed: int = 0) -> list[dict[str, Any]]:
     """Generate one response per query (a single batch): ``{"response", "num_tokens", "finish_reason"}``."""
     device = next(lm.parameters()).device
-    prompts = [build_prompt(tokenizer, _truncate_query(tokenizer, q, cfg.max_query_length), cfg) for q in queries]
+    prompts = [fit_prompt(tokenizer, q, cfg) for q in queries]
     enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-    stops = stop_token_ids(lm, tokenizer)
-    sample = cfg.temperature > 0
-    if sample:
+    gen_cfg = generation_config(lm, tokenizer, cfg)
+    stops = list(gen_cfg.eos_token_id)
+    if gen_cfg.do_sample:
         torch.manual_seed(seed)
-    gen = lm.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
-                      temperature=cfg.temperature if sample else None, top_p=cfg.top_p if sample else None,
-                      top_k=None, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    gen = lm.generate(**enc, generation_config=gen_cfg)
     new = gen[:, enc["input_ids"].shape[1]:].cpu().tolist()  # (batch, generated)
     out = []
     for row in new:
@@ -251,9 +299,14 @@ SETTINGS_FILE = "responses.settings.json"
 
 
 def _generation_settings(cfg: PipelineConfig) -> dict[str, Any]:
-    """What determines a response: the model, the generation settings and the seed (JSON round-tripped)."""
-    data = {"base_model": cfg.base_model, "responses": dataclasses.asdict(cfg.responses), "seed": cfg.seed}
+    """What determines a response: the model, the generation settings and the seed (JSON round-tripped).
+    The recorded file adds ``effective`` (what the model's generation_config made of them)."""
+    data = {"base_model": cfg.base_model, "responses": dataclasses.asdict(cfg.responses), "seed": sampling_seed(cfg)}
     return json.loads(json.dumps(data, default=str))
+
+
+def sampling_seed(cfg: PipelineConfig) -> int:
+    return cfg.responses.seed if cfg.responses.seed is not None else cfg.seed
 
 
 def check_generation_settings(cfg: PipelineConfig, out_dir: str | Path) -> None:
@@ -269,8 +322,10 @@ def check_generation_settings(cfg: PipelineConfig, out_dir: str | Path) -> None:
     if path.is_file():
         try:
             have = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             have = None
+        if isinstance(have, dict):
+            have = {k: v for k, v in have.items() if k != "effective"}
         if have != want:
             changed = sorted(k for k in want if not isinstance(have, dict) or have.get(k) != want[k])
             what = ", ".join(changed) if changed else f"unreadable {SETTINGS_FILE}"
@@ -312,13 +367,17 @@ def generate_responses(
         return 0
     logger.info("generating %d responses (%d already done, shard %d/%d)", len(mine), len(done), rank, world)
     lm, tok = load_generator(cfg.base_model, device, dtype)
+    record = {**_generation_settings(cfg),
+              "effective": effective_settings(generation_config(lm, tok, cfg.responses), sampling_seed(cfg))}
+    if rank == 0:
+        atomic_write_json(out / SETTINGS_FILE, record)
     lengths = [len(q.text) for q in mine]
     order = sorted(range(len(mine)), key=lambda i: -lengths[i])
     bs = cfg.responses.batch_size
     finished = 0
     for start in range(0, len(order), bs):
         batch = [mine[i] for i in order[start:start + bs]]
-        seed = int(hashlib.sha1(f"{cfg.seed}:{batch[0].id}".encode()).hexdigest()[:8], 16)
+        seed = int(hashlib.sha1(f"{sampling_seed(cfg)}:{batch[0].id}".encode()).hexdigest()[:8], 16)
         results = answer(lm, tok, [q.text for q in batch], cfg.responses, seed=seed)
         _append_jsonl(shard_file, [{"id": q.id, "query": q.text, **r} for q, r in zip(batch, results)])
         finished += len(batch)

@@ -1,0 +1,189 @@
+"""The reference recipe: LR schedule, response generation settings, prompt budget, finished runs, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ragen.errors import DataError
+from ragen.training import Example, config_from_dict, fit, load_config, read_queries
+from ragen.training.config import QueriesConfig, ResponsesConfig, TrainConfig
+from ragen.training.loop import lr_factor, rec_loss_scale, run_pipeline
+from ragen.training.responses import answer, build_prompt, fit_prompt, generate_responses, load_generator
+
+from .test_training import _PAIRS, _examples, _metric_losses, _model
+
+
+def _train_cfg(backbone: Path, **train):
+    base = {"num_special_tokens": 4, "learning_rate": 1e-2, "warmup_steps": 2, "schedule_steps": 20, "max_steps": 4,
+            "batch_size": 4, "max_length": 64, "max_response_length": 24, "save_every": 1000, "eval_every": 1000}
+    base.update(train)
+    return config_from_dict({"base_model": str(backbone), "queries": {"source": "unused.txt"}, "train": base})
+
+
+# --------------------------------------------------------------------------------------------------------
+# 1. schedule: warm-up + linear decay over schedule_steps, stop at max_steps
+# --------------------------------------------------------------------------------------------------------
+def test_reference_schedule_values_at_steps_0_100_5000():
+    from transformers import get_linear_schedule_with_warmup
+
+    t = TrainConfig()  # defaults: the reference's 100 warm-up steps, 20,000-step horizon, stop at 5,000
+    assert (t.warmup_steps, t.schedule_steps, t.max_steps) == (100, 20000, 5000)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = get_linear_schedule_with_warmup(opt, num_warmup_steps=100, num_training_steps=20000)
+    ref_factor = ref.lr_lambdas[0]
+    for step in (0, 1, 50, 99, 100, 101, 4999, 5000, 19999, 20000):
+        assert lr_factor(t, step) == pytest.approx(ref_factor(step), abs=1e-12)
+    assert lr_factor(t, 0) == 0.0
+    assert lr_factor(t, 100) == 1.0
+    assert lr_factor(t, 5000) == pytest.approx(15000 / 19900)  # ~75% of peak at the stop
+    applied = sum(lr_factor(t, s) for s in range(5000))
+    old = TrainConfig(schedule_steps=5000)  # the previous behaviour: decay to 0 at the stop
+    assert sum(lr_factor(old, s) for s in range(5000)) / applied == pytest.approx(0.58, abs=0.01)
+
+
+def test_resume_with_another_max_steps_continues_the_same_curve(tmp_path, tiny_backbone):
+    straight = fit(_model(tiny_backbone), _examples(), [], _train_cfg(tiny_backbone, max_steps=6), tmp_path / "a")
+    fit(_model(tiny_backbone), _examples(), [], _train_cfg(tiny_backbone, max_steps=4), tmp_path / "b")
+    more = fit(_model(tiny_backbone), _examples(), [], _train_cfg(tiny_backbone, max_steps=6), tmp_path / "b")
+    assert more.losses == straight.losses[4:]  # steps 5..6 continue from the step-4 checkpoint, bit-exact
+    assert _metric_losses(tmp_path / "b") == _metric_losses(tmp_path / "a")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    t = _train_cfg(tiny_backbone).train
+    assert lrs == pytest.approx([1e-2 * lr_factor(t, s) for s in range(6)])
+    with pytest.raises(DataError, match="train.schedule_steps"):
+        fit(_model(tiny_backbone), _examples(), [], _train_cfg(tiny_backbone, max_steps=8, schedule_steps=40),
+            tmp_path / "b")
+
+
+def test_rerunning_a_finished_run_reports_it_instead_of_nan(tmp_path, tiny_backbone):
+    cfg = _train_cfg(tiny_backbone, max_steps=3)
+    first = fit(_model(tiny_backbone), _examples(), [], cfg, tmp_path / "r")
+    again = fit(_model(tiny_backbone), _examples(), [], cfg, tmp_path / "r")
+    assert again.already_finished and again.steps == 3 and again.final_loss == first.final_loss
+    from ragen.training.loop import finished_run
+
+    done = finished_run(cfg, tmp_path / "r")  # what run_pipeline checks before loading any model
+    assert done is not None and done.final_loss == first.final_loss and done.model_dir == tmp_path / "r" / "model"
+    assert finished_run(_train_cfg(tiny_backbone, max_steps=5), tmp_path / "r") is None
+
+
+def test_loss_normalisation_global_or_per_rank():
+    t = TrainConfig()
+    # global: every process divides by the global batch's tokens (x world size, as DDP averages gradients)
+    assert rec_loss_scale(t, 100, 30, 2) == pytest.approx(2 / 100)
+    # per_rank: the reference's per-device token mean, averaged by DDP
+    per_rank = TrainConfig(loss_normalization="per_rank")
+    assert rec_loss_scale(per_rank, 100, 30, 2) == pytest.approx(1 / 30)
+    assert rec_loss_scale(per_rank, 100, 100, 1) == rec_loss_scale(t, 100, 100, 1)
+    with pytest.raises(DataError, match="loss_normalization"):
+        _train_cfg(Path("x"), loss_normalization="mean")
+
+
+def test_all_empty_unfinished_responses_do_not_divide_by_zero(tmp_path, tiny_backbone):
+    rng = np.random.default_rng(0)
+    empty = [Example(f"q{i}", q, "", rng.standard_normal(16).astype(np.float32), ended=False)
+             for i, (q, _) in enumerate(_PAIRS)]
+    result = fit(_model(tiny_backbone), empty, [], _train_cfg(tiny_backbone, max_steps=2), tmp_path / "r")
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+
+
+def test_bad_batch_settings_and_bad_bytes_are_one_line(tmp_path):
+    with pytest.raises(DataError, match="micro_batch_size=8 must be <= train.batch_size=4"):
+        _train_cfg(Path("x"), micro_batch_size=8)
+    with pytest.raises(DataError, match="schedule_steps=2 must exceed train.warmup_steps=2"):
+        _train_cfg(Path("x"), schedule_steps=2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"base_model: x\nqueries: q\xff.txt\n")
+    with pytest.raises(DataError, match="bad.yaml: not UTF-8 text"):
+        load_config(bad)
+    (tmp_path / "q.txt").write_bytes(b"fine\ncaf\xe9\n")
+    with pytest.raises(DataError, match="q.txt: not UTF-8 text"):
+        read_queries(QueriesConfig(source=str(tmp_path / "q.txt")))
+    (tmp_path / "q.jsonl").write_bytes(b'{"query": "ok"}\n{"query": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="q.jsonl: not UTF-8 text"):
+        read_queries(QueriesConfig(source=str(tmp_path / "q.jsonl")))
+
+
+def test_chat_queries_keep_exactly_two_message_conversations(tmp_path):
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "two"}, {"role": "assistant", "content": "x"}]},
+            {"id": "b", "messages": [{"role": "user", "content": "alone"}]},
+            {"id": "c", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                     {"role": "assistant", "content": "a"}]},
+            {"id": "d", "messages": [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+                                     {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]}]
+    (tmp_path / "tulu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [(q.id, q.text) for q in read_queries(QueriesConfig(source=str(tmp_path / "tulu.jsonl")))] == [("a", "two")]
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. response generation: the model's generation_config by default, explicit overrides, prompt budget
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sampling_backbone(tmp_path_factory):
+    """A tiny backbone whose generation_config.json says: sample (as Qwen3's does)."""
+    from transformers import GenerationConfig
+
+    from ragen.testing import make_backbone
+
+    path = make_backbone(tmp_path_factory.mktemp("sampling"), hidden_size=32, num_layers=1, seed=3)
+    GenerationConfig(do_sample=True, temperature=1.3, top_k=0, top_p=1.0).save_pretrained(path)
+    return path
+
+
+def test_generation_follows_the_models_generation_config_by_default(tmp_path, sampling_backbone):
+    (tmp_path / "q.txt").write_text("\n".join(q for q, _ in _PAIRS[:4]) + "\n")
+
+    def cfg(**responses):
+        return config_from_dict({"base_model": str(sampling_backbone), "queries": {"source": str(tmp_path / "q.txt")},
+                                 "seed": 5, "responses": {"max_new_tokens": 12, "batch_size": 4, **responses}})
+
+    lm, tok = load_generator(str(sampling_backbone), "cpu", torch.float32)
+    queries = [q for q, _ in _PAIRS[:4]]
+    default = answer(lm, tok, queries, cfg().responses, seed=11)
+    assert default == answer(lm, tok, queries, cfg().responses, seed=11)  # seeded: reproducible
+    assert default != answer(lm, tok, queries, cfg().responses, seed=12)  # ...and really sampled
+    greedy = answer(lm, tok, queries, cfg(do_sample=False).responses, seed=11)
+    assert greedy == answer(lm, tok, queries, cfg(do_sample=False).responses, seed=12) != default
+    # the same as transformers' generate with the model's own settings and the same seed
+    enc = tok([build_prompt(tok, q, cfg().responses) for q in queries], add_special_tokens=False, padding=True,
+              return_tensors="pt")
+    torch.manual_seed(11)
+    ref = lm.generate(**enc, max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id])
+    ref_text = [tok.decode([t for t in row if t != tok.pad_token_id][:12], skip_special_tokens=True).strip()
+                for row in ref[:, enc["input_ids"].shape[1]:].tolist()]
+    assert [r["response"] for r in default] == [t.split(tok.eos_token)[0].strip() for t in ref_text]
+
+    out = tmp_path / "run"
+    generate_responses(cfg(repetition_penalty=1.2, top_k=7), out)
+    settings = json.loads((out / "responses.settings.json").read_text())
+    assert settings["effective"] == {"do_sample": True, "temperature": 1.3, "top_p": 1.0, "top_k": 7,
+                                     "repetition_penalty": 1.2, "max_new_tokens": 12, "seed": 5}
+    assert settings["responses"]["do_sample"] is None  # what was asked: the model's choice
+    out2 = tmp_path / "greedy"
+    generate_responses(cfg(do_sample=False), out2)
+    eff = json.loads((out2 / "responses.settings.json").read_text())["effective"]
+    assert eff["do_sample"] is False and eff["temperature"] is None and eff["seed"] is None
+
+
+def test_prompt_budget_cuts_the_query_never_the_template(tiny_backbone):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_backbone))
+    cfg = ResponsesConfig(max_prompt_length=40, system_prompt="be brief")
+    long_query = " ".join(q for q, _ in _PAIRS) * 4
+    prompt = fit_prompt(tok, long_query, cfg)
+    assert len(tok(prompt, add_special_tokens=False)["input_ids"]) <= 40
+    assert prompt.startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n")
+    assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")  # the generation prompt survives
+    kept = prompt.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+    assert kept and long_query.startswith(kept)  # the query's start is kept, its end cut
+    short = "what is the capital of france?"
+    assert fit_prompt(tok, short, cfg) == build_prompt(tok, short, cfg)
+    with pytest.raises(DataError, match="max_prompt_length=16: the chat template alone"):
+        fit_prompt(tok, long_query, ResponsesConfig(max_prompt_length=16, system_prompt="be brief " * 10))
+    assert ResponsesConfig().max_prompt_length == 1024  # the reference's budget

@@ -89,15 +89,22 @@ class ResponsesConfig:
 class TeacherConfig:
     """The teacher whose embedding of each response the alignment loss matches (stage 2).
 
-    ``model``: ``minilm`` (bundled all-MiniLM-L6-v2), ``st:NAME`` (any sentence-transformers model; its own
-    pooling), ``mean:BACKBONE`` (a decoder LLM, mean pooling, LLM2Vec-style), or ``hf:NAME`` with
-    ``pooling`` mean | cls | last (a plain Hugging Face encoder, e.g. ``hf:BAAI/bge-m3`` with cls).
+    ``model``:
+
+    - ``llm2vec:MNTP+SIMCSE`` (also ``llm2vec:BASE+MNTP+SIMCSE``): the paper's teacher, LLM2Vec of the
+      same backbone: bidirectional attention, the MNTP LoRA merged, the unsupervised-SimCSE LoRA on top,
+      masked mean pooling, e.g. ``llm2vec:McGill-NLP/LLM2Vec-Qwen3-8B-mntp+McGill-NLP/LLM2Vec-Qwen3-8B-mntp-unsup-simcse``;
+    - ``hf:NAME`` with ``pooling`` mean | cls | last (a plain Hugging Face encoder); the paper's V2
+      teacher is ``hf:BAAI/bge-m3-unsupervised`` with ``pooling: cls``;
+    - ``minilm`` (bundled all-MiniLM-L6-v2, offline), ``st:NAME`` (any sentence-transformers model, its
+      own pooling), ``mean:BACKBONE`` (a causal LLM, mean pooling; not LLM2Vec: causal attention, no LoRA).
     """
 
     model: str = "minilm"
     pooling: str | None = None
     batch_size: int = 64
     max_length: int = 512
+    dtype: str | None = None  # null: bf16 on CUDA (the reference's teacher dtype), float32 on CPU
 
 
 @dataclass(frozen=True)
@@ -182,6 +189,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(te.pooling is None or te.pooling in POOLINGS, f"teacher.pooling must be one of {', '.join(POOLINGS)}")
     need(not te.model.startswith("hf:") or te.pooling is not None,
          "teacher.model 'hf:NAME' needs teacher.pooling (mean, cls or last)")
+    need(te.dtype in (None, "auto", "float32", "bfloat16", "float16"),
+         "teacher.dtype must be null, auto, float32, bfloat16 or float16")
     need(te.batch_size >= 1 and te.max_length >= 1, "teacher.batch_size and teacher.max_length must be >= 1")
     need(t.num_special_tokens >= 1, "train.num_special_tokens must be >= 1")
     need(t.learning_rate > 0, "train.learning_rate must be > 0")
@@ -306,8 +315,14 @@ def config_from_dict(data: dict[str, Any], *, root: str | Path | None = None, so
     if root is not None:
         root = Path(root)
         rsrc = cfg.responses.source
+        tmodel = cfg.teacher.model
+        if tmodel.startswith("llm2vec:"):
+            tmodel = "llm2vec:" + "+".join(_resolve_relative(x, root) for x in tmodel[len("llm2vec:"):].split("+"))
+        elif tmodel.startswith(("hf:", "st:", "mean:", "cls:", "last:")):
+            head, _, rest = tmodel.partition(":")
+            tmodel = f"{head}:{_resolve_relative(rest, root)}" if rest else tmodel
         cfg = dataclasses.replace(
-            cfg, base_model=_resolve_relative(cfg.base_model, root),
+            cfg, base_model=_resolve_relative(cfg.base_model, root), teacher=dataclasses.replace(cfg.teacher, model=tmodel),
             queries=dataclasses.replace(cfg.queries, source=_resolve_relative(cfg.queries.source, root)
                                         if cfg.queries.source else ""),
             responses=dataclasses.replace(cfg.responses, source=_resolve_relative(rsrc, root) if rsrc else rsrc))

@@ -187,3 +187,77 @@ def test_prompt_budget_cuts_the_query_never_the_template(tiny_backbone):
     with pytest.raises(DataError, match="max_prompt_length=16: the chat template alone"):
         fit_prompt(tok, long_query, ResponsesConfig(max_prompt_length=16, system_prompt="be brief " * 10))
     assert ResponsesConfig().max_prompt_length == 1024  # the reference's budget
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4. published responses (McGill-NLP/llm2vec-gen-tulu rows: id, question, answer) skip stage 1
+# --------------------------------------------------------------------------------------------------------
+_HUB_ROWS = [{"id": "tulu_1", "question": " what is the capital of france? ", "answer": "Paris is the capital."},
+             {"id": "tulu_2", "question": "why is the sky blue?", "answer": "Rayleigh scattering."},
+             {"id": "tulu_3", "question": "count to five.", "answer": ""}]
+
+
+def _published_cfg(tmp_path: Path, backbone: Path, source: Path, **responses):
+    return config_from_dict({"base_model": str(backbone), "responses": {"source": str(source), **responses},
+                             "teacher": {"model": f"hf:{backbone}", "pooling": "mean"},
+                             "train": {"num_special_tokens": 4, "warmup_steps": 1, "schedule_steps": 10, "max_steps": 2,
+                                       "batch_size": 2, "max_length": 32, "max_response_length": 16}})
+
+
+def test_published_responses_from_jsonl_and_parquet_skip_generation(tmp_path, tiny_backbone, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ragen.training.responses import import_responses, read_published_responses, responses_complete
+
+    jsonl = tmp_path / "Qwen3_8B.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in _HUB_ROWS))
+    parquet = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(_HUB_ROWS), parquet)
+    want = [{"id": r["id"], "query": r["question"], "response": r["answer"], "finish_reason": "stop"} for r in _HUB_ROWS]
+    for src in (jsonl, parquet):
+        cfg = _published_cfg(tmp_path, tiny_backbone, src)
+        assert not cfg.queries.source  # no queries needed
+        assert read_published_responses(cfg) == want
+    # no model may be loaded for stage 1
+    import ragen.training.responses as responses_mod
+
+    monkeypatch.setattr(responses_mod, "load_generator", lambda *a, **k: pytest.fail("generation ran"))
+    result = run_pipeline(_published_cfg(tmp_path, tiny_backbone, parquet), tmp_path / "run")
+    assert len(result.losses) == 2 and result.model_dir is not None
+    lines = [json.loads(x) for x in (tmp_path / "run" / "responses.jsonl").read_text().splitlines()]
+    assert lines == want
+    assert responses_complete(_published_cfg(tmp_path, tiny_backbone, parquet), tmp_path / "run")
+    with pytest.raises(DataError, match="other settings \\(responses\\)"):  # another source: refused, not mixed
+        import_responses(_published_cfg(tmp_path, tiny_backbone, jsonl), tmp_path / "run")
+    # other field names, a limit, and clear errors
+    (tmp_path / "own.jsonl").write_text(json.dumps({"prompt_text": "q", "reply": "r"}) + "\n")
+    own = _published_cfg(tmp_path, tiny_backbone, tmp_path / "own.jsonl", query_field="prompt_text", response_field="reply")
+    assert read_published_responses(own) == [{"id": "0", "query": "q", "response": "r", "finish_reason": "stop"}]
+    with pytest.raises(DataError, match="own.jsonl\\[0\\]: no query field"):
+        read_published_responses(_published_cfg(tmp_path, tiny_backbone, tmp_path / "own.jsonl"))
+    limited = config_from_dict({"base_model": str(tiny_backbone), "queries": {"limit": 2},
+                                "responses": {"source": str(jsonl)}})
+    assert [r["id"] for r in read_published_responses(limited)] == ["tulu_1", "tulu_2"]
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="bad.parquet: not a readable parquet file"):
+        read_published_responses(_published_cfg(tmp_path, tiny_backbone, tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match="queries.source .* or responses.source"):
+        config_from_dict({"base_model": "x"})
+
+
+def test_published_responses_from_the_hub_use_the_backbones_split(tmp_path, tiny_backbone, monkeypatch):
+    import datasets
+
+    from ragen.training.responses import read_published_responses
+
+    calls = []
+
+    def fake_load(name, split=None, **kw):
+        calls.append((name, split))
+        return datasets.Dataset.from_list(_HUB_ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    cfg = config_from_dict({"base_model": "x", "responses": {"source": "McGill-NLP/llm2vec-gen-tulu", "split": "Qwen3_8B"}})
+    assert [r["query"] for r in read_published_responses(cfg)] == [r["question"] for r in _HUB_ROWS]
+    assert calls == [("McGill-NLP/llm2vec-gen-tulu", "Qwen3_8B")]

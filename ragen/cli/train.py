@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from ._common import app, err, out, run_command
 from ..errors import RagenError
@@ -79,13 +80,17 @@ def generate_responses_cmd(
 
         from ..training.distributed import barrier
         from ..training.loop import setup_runtime
-        from ..training.responses import generate_responses, merge_responses, responses_complete
+        from ..training.responses import generate_responses, import_responses, merge_responses, responses_complete
 
         cfg = _load(config, device, dtype)
         output = _output_dir(config, output_opt)
         output.mkdir(parents=True, exist_ok=True)
         if responses_complete(cfg, output):
             err.print(f"[green]responses complete:[/] {output / 'responses.jsonl'}")
+            return
+        if cfg.responses.source:
+            path = import_responses(cfg, output)
+            err.print(f"[green]published responses[/] from {escape(cfg.responses.source)}: {escape(str(path))}")
             return
         explicit = _parse_shard(shard)
         ctx, dev, dt = setup_runtime(cfg)

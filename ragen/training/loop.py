@@ -40,7 +40,8 @@ from .config import PipelineConfig, TrainConfig
 from .data import Batch, Collator, Example, build_examples, global_batch_indices, split_eval
 from .distributed import DistContext, all_reduce_sum, barrier, init_distributed
 from .losses import alignment_loss_sum, reconstruction_loss_sum
-from .responses import RESPONSES_FILE, generate_responses, merge_responses, read_responses, responses_complete
+from .responses import (RESPONSES_FILE, generate_responses, import_responses, merge_responses, read_responses,
+                        responses_complete)
 from .teacher import compute_teacher_vectors
 
 logger = logging.getLogger(__name__)
@@ -552,7 +553,11 @@ def ensure_responses(cfg: PipelineConfig, out_dir: Path, ctx: DistContext, devic
                      callback: TrainCallback | None = None) -> Path:
     """Stage 1 across all processes: each answers its shard, then the main process merges."""
     cb = callback or TrainCallback()
-    if not responses_complete(cfg, out_dir):
+    if cfg.responses.source and not responses_complete(cfg, out_dir):
+        cb.on_stage("responses", f"published responses from {cfg.responses.source}")
+        if ctx.is_main:
+            import_responses(cfg, out_dir)
+    elif not responses_complete(cfg, out_dir):
         cb.on_stage("responses", f"{cfg.base_model}: answering {cfg.queries.source}")
         generate_responses(cfg, out_dir, shard=(ctx.rank, ctx.world_size), device=device, dtype=dtype,
                            progress=lambda d, n: cb.on_progress("responses", d, n))

@@ -402,6 +402,105 @@ def merge_responses(cfg: PipelineConfig, out_dir: str | Path) -> Path:
     return target
 
 
+# ----------------------------------------------------------------------------------------------------------
+# published responses (stage 1 skipped)
+# ----------------------------------------------------------------------------------------------------------
+_PUBLISHED_QUERY_FIELDS = ("question", "query", "prompt")
+_PUBLISHED_RESPONSE_FIELDS = ("answer", "response", "output")
+
+
+def _published_rows(cfg: ResponsesConfig) -> tuple[str, Iterable[dict[str, Any]]]:
+    """``(where, rows)`` of ``responses.source``: a local .jsonl/.json/.parquet file, or a hub dataset split."""
+    src = str(cfg.source)
+    path = Path(src).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            def rows() -> Iterable[dict[str, Any]]:
+                try:
+                    for _, rec in iter_jsonl(path):
+                        yield rec
+                except UnicodeDecodeError as exc:
+                    raise utf8_error(path, exc, "UTF-8 JSON lines with question/answer fields") from None
+            return str(path), rows()
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ImportError('parquet responses need pyarrow: pip install "ragen-toolkit[train]" '
+                                  '(from a checkout: pip install -e ".[train]")') from None
+            try:
+                table = pq.read_table(path)
+            except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) on bad files
+                raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
+            return str(path), table.to_pylist()
+        raise DataError(f"{path}: unknown responses file type {suffix!r}; expected .jsonl, .json or .parquet")
+    if path.exists():
+        raise DataError(f"{src}: is a directory; expected a .jsonl/.parquet file or a hub dataset id (owner/name)")
+    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+        raise DataError(f"{src}: no such file; expected a .jsonl/.parquet file or a hub dataset id (owner/name)")
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError('published responses from the hub need the datasets package: pip install '
+                          '"ragen-toolkit[train]" (from a checkout: pip install -e ".[train]")') from None
+    try:
+        ds = datasets.load_dataset(src, split=cfg.split)
+    except Exception as exc:  # network, auth, missing split: all mean "not readable here"
+        raise DataError(f"cannot load hub dataset {src!r} split {cfg.split!r} "
+                        f"({str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__}); "
+                        "the paper's responses are McGill-NLP/llm2vec-gen-tulu, one split per backbone "
+                        "(e.g. Qwen3_8B)") from None
+    return f"{src}[{cfg.split}]", (dict(r) for r in ds)
+
+
+def read_published_responses(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """Response records from ``responses.source`` (fields question/answer as McGill-NLP/llm2vec-gen-tulu,
+    or query/response; ``responses.query_field``/``response_field`` name others). Ids: the row's ``id``
+    (or ``original_id``), else its position. ``queries.limit`` keeps the first N. Every published answer
+    counts as finished (the reference ends every answer with its end marker)."""
+    r = cfg.responses
+    where, rows = _published_rows(r)
+    out: list[dict[str, Any]] = []
+    qf, rf = r.query_field, r.response_field
+    for i, rec in enumerate(rows):
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}[{i}]: expected a record with question/answer fields")
+        qkey = qf or next((k for k in _PUBLISHED_QUERY_FIELDS if k in rec), None)
+        rkey = rf or next((k for k in _PUBLISHED_RESPONSE_FIELDS if k in rec), None)
+        if qkey is None or rkey is None or qkey not in rec or rkey not in rec:
+            raise DataError(f"{where}[{i}]: no {'query' if qkey is None or qkey not in rec else 'response'} field; "
+                            f"keys: {sorted(rec)[:10]} (set responses.query_field/response_field)")
+        query, response = rec[qkey], rec[rkey]
+        if not isinstance(query, str) or not isinstance(response, str):
+            raise DataError(f"{where}[{i}]: {qkey!r} and {rkey!r} must be strings")
+        given = rec.get("id", rec.get("original_id"))
+        out.append({"id": str(given) if given is not None else str(i), "query": query, "response": response,
+                    "finish_reason": "stop"})
+        if cfg.queries.limit is not None and len(out) >= cfg.queries.limit:
+            break
+    if not out:
+        raise DataError(f"{where}: no responses")
+    seen: dict[str, int] = {}
+    for rec in out:  # duplicate ids get a suffix, as for queries
+        n = seen.get(rec["id"], 0)
+        seen[rec["id"]] = n + 1
+        if n:
+            rec["id"] = f"{rec['id']}-{n}"
+    return out
+
+
+def import_responses(cfg: PipelineConfig, out_dir: str | Path) -> Path:
+    """Stage 1 from published responses: write them as ``responses.jsonl`` (no model is loaded)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_generation_settings(cfg, out)
+    records = read_published_responses(cfg)
+    target = out / RESPONSES_FILE
+    atomic_write_text(target, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+    return target
+
+
 def responses_complete(cfg: PipelineConfig, out_dir: str | Path) -> bool:
     """``responses.jsonl`` answers exactly the current queries, in order, with the current settings. When
     the query set changed, it is not complete: generation fills the gaps and the merge drops the extras."""
@@ -409,4 +508,6 @@ def responses_complete(cfg: PipelineConfig, out_dir: str | Path) -> bool:
     if not path.is_file():
         return False
     check_generation_settings(cfg, out_dir)
+    if cfg.responses.source:
+        return True  # imported as a whole, under the same recorded source
     return [str(r["id"]) for r in read_responses(path)] == [q.id for q in read_queries(cfg.queries)]

@@ -261,3 +261,92 @@ def test_published_responses_from_the_hub_use_the_backbones_split(tmp_path, tiny
     cfg = config_from_dict({"base_model": "x", "responses": {"source": "McGill-NLP/llm2vec-gen-tulu", "split": "Qwen3_8B"}})
     assert [r["query"] for r in read_published_responses(cfg)] == [r["question"] for r in _HUB_ROWS]
     assert calls == [("McGill-NLP/llm2vec-gen-tulu", "Qwen3_8B")]
+
+
+# --------------------------------------------------------------------------------------------------------
+# 5. smaller items: BOS on responses, the literal end marker, special-token rows, trainable dtype
+# --------------------------------------------------------------------------------------------------------
+def test_responses_get_the_tokenizers_bos_and_optionally_the_literal_end_marker(tiny_backbone):
+    from tokenizers import processors
+
+    from ragen.training.data import Collator
+
+    model = _model(tiny_backbone)
+    tok = model.tokenizer
+    bos = tok.convert_tokens_to_ids("<|im_start|>")  # stands in for Llama's <|begin_of_text|>
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                  special_tokens=[("<|im_start|>", bos)])
+    ended = Example("a", "q", " paris is the capital ", np.zeros(16, np.float32), ended=True)
+    cut = Example("b", "q", "paris is the capital", np.zeros(16, np.float32), ended=False)
+    plain = tok("paris is the capital", add_special_tokens=False)["input_ids"]
+    ref = Collator(model, max_length=64, max_response_length=64)  # defaults: the reference's BOS, real EOS
+    assert ref.response_tokens(ended) == [bos] + plain + [ref.eos_id]
+    no_bos = Collator(model, max_length=64, max_response_length=64, response_bos=False)
+    assert no_bos.response_tokens(ended) == plain + [ref.eos_id]
+    literal = Collator(model, max_length=64, max_response_length=64, response_end="reference")
+    want = tok("paris is the capital<|end_of_text|>")["input_ids"]
+    assert literal.response_tokens(ended) == want == literal.response_tokens(cut)  # always, as the reference
+    assert ref.eos_id not in want
+    short = Collator(model, max_length=64, max_response_length=4, response_end="reference")
+    assert short.response_tokens(ended) == want[:4]  # truncation cuts the marker too, as the reference
+    with pytest.raises(DataError, match="response_end"):
+        _train_cfg(Path("x"), response_end="literal")
+
+
+def test_special_rows_start_as_resize_token_embeddings_leaves_them(tmp_path, tiny_backbone):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragen import LLM2VecGen
+    from ragen.training.loop import reference_special_rows
+
+    # Llama-like: the table is exactly the vocabulary, so the K tokens are new rows (mean-resizing)
+    model = _model(tiny_backbone)
+    rows = reference_special_rows(model, seed=0)
+    emb = model.lm.get_input_embeddings().weight.detach().float()
+    mean, spread = emb.mean(0), (1e-9 * emb.var(0)).sqrt()
+    assert rows.shape == (4, emb.shape[1])
+    assert torch.all((rows - mean).abs() < 6 * spread + 1e-7)  # N(mean, 1e-9 cov): within a few sigmas
+    assert not torch.equal(rows[0], rows[1])  # drawn, not all the mean
+    assert torch.equal(rows, reference_special_rows(model, seed=0))
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_backbone))
+    tok = AutoTokenizer.from_pretrained(str(tiny_backbone))
+    n0 = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": [f"<question{i + 1}>" for i in range(4)]})
+    torch.manual_seed(0)
+    lm.resize_token_embeddings(len(tok))  # what the reference does
+    hf_rows = lm.get_input_embeddings().weight[n0:].detach().float()
+    assert torch.all((hf_rows - mean).abs() < 6 * spread + 1e-7)
+    old = model.trained_rows()  # the previous initialisation: mean + N(0, std^2), a thousand-fold wider
+    assert (old - mean).abs().mean() > 1000 * (rows - mean).abs().mean()
+    # Qwen-like: the checkpoint has reserved rows beyond the tokenizer, so the K tokens keep those rows
+    big = tmp_path / "reserved"
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_backbone))
+    lm.resize_token_embeddings(n0 + 16, mean_resizing=False)
+    with torch.no_grad():
+        lm.get_input_embeddings().weight[n0:] = torch.randn(16, emb.shape[1])
+    lm.save_pretrained(big)
+    AutoTokenizer.from_pretrained(str(tiny_backbone)).save_pretrained(big)
+    qwen_like = LLM2VecGen.initialize(str(big), num_special_tokens=4, alignment_dim=16, device="cpu", dtype="float32")
+    table = qwen_like.lm.get_input_embeddings().weight.detach().float()
+    assert torch.equal(reference_special_rows(qwen_like, seed=0), table[qwen_like.special_ids])
+    with pytest.raises(DataError, match="special_token_init"):
+        _train_cfg(Path("x"), special_token_init="zeros")
+
+
+def test_trainable_tensors_in_float32_or_the_backbone_dtype(tmp_path, tiny_backbone):
+    from safetensors.torch import load_file
+
+    from ragen import LLM2VecGen
+
+    def run(name, **train):
+        model = LLM2VecGen.initialize(str(tiny_backbone), num_special_tokens=4, alignment_dim=16, device="cpu",
+                                      dtype="bfloat16", seed=0)
+        fit(model, _examples(), [], _train_cfg(tiny_backbone, max_steps=2, save_every=1, **train), tmp_path / name)
+        saved = load_file(str(tmp_path / name / "checkpoints" / "step-000001" / "trainable.safetensors"))
+        assert all(p.dtype == torch.float32 for h in (model.reconstruction_head, model.alignment_head)
+                   for p in h.parameters())  # handed back as float32 heads either way
+        assert model.encode(["paris"]).shape == (1, 16)
+        return {k: v.dtype for k, v in saved.items() if not k.startswith("rng.")}
+
+    assert set(run("fp32").values()) == {torch.float32}
+    assert set(run("model", trainable_dtype="model").values()) == {torch.bfloat16}  # the reference's bf16

@@ -33,6 +33,9 @@ from ..errors import DataError
 SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("mean", "cls", "last")
 LOSS_NORMALIZATIONS = ("global", "per_rank")
+RESPONSE_ENDS = ("eos", "reference")
+TOKEN_INITS = ("reference", "random")
+TRAINABLE_DTYPES = ("float32", "model")
 REPORTERS = ("tensorboard", "wandb")
 
 
@@ -125,6 +128,10 @@ class TrainConfig:
     max_length: int = 512  # query tokens incl. the K special tokens
     max_response_length: int = 512  # response tokens incl. EOS
     query_instruction: str = ""  # prefix for training queries (the reference trains on the bare query)
+    response_bos: bool = True  # the tokenizer's own special tokens on responses (Llama: BOS), as the reference
+    response_end: str = "eos"  # eos: the real EOS where the LLM stopped | reference: literal "<|end_of_text|>"
+    special_token_init: str = "reference"  # reference: as resize_token_embeddings | random: mean + N(0, std)
+    trainable_dtype: str = "float32"  # float32 | model: rows and heads in the backbone dtype, as the reference
     loss_normalization: str = "global"  # global: tokens of the global batch | per_rank: the reference's DDP means
     rec_weight: float = 1.0
     align_weight: float = 1.0
@@ -200,6 +207,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
          f"train.schedule_steps={t.schedule_steps} must exceed train.warmup_steps={t.warmup_steps}")
     need(t.loss_normalization in LOSS_NORMALIZATIONS,
          f"train.loss_normalization must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {t.loss_normalization!r}")
+    need(t.response_end in RESPONSE_ENDS, f"train.response_end must be one of {', '.join(RESPONSE_ENDS)}")
+    need(t.special_token_init in TOKEN_INITS, f"train.special_token_init must be one of {', '.join(TOKEN_INITS)}")
+    need(t.trainable_dtype in TRAINABLE_DTYPES, f"train.trainable_dtype must be one of {', '.join(TRAINABLE_DTYPES)}")
     need(t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
     need(t.batch_size >= 1, "train.batch_size must be >= 1")
     need(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")

@@ -96,14 +96,16 @@ class TrainableLLM2VecGen(torch.nn.Module):
     """The K special-token rows and the two heads, as one module; the frozen LLM2VecGen is kept outside
     the module tree so DDP neither broadcasts nor watches the backbone's weights."""
 
-    def __init__(self, model: LLM2VecGen) -> None:
+    def __init__(self, model: LLM2VecGen, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if model.reconstruction_head is None or model.alignment_head is None:
             raise DataError("training needs a model with both a reconstruction and an alignment head")
-        self.special_rows = torch.nn.Parameter(model.trained_rows().to(model.device))  # (K, H) float32
+        self.param_dtype = dtype
+        self.special_rows = torch.nn.Parameter(model.trained_rows().to(model.device, dtype))  # (K, H)
         self.reconstruction_head = model.reconstruction_head
         self.alignment_head = model.alignment_head
         for head in (self.reconstruction_head, self.alignment_head):
+            head.to(dtype)
             head.requires_grad_(True)
             head.train()
         object.__setattr__(self, "_frozen", model)
@@ -118,11 +120,11 @@ class TrainableLLM2VecGen(torch.nn.Module):
         into this micro-batch's share of the global-batch loss."""
         model = self.frozen
         states = model.last_hidden_states(batch.query_ids, batch.query_mask, special_rows=self.special_rows)
-        recon = self.reconstruction_head(states.float())  # (B, K, H) float32
+        recon = self.reconstruction_head(states.to(self.param_dtype))  # (B, K, H)
         pooled = self.alignment_head(recon).mean(dim=1)  # (B, D)
         rec = reconstruction_loss_sum(model.lm, recon.to(model.dtype), batch.response_ids, batch.response_mask,
                                       recompute_logits=recompute_logits)
-        align = alignment_loss_sum(pooled, batch.teacher)
+        align = alignment_loss_sum(pooled, batch.teacher.to(pooled.dtype))
         return rec * rec_scale + align * align_scale, rec.detach(), align.detach()
 
 
@@ -211,7 +213,8 @@ def _save_checkpoint(out_dir: Path, step: int, trainable: TrainableLLM2VecGen, o
     save_file(tensors, str(tmp / _TRAINABLE_FILE))
     torch.save(optimizer.state_dict(), tmp / _OPTIMIZER_FILE)  # tensors and numbers only: loads with weights_only
     # The published layout too, so any checkpoint can be loaded with LLM2VecGen.from_pretrained.
-    trainable.frozen.save_pretrained(tmp / MODEL_DIR, special_rows=trainable.special_rows)
+    with _Float32Heads(trainable.frozen):
+        trainable.frozen.save_pretrained(tmp / MODEL_DIR, special_rows=trainable.special_rows)
     state = {"step": step, "scheduler": scheduler.state_dict(), "resume_fingerprint": _resume_fingerprint(cfg),
              "teacher_dim": teacher_dim, "loss": loss, "config": cfg.to_dict()}
     (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
@@ -386,7 +389,7 @@ def fit(
     gc_on = t.gradient_checkpointing if t.gradient_checkpointing is not None else device.startswith("cuda")
     if gc_on:
         _enable_gradient_checkpointing(model.lm)
-    trainable = TrainableLLM2VecGen(model)
+    trainable = TrainableLLM2VecGen(model, dtype=model.dtype if t.trainable_dtype == "model" else torch.float32)
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -413,19 +416,14 @@ def fit(
         if ctx.is_main and not (model_dir / "run_config.yml").is_file():
             model_dir = _save_final(model, trainable, out, cfg, steps=start)
         barrier(ctx)
-        if gc_on:
-            model.lm.gradient_checkpointing_disable()
-        for head in (model.reconstruction_head, model.alignment_head):
-            head.requires_grad_(False)
-            head.eval()
-        model.lm.eval()
+        _release(model, gc_on)
         loss = state.get("loss")
         return TrainResult(model_dir=model_dir if ctx.is_main else None, steps=start,
                            final_loss=float(loss) if isinstance(loss, (int, float)) else float("nan"),
                            already_finished=True)
 
     collator = Collator(model, max_length=t.max_length, max_response_length=t.max_response_length,
-                        query_instruction=t.query_instruction)
+                        query_instruction=t.query_instruction, response_bos=t.response_bos, response_end=t.response_end)
     collator.warm(train_examples + eval_examples)
     metrics = _Metrics(out, cfg, start, enabled=ctx.is_main)
     cb.on_train_start(start, t.max_steps)
@@ -502,15 +500,37 @@ def fit(
         barrier(ctx)
     finally:
         metrics.close()
-        if gc_on:
-            model.lm.gradient_checkpointing_disable()
-        for head in (model.reconstruction_head, model.alignment_head):
-            if head is not None:
-                head.requires_grad_(False)
-                head.eval()
-        model.lm.eval()
+        _release(model, gc_on)
     return TrainResult(model_dir=model_dir, steps=t.max_steps, final_loss=losses[-1] if losses else float("nan"),
                        losses=losses, eval_loss=last_eval)
+
+
+def _release(model: LLM2VecGen, gc_on: bool) -> None:
+    """Back to an inference model: no gradient checkpointing, frozen float32 heads, eval mode."""
+    if gc_on:
+        model.lm.gradient_checkpointing_disable()
+    for head in (model.reconstruction_head, model.alignment_head):
+        if head is not None:
+            head.requires_grad_(False)
+            head.float()
+            head.eval()
+    model.lm.eval()
+
+
+class _Float32Heads:
+    """Heads trained in the backbone dtype (train.trainable_dtype: model) are saved as float32 values."""
+
+    def __init__(self, model: LLM2VecGen) -> None:
+        self.heads = [h for h in (model.reconstruction_head, model.alignment_head) if h is not None]
+        self.dtypes = [next(h.parameters()).dtype for h in self.heads]
+
+    def __enter__(self) -> None:
+        for h in self.heads:
+            h.float()
+
+    def __exit__(self, *exc: object) -> None:
+        for h, dt in zip(self.heads, self.dtypes):
+            h.to(dt)
 
 
 def _save_final(model: LLM2VecGen, trainable: TrainableLLM2VecGen, out: Path, cfg: PipelineConfig, *,
@@ -529,7 +549,8 @@ def _save_final(model: LLM2VecGen, trainable: TrainableLLM2VecGen, out: Path, cf
     tmp = out / f".{MODEL_DIR}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    with _Float32Heads(model):
+        model.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -582,6 +603,40 @@ def ensure_teacher_vectors(cfg: PipelineConfig, out_dir: Path, ctx: DistContext,
     return vectors
 
 
+@torch.no_grad()
+def reference_special_rows(model: LLM2VecGen, seed: int) -> torch.Tensor:
+    """The K special-token rows as the reference's ``resize_token_embeddings(len(tokenizer))`` leaves them.
+
+    - A token id inside the existing embedding table (Qwen: the checkpoint's reserved rows beyond the
+      tokenizer's vocabulary) keeps that row.
+    - A new id (Llama: the table is exactly the vocabulary) gets transformers' mean-resizing: a draw from
+      N(mean, 1e-9 * covariance) of the existing rows, or the mean itself when that covariance is not
+      positive definite, as transformers does (its default since 4.46).
+
+    Seeded (``seed``); the reference draws from the global RNG."""
+    table = model.lm.get_input_embeddings().weight  # (N, H)
+    n, h = table.shape
+    ids = list(model.special_ids)
+    rows = torch.empty((len(ids), h), dtype=torch.float32)
+    new = [i for i, t in enumerate(ids) if t >= n]
+    for i, t in enumerate(ids):
+        if t < n:
+            rows[i] = table[t].float().cpu()
+    if new:
+        emb = table.float()
+        mean = emb.mean(dim=0)
+        centered = emb - mean
+        chol, info = torch.linalg.cholesky_ex(1e-9 * (centered.T @ centered / n))  # transformers' PD check
+        if int(info) == 0:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            z = torch.randn((len(new), h), generator=gen).to(emb.device)
+            draws = mean + z @ chol.T  # ~ N(mean, 1e-9 * covariance)
+        else:
+            draws = mean.expand(len(new), h)
+        rows[new] = draws.cpu()
+    return rows
+
+
 def finished_run(cfg: PipelineConfig, out_dir: str | Path) -> TrainResult | None:
     """The result of a run in ``out_dir`` that already reached ``cfg.train.max_steps`` with these settings
     (its final model written), or None. Loads no model."""
@@ -625,4 +680,6 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Tru
     cb.on_stage("train", f"{len(train_ex)} examples, {len(eval_ex)} held out, {ctx.world_size} process(es) on {device}")
     model = LLM2VecGen.initialize(cfg.base_model, num_special_tokens=cfg.train.num_special_tokens,
                                   alignment_dim=int(vectors.shape[1]), device=device, dtype=dtype, seed=cfg.seed)
+    if cfg.train.special_token_init == "reference":
+        model.set_special_rows(reference_special_rows(model, cfg.seed))
     return fit(model, train_ex, eval_ex, cfg, out, ctx=ctx, resume=resume, callback=cb)

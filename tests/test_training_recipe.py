@@ -350,3 +350,57 @@ def test_trainable_tensors_in_float32_or_the_backbone_dtype(tmp_path, tiny_backb
 
     assert set(run("fp32").values()) == {torch.float32}
     assert set(run("model", trainable_dtype="model").values()) == {torch.bfloat16}  # the reference's bf16
+
+
+# --------------------------------------------------------------------------------------------------------
+# 6. recipes: one per published backbone, dry-run offline
+# --------------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+_RECIPES = {  # file: (backbone, reference LR, hidden size, responses split)
+    "qwen3-0.6b": ("Qwen/Qwen3-0.6B", 3e-4, 1024, "Qwen3_06B"),
+    "qwen3-1.7b": ("Qwen/Qwen3-1.7B", 3e-4, 2048, "Qwen3_17B"),
+    "qwen3-4b": ("Qwen/Qwen3-4B", 3e-4, 2560, "Qwen3_4B"),
+    "qwen3-8b": ("Qwen/Qwen3-8B", 3e-4, 4096, "Qwen3_8B"),
+    "qwen2.5-0.5b": ("Qwen/Qwen2.5-0.5B-Instruct", 5e-4, 896, "Qwen25_05B_Instruct"),
+    "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B-Instruct", 5e-4, 1536, "Qwen25_15B_Instruct"),
+    "qwen2.5-3b": ("Qwen/Qwen2.5-3B-Instruct", 5e-4, 2048, "Qwen25_3B_Instruct"),
+    "qwen2.5-7b": ("Qwen/Qwen2.5-7B-Instruct", 5e-4, 3584, "Qwen25_7B_Instruct"),
+    "llama3.2-1b": ("meta-llama/Llama-3.2-1B-Instruct", 5e-4, 2048, "Llama_32_1B_Instruct"),
+    "llama3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", 5e-4, 3072, "Llama_32_3B_Instruct"),
+}
+
+
+def test_every_recipe_follows_the_reference_and_dry_runs_offline(monkeypatch, tmp_path):
+    import transformers
+    from typer.testing import CliRunner
+
+    from ragen.cli import app
+
+    assert sorted(p.stem for p in (ROOT / "pipelines" / "recipes").glob("*.yaml")) == sorted(_RECIPES)
+    for cls in ("AutoModel", "AutoModelForCausalLM", "AutoTokenizer"):  # a dry run loads no model
+        monkeypatch.setattr(getattr(transformers, cls), "from_pretrained",
+                            classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for name, (backbone, lr, hidden, split) in _RECIPES.items():
+        path = ROOT / "pipelines" / "recipes" / f"{name}.yaml"
+        cfg = load_config(path)
+        t = cfg.train
+        assert (cfg.base_model, t.learning_rate, t.num_special_tokens, t.batch_size) == (backbone, lr, 10, 32)
+        assert (t.warmup_steps, t.schedule_steps, t.max_steps, t.max_length, cfg.seed) == (100, 20000, 5000, 512, 42)
+        assert (cfg.responses.source, cfg.responses.split) == ("McGill-NLP/llm2vec-gen-tulu", split)
+        assert cfg.teacher.model.startswith("llm2vec:McGill-NLP/LLM2Vec-") and cfg.teacher.model.endswith("-mntp-unsup-simcse")
+        big = name in ("qwen3-8b", "qwen2.5-7b")
+        assert t.micro_batch_size == (16 if big else 32)
+        if big:
+            assert "torchrun --nproc_per_node 2" in path.read_text()  # the reference's 2 x 16 launch
+        res = runner.invoke(app, ["train", str(path), "--dry-run"])
+        assert res.exit_code == 0, res.output
+        text = " ".join(res.output.split())
+        assert f"split {split} (no generation)" in text
+        assert f"peak LR {lr:g}, LR at the stop" in text and "(75% of peak)" in text
+        trainable = 10 * hidden + hidden * hidden + hidden + hidden * hidden + hidden
+        assert f"({trainable:,})" in text, text
+        assert f"output: runs/{name}" in text
+    assert list(tmp_path.iterdir()) == []  # nothing written

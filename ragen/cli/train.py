@@ -142,6 +142,8 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the latest checkpoint in OUTPUT.")] = True,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan (stages, models, data, steps, "
+                                                            "LR at the stop, parameter counts); load no model.")] = False,
 ) -> None:
     """Run the whole pipeline: responses -> teacher vectors -> training -> OUTPUT/model (published layout).
 
@@ -154,6 +156,18 @@ def train_cmd(
         cfg = _load(config, device, dtype)
         if max_steps is not None:
             cfg = override_train(cfg, max_steps=max_steps)
+        if dry_run:
+            from ..training.plan import build_plan
+
+            target = output_opt if output_opt is not None else Path("runs") / config.stem
+            plan = build_plan(cfg, target, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+            out.print(f"plan for {escape(str(config))} (dry run: nothing loaded or written)", highlight=False)
+            for label, text in plan.lines:
+                out.print(f"  {label + ':':<13} {escape(text)}", highlight=False)
+            out.print(f"  {'launch:':<13} ragen train {escape(str(config))}   (multi-GPU: torchrun --nproc_per_node N "
+                      f"-m ragen train {escape(str(config))}; N must divide train.batch_size={cfg.train.batch_size})",
+                      highlight=False)
+            return
         output = _output_dir(config, output_opt)
         display = _RichCallback(enabled=_is_main())
         try:

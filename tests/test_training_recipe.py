@@ -291,6 +291,7 @@ def test_responses_get_the_tokenizers_bos_and_optionally_the_literal_end_marker(
     assert short.response_tokens(ended) == want[:4]  # truncation cuts the marker too, as the reference
     with pytest.raises(DataError, match="response_end"):
         _train_cfg(Path("x"), response_end="literal")
+    assert ref.query_tokens("  paris is the capital \n") == ref.query_tokens("paris is the capital")  # stripped
 
 
 def test_special_rows_start_as_resize_token_embeddings_leaves_them(tmp_path, tiny_backbone):

@@ -122,7 +122,7 @@ class Collator:
     def query_tokens(self, query: str) -> list[int]:
         ids = self._query_cache.get(query)
         if ids is None:
-            ids = self.model.tokenize([self.query_instruction + query], self.max_length)[0]
+            ids = self.model.tokenize([self.query_instruction + query.strip()], self.max_length)[0]
             self._query_cache[query] = ids
         return ids
 
@@ -136,7 +136,8 @@ class Collator:
                 self._response_cache[(r, ended)] = self._terminated(ids, ended)
         todo_q = list(dict.fromkeys(e.query for e in examples if e.query not in self._query_cache))
         if todo_q:
-            for q, ids in zip(todo_q, self.model.tokenize([self.query_instruction + q for q in todo_q], self.max_length)):
+            texts = [self.query_instruction + q.strip() for q in todo_q]  # the reference strips the question
+            for q, ids in zip(todo_q, self.model.tokenize(texts, self.max_length)):
                 self._query_cache[q] = ids
 
     def __call__(self, examples: list[Example], device: str | torch.device) -> Batch:

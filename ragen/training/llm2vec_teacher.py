@@ -168,11 +168,12 @@ def _linear_modules(model: torch.nn.Module, adapter: LoraAdapter) -> dict[str, t
 
 @torch.no_grad()
 def merge_lora(model: torch.nn.Module, adapter: LoraAdapter) -> None:
-    """``W <- W + scale * B @ A`` for every target layer (computed in float32, stored in W's dtype)."""
+    """``W <- W + scale * B @ A`` for every target layer (computed in float32 or wider, stored in W's dtype)."""
     for name, mod in _linear_modules(model, adapter).items():
         a, b, scale = adapter.layers[name]
         w = mod.weight
-        w.copy_((w.float() + scale * (b @ a).to(w.device)).to(w.dtype))
+        work = torch.promote_types(w.dtype, torch.float32)  # float32 at least, float64 stays float64
+        w.copy_((w.to(work) + scale * (b.to(work) @ a.to(work)).to(w.device)).to(w.dtype))
 
 
 class LoraLinear(torch.nn.Module):

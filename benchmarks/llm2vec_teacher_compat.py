@@ -6,12 +6,15 @@ merged, SimCSE adapter on top, masked mean of the last hidden states over the le
 The llm2vec package needs transformers <= 4.44, so it runs in a second virtual environment that
 borrows this one's torch (nothing is installed into this environment):
 
-    python3 -m venv /tmp/l2vvenv
-    /work/venv/bin/python -c "import site; print(site.getsitepackages()[0])" \\
-        > "$(/tmp/l2vvenv/bin/python -c 'import site; print(site.getsitepackages()[0])')/zz_ragen_venv.pth"
-    /tmp/l2vvenv/bin/pip install "transformers==4.44.2" "peft==0.12.0" "tokenizers<0.20" "huggingface-hub<0.25"
-    /tmp/l2vvenv/bin/pip install --no-deps llm2vec
-    python benchmarks/llm2vec_teacher_compat.py --reference-python /tmp/l2vvenv/bin/python
+    L2V=../llm2vec-venv            # any directory outside the checkout
+    python3 -m venv "$L2V"
+    python -c "import site; print(site.getsitepackages()[0])" \
+        > "$("$L2V"/bin/python -c 'import site; print(site.getsitepackages()[0])')/zz_ragen_venv.pth"
+    "$L2V"/bin/pip install "transformers==4.44.2" "peft==0.12.0" "tokenizers<0.20" "huggingface-hub<0.25"
+    "$L2V"/bin/pip install --no-deps llm2vec
+    python benchmarks/llm2vec_teacher_compat.py --reference-python "$L2V"/bin/python
+
+(``python`` is this environment's; the .pth line lets the second one import its torch.)
 
 Builds a random Llama backbone (llm2vec's bidirectional classes cover Llama, Mistral, Gemma, Qwen2) and
 two random LoRA adapters in PEFT's file format, embeds the same texts both ways and prints the max

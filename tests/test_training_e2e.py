@@ -25,7 +25,7 @@ def _write_pipeline(tmp: Path, backbone: Path, queries: list[str], **train) -> P
          "max_length": 64, "max_response_length": 16, "save_every": 1000, "eval_every": 1000}
     t.update(train)
     cfg = {"base_model": str(backbone), "device": "cpu", "queries": {"source": "q.txt"},
-           "responses": {"max_new_tokens": 6, "batch_size": 4, "temperature": 1.0},
+           "responses": {"max_new_tokens": 6, "batch_size": 4, "do_sample": True, "temperature": 1.0},
            "teacher": {"model": f"hf:{backbone}", "pooling": "mean"}, "train": t}
     path = tmp / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -97,6 +97,9 @@ def test_bad_batch_settings_and_bad_bytes_are_one_line(tmp_path):
         _train_cfg(Path("x"), micro_batch_size=8)
     with pytest.raises(DataError, match="schedule_steps=2 must exceed train.warmup_steps=2"):
         _train_cfg(Path("x"), schedule_steps=2)
+    with pytest.raises(DataError, match="max_steps=30 exceeds train.schedule_steps=20"):
+        _train_cfg(Path("x"), max_steps=30)
+    assert _train_cfg(Path("x"), max_steps=2, warmup_steps=100, schedule_steps=20000).train.max_steps == 2
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"base_model: x\nqueries: q\xff.txt\n")
     with pytest.raises(DataError, match="bad.yaml: not UTF-8 text"):

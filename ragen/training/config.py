@@ -205,6 +205,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(t.schedule_steps >= 1, "train.schedule_steps must be >= 1 (the horizon of warm-up + decay)")
     need(t.schedule == "constant" or t.schedule_steps > t.warmup_steps,
          f"train.schedule_steps={t.schedule_steps} must exceed train.warmup_steps={t.warmup_steps}")
+    need(t.schedule == "constant" or t.max_steps <= t.schedule_steps,
+         f"train.max_steps={t.max_steps} exceeds train.schedule_steps={t.schedule_steps} (the learning rate is 0 "
+         "from there on); raise train.schedule_steps")
     need(t.loss_normalization in LOSS_NORMALIZATIONS,
          f"train.loss_normalization must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {t.loss_normalization!r}")
     need(t.response_end in RESPONSE_ENDS, f"train.response_end must be one of {', '.join(RESPONSE_ENDS)}")

@@ -141,7 +141,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
         return 1.0
     progress = (step - warm) / max(1, total - warm)
     if cfg.schedule == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
     return max(0.0, (total - step) / max(1, total - warm))
 
 

@@ -408,3 +408,25 @@ def test_every_recipe_follows_the_reference_and_dry_runs_offline(monkeypatch, tm
         assert f"({trainable:,})" in text, text
         assert f"output: runs/{name}" in text
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_v2_teacher_spelling_is_bge_m3_unsupervised_with_cls_pooling(monkeypatch, tmp_path):
+    import ragen.training.teacher as teacher_mod
+    from ragen.training.plan import build_plan
+
+    cfg = config_from_dict({"base_model": "Qwen/Qwen3-0.6B", "responses": {"source": "McGill-NLP/llm2vec-gen-tulu",
+                                                                           "split": "Qwen3_06B"},
+                            "teacher": {"model": "hf:BAAI/bge-m3-unsupervised", "pooling": "cls"}})
+    seen = {}
+
+    class FakePooled:
+        def __init__(self, name, **kw):
+            seen.update(name=name, **kw)
+
+    monkeypatch.setattr(teacher_mod, "PooledEncoder", FakePooled)
+    teacher_mod.load_teacher(cfg.teacher, device="cpu")
+    assert seen["name"] == "BAAI/bge-m3-unsupervised" and seen["pooling"] == "cls" and seen["max_length"] == 512
+    text = dict(build_plan(cfg, tmp_path / "run").lines)["2 teacher"]
+    assert text.startswith("BAAI/bge-m3-unsupervised (cls pooling")
+    with pytest.raises(DataError, match="needs teacher.pooling"):
+        config_from_dict({"base_model": "x", "queries": "q.txt", "teacher": {"model": "hf:BAAI/bge-m3-unsupervised"}})

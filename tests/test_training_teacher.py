@@ -169,3 +169,32 @@ def test_llm2vec_teacher_cache_key_resolves_each_part(tmp_path, llm2vec_parts, m
     rel = teacher_config_key(TeacherConfig(model="llm2vec:mntp+simcse"))
     assert rel == teacher_config_key(TeacherConfig(model=f"llm2vec:{mntp_dir}+{simcse_dir}"))
     assert rel != teacher_config_key(TeacherConfig(model=f"llm2vec:{mntp_dir}"))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2"])
+def test_every_published_backbone_family_runs_bidirectionally(tmp_path, family):
+    """Qwen3, Llama and Qwen2 (Qwen2.5): the first position sees the last token, and a left-padded batch
+    equals each text alone."""
+    from ragen.testing import make_backbone, make_tokenizer
+    from ragen.training.llm2vec_teacher import LLM2VecTeacher, bidirectional_mask
+
+    if family == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        tok = make_tokenizer(512)
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=64, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "b")
+        tok.save_pretrained(tmp_path / "b")
+        path = tmp_path / "b"
+    else:
+        path = make_backbone(tmp_path / "b", family=family, hidden_size=32, num_layers=2, seed=0)
+    teacher = LLM2VecTeacher(f"llm2vec:{path}", device="cpu")
+    ids = torch.tensor([[5, 9, 13, 21], [5, 9, 13, 40]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        hidden = teacher.model(input_ids=ids, attention_mask=bidirectional_mask(mask, torch.float32)).last_hidden_state
+    assert not torch.allclose(hidden[0, 0], hidden[1, 0])  # position 0 depends on the last token
+    alone = np.stack([teacher.encode_documents([t])[0] for t in _TEXTS])
+    np.testing.assert_allclose(teacher.encode_documents(_TEXTS, batch_size=3), alone, rtol=1e-4, atol=1e-5)

@@ -430,3 +430,20 @@ def test_v2_teacher_spelling_is_bge_m3_unsupervised_with_cls_pooling(monkeypatch
     assert text.startswith("BAAI/bge-m3-unsupervised (cls pooling")
     with pytest.raises(DataError, match="needs teacher.pooling"):
         config_from_dict({"base_model": "x", "queries": "q.txt", "teacher": {"model": "hf:BAAI/bge-m3-unsupervised"}})
+
+
+def test_cli_reports_bad_configs_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from ragen.cli import app
+
+    runner = CliRunner()
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"base_model: x\nqueries: q\xff.txt\n")
+    micro = tmp_path / "micro.yaml"
+    micro.write_text("base_model: x\nqueries: q.txt\ntrain: {batch_size: 4, micro_batch_size: 8}\n")
+    for path, msg in ((bad, "not UTF-8 text"), (micro, "micro_batch_size=8 must be <= train.batch_size=4")):
+        for cmd in (["train", str(path)], ["train", str(path), "--dry-run"], ["generate-responses", str(path)]):
+            res = runner.invoke(app, cmd)
+            assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output, (cmd, res.output)
+            assert [line for line in res.output.splitlines() if line.startswith("error:")] != []

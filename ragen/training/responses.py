@@ -250,6 +250,8 @@ def generation_config(lm: Any, tokenizer: Any, cfg: ResponsesConfig) -> Any:
         value = getattr(cfg, key)
         if value is not None:
             setattr(gen, key, value)
+    if not gen.do_sample:  # greedy: neutral sampling knobs (the model's own would only draw a warning)
+        gen.temperature, gen.top_p, gen.top_k = 1.0, 1.0, 50
     gen.max_new_tokens = cfg.max_new_tokens
     gen.max_length = None
     gen.eos_token_id = stop_token_ids(lm, tokenizer)

@@ -447,3 +447,23 @@ def test_cli_reports_bad_configs_in_one_line(tmp_path):
             res = runner.invoke(app, cmd)
             assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output, (cmd, res.output)
             assert [line for line in res.output.splitlines() if line.startswith("error:")] != []
+
+
+def test_responses_dtype_overrides_the_generation_dtype_only(tmp_path, monkeypatch):
+    import ragen.training.responses as responses_mod
+
+    (tmp_path / "q.txt").write_text("why is the sky blue?\n")
+    seen = []
+
+    def fake_load(base, device, dtype):
+        seen.append(dtype)
+        raise DataError("stop here")
+
+    monkeypatch.setattr(responses_mod, "load_generator", fake_load)
+    for dtype, want in ((None, torch.bfloat16), ("float16", torch.float16)):
+        cfg = config_from_dict({"base_model": "x", "queries": str(tmp_path / "q.txt"), "responses": {"dtype": dtype}})
+        with pytest.raises(DataError, match="stop here"):
+            generate_responses(cfg, tmp_path / f"run-{dtype}", dtype=torch.bfloat16)
+    assert seen == [torch.bfloat16, torch.float16]
+    with pytest.raises(DataError, match="responses.dtype"):
+        config_from_dict({"base_model": "x", "queries": "q.txt", "responses": {"dtype": "fp8"}})

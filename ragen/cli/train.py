@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from ._common import app, err, out, run_command
 from ..errors import RagenError
@@ -47,7 +48,18 @@ def _parse_shard(shard: str | None) -> tuple[int, int] | None:
 
 
 ConfigArg = Annotated[Path, typer.Argument(help="Pipeline file (.yaml/.toml), e.g. pipelines/train-tiny.yaml.")]
-OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Run directory (responses, teacher cache, checkpoints, model).")]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (responses, teacher cache, "
+                                                   "checkpoints, model); default runs/CONFIG-NAME.")]
+
+
+def _output_dir(config: Path, output: Path | None) -> Path:
+    """``--output``, or ``runs/<config file name without suffix>`` under the working directory (printed)."""
+    if output is not None:
+        return output
+    default = Path("runs") / config.stem
+    if _is_main():
+        err.print(f"output: {default}", highlight=False)
+    return default
 DeviceOpt = Annotated[Optional[str], typer.Option(help="Override the config's device: cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="Override the config's dtype: float32, bfloat16, float16.")]
 
@@ -55,7 +67,7 @@ DtypeOpt = Annotated[Optional[str], typer.Option(help="Override the config's dty
 @app.command("generate-responses")
 def generate_responses_cmd(
     config: ConfigArg,
-    output: OutputOpt,
+    output_opt: OutputOpt = None,
     shard: Annotated[Optional[str], typer.Option(help="Answer only shard INDEX/COUNT (independent processes, e.g. one per GPU); "
                                                    "merged when all shards are done. Under torchrun/accelerate the rank is used.")] = None,
     device: DeviceOpt = None,
@@ -66,12 +78,17 @@ def generate_responses_cmd(
     def body() -> None:
         from ..training.distributed import barrier
         from ..training.loop import setup_runtime
-        from ..training.responses import generate_responses, merge_responses, responses_complete
+        from ..training.responses import generate_responses, import_responses, merge_responses, responses_complete
 
         cfg = _load(config, device, dtype)
+        output = _output_dir(config, output_opt)
         output.mkdir(parents=True, exist_ok=True)
         if responses_complete(cfg, output):
             err.print(f"[green]responses complete:[/] {output / 'responses.jsonl'}")
+            return
+        if cfg.responses.source:
+            path = import_responses(cfg, output)
+            err.print(f"[green]published responses[/] from {escape(cfg.responses.source)}: {escape(str(path))}")
             return
         explicit = _parse_shard(shard)
         ctx, dev, dt = setup_runtime(cfg)
@@ -96,7 +113,7 @@ def generate_responses_cmd(
 
 
 @app.command("teacher-vectors")
-def teacher_vectors_cmd(config: ConfigArg, output: OutputOpt, device: DeviceOpt = None) -> None:
+def teacher_vectors_cmd(config: ConfigArg, output_opt: OutputOpt = None, device: DeviceOpt = None) -> None:
     """Stage 2: teacher embeddings of OUTPUT/responses.jsonl, cached under OUTPUT/teacher/ (.npy + .json)."""
 
     def body() -> None:
@@ -104,6 +121,7 @@ def teacher_vectors_cmd(config: ConfigArg, output: OutputOpt, device: DeviceOpt 
         from ..training.teacher import compute_teacher_vectors
 
         cfg = _load(config, device, None)
+        output = _output_dir(config, output_opt)
         responses = output / RESPONSES_FILE
         if not responses.is_file():
             raise RagenError(f"{responses}: no such file; run `ragen generate-responses {config} --output {output}` first")
@@ -118,11 +136,13 @@ def teacher_vectors_cmd(config: ConfigArg, output: OutputOpt, device: DeviceOpt 
 @app.command("train")
 def train_cmd(
     config: ConfigArg,
-    output: OutputOpt,
+    output_opt: OutputOpt = None,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Override train.max_steps.")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the latest checkpoint in OUTPUT.")] = True,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan (stages, models, data, steps, "
+                                                            "LR at the stop, parameter counts); load no model.")] = False,
 ) -> None:
     """Run the whole pipeline: responses -> teacher vectors -> training -> OUTPUT/model (published layout).
 
@@ -135,12 +155,29 @@ def train_cmd(
         cfg = _load(config, device, dtype)
         if max_steps is not None:
             cfg = override_train(cfg, max_steps=max_steps)
+        if dry_run:
+            from ..training.plan import build_plan
+
+            target = output_opt if output_opt is not None else Path("runs") / config.stem
+            plan = build_plan(cfg, target, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+            out.print(f"plan for {escape(str(config))} (dry run: nothing loaded or written)", highlight=False)
+            for label, text in plan.lines:
+                out.print(f"  {label + ':':<13} {escape(text)}", highlight=False)
+            out.print(f"  {'launch:':<13} ragen train {escape(str(config))}   (multi-GPU: torchrun --nproc_per_node N "
+                      f"-m ragen train {escape(str(config))}; N must divide train.batch_size={cfg.train.batch_size})",
+                      highlight=False)
+            return
+        output = _output_dir(config, output_opt)
         display = _RichCallback(enabled=_is_main())
         try:
             result = run_pipeline(cfg, output, resume=resume, callback=display)
         finally:
             display.close()
-        if result.model_dir is not None:
+        if result.model_dir is not None and result.already_finished:
+            loss = f" (loss {result.final_loss:.4f})" if result.final_loss == result.final_loss else ""
+            out.print(f"already finished: {result.steps} steps{loss}; model: {result.model_dir} "
+                      "(raise --max-steps to continue, or --no-resume to start over)", highlight=False)
+        elif result.model_dir is not None:
             ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
             out.print(f"trained {result.steps} steps: loss {result.final_loss:.4f}{ev}; model: {result.model_dir}",
                       highlight=False)

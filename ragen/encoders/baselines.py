@@ -139,7 +139,8 @@ class PooledEncoder:
 
     ``mean`` (over non-padding tokens; ``mean:BACKBONE`` with a decoder LLM is the same backbone as an
     LLM2Vec-Gen model without the special tokens, so the comparison isolates what the generative objective
-    adds), ``cls`` (first token, e.g. BGE-style encoders) or ``last`` (last input token). No
+    adds; causal attention and no LoRA, so not LLM2Vec: that is the ``llm2vec:`` training teacher),
+    ``cls`` (first token, e.g. BGE-style encoders) or ``last`` (last input token). No
     normalisation unless asked for. The training loop uses the same class for ``hf:NAME`` teachers.
     """
 

@@ -17,6 +17,9 @@ import torch
 from ..errors import DataError
 
 
+REFERENCE_SUFFIX = "<|end_of_text|>"
+
+
 @dataclass(frozen=True)
 class Example:
     id: str
@@ -74,8 +77,11 @@ def global_batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[
 class Collator:
     """Tokenises examples exactly like inference does (``LLM2VecGen.tokenize``) and pads the responses."""
 
-    def __init__(self, model: Any, *, max_length: int, max_response_length: int, query_instruction: str = "") -> None:
+    def __init__(self, model: Any, *, max_length: int, max_response_length: int, query_instruction: str = "",
+                 response_bos: bool = True, response_end: str = "eos") -> None:
         self.model = model
+        self.response_bos = response_bos
+        self.response_end = response_end
         self.max_length = max_length
         self.max_response_length = max_response_length
         self.query_instruction = query_instruction
@@ -90,9 +96,17 @@ class Collator:
         self._response_cache: dict[tuple[str, bool], list[int]] = {}
         self._query_cache: dict[str, list[int]] = {}
 
+    def _text(self, response: str) -> str:
+        # The reference appends the literal text "<|end_of_text|>" to every answer: Llama 3's end-of-text
+        # token, but plain text pieces for Qwen.
+        return response.strip() + (REFERENCE_SUFFIX if self.response_end == "reference" else "")
+
     def _terminated(self, ids: list[int], ended: bool) -> list[int]:
         """Cut to the limit; EOS only where the LLM really stopped (not when generation hit max_new_tokens,
-        and not when the limit cut the response): the decoder must not learn to stop where it did not."""
+        and not when the limit cut the response): the decoder must not learn to stop where it did not.
+        With ``response_end: reference`` the suffix is already in the text (cut with it, as the reference)."""
+        if self.response_end == "reference":
+            return ids[: self.max_response_length]
         if len(ids) >= self.max_response_length:
             return ids[: self.max_response_length]
         return ids + [self.eos_id] if ended else ids
@@ -101,14 +115,14 @@ class Collator:
         key = (example.response, example.ended)
         ids = self._response_cache.get(key)
         if ids is None:
-            raw = self.model.tokenizer(example.response.strip(), add_special_tokens=False)["input_ids"]
+            raw = self.model.tokenizer(self._text(example.response), add_special_tokens=self.response_bos)["input_ids"]
             ids = self._response_cache[key] = self._terminated(raw, example.ended)
         return ids
 
     def query_tokens(self, query: str) -> list[int]:
         ids = self._query_cache.get(query)
         if ids is None:
-            ids = self.model.tokenize([self.query_instruction + query], self.max_length)[0]
+            ids = self.model.tokenize([self.query_instruction + query.strip()], self.max_length)[0]
             self._query_cache[query] = ids
         return ids
 
@@ -117,12 +131,13 @@ class Collator:
         todo = list(dict.fromkeys((e.response, e.ended) for e in examples
                                   if (e.response, e.ended) not in self._response_cache))
         if todo:
-            enc = self.model.tokenizer([r.strip() for r, _ in todo], add_special_tokens=False)["input_ids"]
+            enc = self.model.tokenizer([self._text(r) for r, _ in todo], add_special_tokens=self.response_bos)["input_ids"]
             for (r, ended), ids in zip(todo, enc):
                 self._response_cache[(r, ended)] = self._terminated(ids, ended)
         todo_q = list(dict.fromkeys(e.query for e in examples if e.query not in self._query_cache))
         if todo_q:
-            for q, ids in zip(todo_q, self.model.tokenize([self.query_instruction + q for q in todo_q], self.max_length)):
+            texts = [self.query_instruction + q.strip() for q in todo_q]  # the reference strips the question
+            for q, ids in zip(todo_q, self.model.tokenize(texts, self.max_length)):
                 self._query_cache[q] = ids
 
     def __call__(self, examples: list[Example], device: str | torch.device) -> Batch:

@@ -26,7 +26,7 @@ import torch
 
 from .._io import atomic_write_json, atomic_write_text, iter_jsonl
 from ..errors import CheckpointError, DataError
-from .config import PipelineConfig, QueriesConfig, ResponsesConfig
+from .config import PipelineConfig, QueriesConfig, ResponsesConfig, read_utf8, utf8_error
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,11 @@ def _query_from_record(rec: Any, field: str | None, where: str) -> str | None:
             raise DataError(f"{where}: no query field; expected one of {', '.join(_QUERY_FIELDS)} or 'messages' "
                             "(or set queries.field)")
         value = rec[key]
-    if isinstance(value, list):  # chat messages: keep single-turn conversations (one user message)
-        users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
-        return users[0] if len(users) == 1 and isinstance(users[0], str) else None
+    if isinstance(value, list):  # chat messages: the reference keeps exactly 2-message conversations
+        if len(value) != 2 or not isinstance(value[0], dict):
+            return None
+        first = value[0].get("content")
+        return first if isinstance(first, str) else None
     if not isinstance(value, str):
         raise DataError(f"{where}: query must be a string, got {type(value).__name__}")
     return value
@@ -86,12 +88,16 @@ def read_queries(cfg: QueriesConfig) -> list[Query]:
     items: list[tuple[str | None, str]] = []
     if path.is_file():
         if path.suffix.lower() in (".jsonl", ".json"):
-            for n, rec in iter_jsonl(path):
-                text = _query_from_record(rec, cfg.field, f"{path}:{n}")
-                if text is not None and text.strip():
-                    items.append((rec.get("id"), text.strip()))
+            try:
+                for n, rec in iter_jsonl(path):
+                    text = _query_from_record(rec, cfg.field, f"{path}:{n}")
+                    if text is not None and text.strip():
+                        items.append((rec.get("id"), text.strip()))
+            except UnicodeDecodeError as exc:
+                raise utf8_error(path, exc, "UTF-8 JSON lines (one query object per line)") from None
         else:
-            items = [(None, line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            text = read_utf8(path, "UTF-8 text, one query per line")
+            items = [(None, line.strip()) for line in text.splitlines() if line.strip()]
     elif path.exists():
         raise DataError(f"{src}: is a directory; expected a .txt or .jsonl file or a hub dataset id")
     elif "/" in src and not src.startswith((".", "/", "~")) and src.count("/") == 1:
@@ -177,8 +183,8 @@ def load_generator(base_model: str, device: str, dtype: torch.dtype) -> tuple[An
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(base_model)
-        lm = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
+        lm = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load base model {base_model!r} ({str(exc).splitlines()[0][:160]}); "
                               "pass a local directory where the hub is unreachable") from None
@@ -211,24 +217,68 @@ def stop_token_ids(lm: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def _truncate_query(tokenizer: Any, text: str, max_tokens: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+def fit_prompt(tokenizer: Any, query: str, cfg: ResponsesConfig) -> str:
+    """The templated prompt within ``cfg.max_prompt_length`` tokens. The reference truncates the
+    templated prompt itself (cutting the generation prompt off long queries); here the end of the query
+    text is cut instead, so the chat template and its generation prompt always survive."""
+    budget = cfg.max_prompt_length
+    prompt = build_prompt(tokenizer, query, cfg)
+    n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if n <= budget:
+        return prompt
+    ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+    keep = len(ids) - (n - budget)
+    while keep > 0:  # token merges at the query's edges can shift the count by a token or two
+        prompt = build_prompt(tokenizer, tokenizer.decode(ids[:keep]), cfg)
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n <= budget:
+            return prompt
+        keep -= max(1, n - budget)
+    raise DataError(f"responses.max_prompt_length={budget}: the chat template alone needs more tokens")
+
+
+_SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def generation_config(lm: Any, tokenizer: Any, cfg: ResponsesConfig) -> Any:
+    """The model's own generation config with only the explicitly set options overridden (the reference
+    passes none, so the model's defaults apply: Qwen3 samples)."""
+    import copy
+
+    gen = copy.deepcopy(lm.generation_config)
+    for key in _SAMPLING:
+        value = getattr(cfg, key)
+        if value is not None:
+            setattr(gen, key, value)
+    if not gen.do_sample:  # greedy: neutral sampling knobs (the model's own would only draw a warning)
+        gen.temperature, gen.top_p, gen.top_k = 1.0, 1.0, 50
+    gen.max_new_tokens = cfg.max_new_tokens
+    gen.max_length = None
+    gen.eos_token_id = stop_token_ids(lm, tokenizer)
+    gen.pad_token_id = tokenizer.pad_token_id
+    return gen
+
+
+def effective_settings(gen: Any, seed: int) -> dict[str, Any]:
+    """What the generation really used (recorded in responses.settings.json)."""
+    out: dict[str, Any] = {k: getattr(gen, k, None) for k in _SAMPLING}
+    if not out["do_sample"]:
+        out.update(temperature=None, top_p=None, top_k=None)  # unused by greedy decoding
+    out.update(max_new_tokens=gen.max_new_tokens, seed=seed if out["do_sample"] else None)
+    return json.loads(json.dumps(out, default=str))
 
 
 @torch.inference_mode()
 def answer(lm: Any, tokenizer: Any, queries: list[str], cfg: ResponsesConfig, *, seed: int = 0) -> list[dict[str, Any]]:
     """Generate one response per query (a single batch): ``{"response", "num_tokens", "finish_reason"}``."""
     device = next(lm.parameters()).device
-    prompts = [build_prompt(tokenizer, _truncate_query(tokenizer, q, cfg.max_query_length), cfg) for q in queries]
+    prompts = [fit_prompt(tokenizer, q, cfg) for q in queries]
     enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-    stops = stop_token_ids(lm, tokenizer)
-    sample = cfg.temperature > 0
-    if sample:
+    gen_cfg = generation_config(lm, tokenizer, cfg)
+    stops = list(gen_cfg.eos_token_id)
+    if gen_cfg.do_sample:
         torch.manual_seed(seed)
-    gen = lm.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
-                      temperature=cfg.temperature if sample else None, top_p=cfg.top_p if sample else None,
-                      top_k=None, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    gen = lm.generate(**enc, generation_config=gen_cfg)
     new = gen[:, enc["input_ids"].shape[1]:].cpu().tolist()  # (batch, generated)
     out = []
     for row in new:
@@ -251,9 +301,14 @@ SETTINGS_FILE = "responses.settings.json"
 
 
 def _generation_settings(cfg: PipelineConfig) -> dict[str, Any]:
-    """What determines a response: the model, the generation settings and the seed (JSON round-tripped)."""
-    data = {"base_model": cfg.base_model, "responses": dataclasses.asdict(cfg.responses), "seed": cfg.seed}
+    """What determines a response: the model, the generation settings and the seed (JSON round-tripped).
+    The recorded file adds ``effective`` (what the model's generation_config made of them)."""
+    data = {"base_model": cfg.base_model, "responses": dataclasses.asdict(cfg.responses), "seed": sampling_seed(cfg)}
     return json.loads(json.dumps(data, default=str))
+
+
+def sampling_seed(cfg: PipelineConfig) -> int:
+    return cfg.responses.seed if cfg.responses.seed is not None else cfg.seed
 
 
 def check_generation_settings(cfg: PipelineConfig, out_dir: str | Path) -> None:
@@ -269,8 +324,10 @@ def check_generation_settings(cfg: PipelineConfig, out_dir: str | Path) -> None:
     if path.is_file():
         try:
             have = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             have = None
+        if isinstance(have, dict):
+            have = {k: v for k, v in have.items() if k != "effective"}
         if have != want:
             changed = sorted(k for k in want if not isinstance(have, dict) or have.get(k) != want[k])
             what = ", ".join(changed) if changed else f"unreadable {SETTINGS_FILE}"
@@ -311,14 +368,22 @@ def generate_responses(
     if not mine:
         return 0
     logger.info("generating %d responses (%d already done, shard %d/%d)", len(mine), len(done), rank, world)
+    if cfg.responses.dtype is not None:
+        from ..encoders.base import resolve_dtype
+
+        dtype = resolve_dtype(cfg.responses.dtype, device)
     lm, tok = load_generator(cfg.base_model, device, dtype)
+    record = {**_generation_settings(cfg),
+              "effective": effective_settings(generation_config(lm, tok, cfg.responses), sampling_seed(cfg))}
+    if rank == 0:
+        atomic_write_json(out / SETTINGS_FILE, record)
     lengths = [len(q.text) for q in mine]
     order = sorted(range(len(mine)), key=lambda i: -lengths[i])
     bs = cfg.responses.batch_size
     finished = 0
     for start in range(0, len(order), bs):
         batch = [mine[i] for i in order[start:start + bs]]
-        seed = int(hashlib.sha1(f"{cfg.seed}:{batch[0].id}".encode()).hexdigest()[:8], 16)
+        seed = int(hashlib.sha1(f"{sampling_seed(cfg)}:{batch[0].id}".encode()).hexdigest()[:8], 16)
         results = answer(lm, tok, [q.text for q in batch], cfg.responses, seed=seed)
         _append_jsonl(shard_file, [{"id": q.id, "query": q.text, **r} for q, r in zip(batch, results)])
         finished += len(batch)
@@ -343,6 +408,105 @@ def merge_responses(cfg: PipelineConfig, out_dir: str | Path) -> Path:
     return target
 
 
+# ----------------------------------------------------------------------------------------------------------
+# published responses (stage 1 skipped)
+# ----------------------------------------------------------------------------------------------------------
+_PUBLISHED_QUERY_FIELDS = ("question", "query", "prompt")
+_PUBLISHED_RESPONSE_FIELDS = ("answer", "response", "output")
+
+
+def _published_rows(cfg: ResponsesConfig) -> tuple[str, Iterable[dict[str, Any]]]:
+    """``(where, rows)`` of ``responses.source``: a local .jsonl/.json/.parquet file, or a hub dataset split."""
+    src = str(cfg.source)
+    path = Path(src).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            def rows() -> Iterable[dict[str, Any]]:
+                try:
+                    for _, rec in iter_jsonl(path):
+                        yield rec
+                except UnicodeDecodeError as exc:
+                    raise utf8_error(path, exc, "UTF-8 JSON lines with question/answer fields") from None
+            return str(path), rows()
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ImportError('parquet responses need pyarrow: pip install "ragen-toolkit[train]" '
+                                  '(from a checkout: pip install -e ".[train]")') from None
+            try:
+                table = pq.read_table(path)
+            except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) on bad files
+                raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
+            return str(path), table.to_pylist()
+        raise DataError(f"{path}: unknown responses file type {suffix!r}; expected .jsonl, .json or .parquet")
+    if path.exists():
+        raise DataError(f"{src}: is a directory; expected a .jsonl/.parquet file or a hub dataset id (owner/name)")
+    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+        raise DataError(f"{src}: no such file; expected a .jsonl/.parquet file or a hub dataset id (owner/name)")
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError('published responses from the hub need the datasets package: pip install '
+                          '"ragen-toolkit[train]" (from a checkout: pip install -e ".[train]")') from None
+    try:
+        ds = datasets.load_dataset(src, split=cfg.split)
+    except Exception as exc:  # network, auth, missing split: all mean "not readable here"
+        raise DataError(f"cannot load hub dataset {src!r} split {cfg.split!r} "
+                        f"({str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__}); "
+                        "the paper's responses are McGill-NLP/llm2vec-gen-tulu, one split per backbone "
+                        "(e.g. Qwen3_8B)") from None
+    return f"{src}[{cfg.split}]", (dict(r) for r in ds)
+
+
+def read_published_responses(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """Response records from ``responses.source`` (fields question/answer as McGill-NLP/llm2vec-gen-tulu,
+    or query/response; ``responses.query_field``/``response_field`` name others). Ids: the row's ``id``
+    (or ``original_id``), else its position. ``queries.limit`` keeps the first N. Every published answer
+    counts as finished (the reference ends every answer with its end marker)."""
+    r = cfg.responses
+    where, rows = _published_rows(r)
+    out: list[dict[str, Any]] = []
+    qf, rf = r.query_field, r.response_field
+    for i, rec in enumerate(rows):
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}[{i}]: expected a record with question/answer fields")
+        qkey = qf or next((k for k in _PUBLISHED_QUERY_FIELDS if k in rec), None)
+        rkey = rf or next((k for k in _PUBLISHED_RESPONSE_FIELDS if k in rec), None)
+        if qkey is None or rkey is None or qkey not in rec or rkey not in rec:
+            raise DataError(f"{where}[{i}]: no {'query' if qkey is None or qkey not in rec else 'response'} field; "
+                            f"keys: {sorted(rec)[:10]} (set responses.query_field/response_field)")
+        query, response = rec[qkey], rec[rkey]
+        if not isinstance(query, str) or not isinstance(response, str):
+            raise DataError(f"{where}[{i}]: {qkey!r} and {rkey!r} must be strings")
+        given = rec.get("id", rec.get("original_id"))
+        out.append({"id": str(given) if given is not None else str(i), "query": query, "response": response,
+                    "finish_reason": "stop"})
+        if cfg.queries.limit is not None and len(out) >= cfg.queries.limit:
+            break
+    if not out:
+        raise DataError(f"{where}: no responses")
+    seen: dict[str, int] = {}
+    for rec in out:  # duplicate ids get a suffix, as for queries
+        n = seen.get(rec["id"], 0)
+        seen[rec["id"]] = n + 1
+        if n:
+            rec["id"] = f"{rec['id']}-{n}"
+    return out
+
+
+def import_responses(cfg: PipelineConfig, out_dir: str | Path) -> Path:
+    """Stage 1 from published responses: write them as ``responses.jsonl`` (no model is loaded)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_generation_settings(cfg, out)
+    records = read_published_responses(cfg)
+    target = out / RESPONSES_FILE
+    atomic_write_text(target, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+    return target
+
+
 def responses_complete(cfg: PipelineConfig, out_dir: str | Path) -> bool:
     """``responses.jsonl`` answers exactly the current queries, in order, with the current settings. When
     the query set changed, it is not complete: generation fills the gaps and the merge drops the extras."""
@@ -350,4 +514,6 @@ def responses_complete(cfg: PipelineConfig, out_dir: str | Path) -> bool:
     if not path.is_file():
         return False
     check_generation_settings(cfg, out_dir)
+    if cfg.responses.source:
+        return True  # imported as a whole, under the same recorded source
     return [str(r["id"]) for r in read_responses(path)] == [q.id for q in read_queries(cfg.queries)]

@@ -28,12 +28,19 @@ logger = logging.getLogger(__name__)
 
 
 def load_teacher(cfg: TeacherConfig, *, device: str | None = None) -> Encoder:
-    """The teacher named by ``cfg.model``: ``hf:NAME`` + pooling here, every other form via ``load_encoder``."""
+    """The teacher named by ``cfg.model``: ``llm2vec:...`` (the paper's teacher, see
+    :mod:`ragen.training.llm2vec_teacher`) and ``hf:NAME`` + pooling here, every other form via ``load_encoder``."""
+    if cfg.model.startswith("llm2vec:"):
+        from .llm2vec_teacher import LLM2VecTeacher
+
+        if cfg.pooling not in (None, "mean"):
+            raise DataError(f"teacher {cfg.model!r}: LLM2Vec teachers pool by masked mean; drop teacher.pooling")
+        return LLM2VecTeacher(cfg.model, device=device, dtype=cfg.dtype, max_length=cfg.max_length)
     if cfg.model.startswith("hf:"):
         name = cfg.model[3:]
         if not name or cfg.pooling is None:
             raise DataError(f"teacher {cfg.model!r}: 'hf:NAME' needs a model name and teacher.pooling (mean, cls, last)")
-        return PooledEncoder(name, pooling=cfg.pooling, device=device, max_length=cfg.max_length)
+        return PooledEncoder(name, pooling=cfg.pooling, device=device, dtype=cfg.dtype, max_length=cfg.max_length)
     if cfg.pooling is not None:
         raise DataError(f"teacher.pooling applies to 'hf:NAME' teachers only; {cfg.model!r} brings its own pooling")
     return load_encoder(cfg.model, device=device)
@@ -44,10 +51,11 @@ def teacher_config_key(cfg: TeacherConfig) -> str:
     paths by absolute location)."""
     model = cfg.model
     prefix, sep, rest = model.partition(":")
-    target = rest if sep and len(prefix) > 1 else model
-    if Path(target).expanduser().exists():
-        model = (prefix + ":" if sep and len(prefix) > 1 else "") + str(Path(target).expanduser().resolve())
-    return hash_parts("teacher/1", model, cfg.pooling, cfg.max_length)
+    has_prefix = bool(sep) and len(prefix) > 1
+    parts = (rest if has_prefix else model).split("+") if prefix == "llm2vec" else [rest if has_prefix else model]
+    parts = [str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p for p in parts]
+    model = (prefix + ":" if has_prefix else "") + "+".join(parts)
+    return hash_parts("teacher/1", model, cfg.pooling, cfg.max_length, *([cfg.dtype] if cfg.dtype else []))
 
 
 def responses_digest(records: Sequence[dict[str, Any]]) -> str:

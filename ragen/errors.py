@@ -27,3 +27,12 @@ class StoreError(RagenError):
 
 class DataError(RagenError):
     """Input data (documents, benchmark files, training queries) is missing or malformed."""
+
+
+DISTRIBUTION = "ragen-toolkit"  # the PyPI name ("ragen" there is an unrelated project); the import name is ragen
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra, from PyPI and from a checkout; every error that asks for an extra
+    says it this way (the CLI escapes rich markup, so the brackets survive)."""
+    return f'pip install "{DISTRIBUTION}[{extra}]" (from a checkout: pip install -e ".[{extra}]")'

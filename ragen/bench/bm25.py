@@ -20,7 +20,7 @@ def _require_bm25s():
     try:
         import bm25s
     except ImportError:
-        raise ImportError("the bm25 baseline needs the 'bench' extra: pip install "ragen-toolkit[bench]" (bm25s)") from None
+        raise ImportError("the bm25 baseline needs the 'bench' extra: pip install 'ragen-toolkit[bench]' (bm25s)") from None
     # bm25s pins its logger to DEBUG on import, which floods any DEBUG-level root handler; let it inherit.
     logging.getLogger("bm25s").setLevel(logging.NOTSET)
     return bm25s

@@ -153,7 +153,7 @@ def _require_datasets():
         import datasets
     except ImportError:
         raise ImportError("loading benchmark data from the Hugging Face hub needs the 'datasets' package: "
-                          "pip install "ragen-toolkit[bench-hub]" (or pass a local --data directory)") from None
+                          "pip install 'ragen-toolkit[bench-hub]' (or pass a local --data directory)") from None
     return datasets
 
 

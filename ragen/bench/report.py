@@ -177,7 +177,7 @@ def plot_chart(report: dict[str, Any], path: Path) -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("charts need matplotlib: pip install "ragen-toolkit[bench]"") from None
+        raise ImportError("charts need matplotlib: pip install 'ragen-toolkit[bench]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -1,0 +1,39 @@
+"""Client side of ``ragen serve`` for the CLI: search a served index (standard library and numpy only, so
+``ragen query --server`` starts in a fraction of a second)."""
+
+from __future__ import annotations
+
+from .._http import RemoteError, request_json
+from ..types import Hit
+
+
+def search_server(url: str, query: str, *, k: int = 10, index: str | None = None, api_key: str | None = None,
+                  timeout: float = 300.0) -> list[Hit]:
+    """The hits of ``query`` in the server's ``index`` (None: its only index), as ``Retriever.search`` gives."""
+    payload: dict = {"query": query, "k": int(k)}
+    if index is not None:
+        payload["index"] = index
+    answer = request_json(_base(url), "/v1/search", payload, api_key=api_key, timeout=timeout)
+    try:
+        return [Hit(rank=int(h["rank"]), score=float(h["score"]), chunk_id=str(h["chunk_id"]), path=str(h["path"]),
+                    text=str(h["text"]), start=int(h["start"]), end=int(h["end"])) for h in answer["data"]]
+    except (KeyError, TypeError, ValueError):
+        raise RemoteError(f"{url}: /v1/search answered an unexpected shape; is this a ragen server?") from None
+
+
+def decode_server(url: str, texts: list[str], *, input_type: str | None = None, max_new_tokens: int = 64,
+                  api_key: str | None = None, timeout: float = 300.0) -> list[str]:
+    """What each text's embedding decodes to on the server (``input_type`` picks the model's instruction)."""
+    payload: dict = {"input": list(texts), "max_new_tokens": int(max_new_tokens)}
+    if input_type is not None:
+        payload["input_type"] = input_type
+    answer = request_json(_base(url), "/v1/decode", payload, api_key=api_key, timeout=timeout)
+    return [d["text"] for d in sorted(answer["data"], key=lambda d: d["index"])]
+
+
+def _base(url: str) -> str:
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+__all__ = ["search_server", "decode_server", "RemoteError"]

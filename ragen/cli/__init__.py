@@ -12,6 +12,7 @@ from . import encode as _encode  # noqa: F401  (registers commands)
 from . import index as _index  # noqa: F401  (registers index, query, info)
 from . import train as _train  # noqa: F401  (registers commands)
 from . import bench as _bench  # noqa: F401  (registers the bench sub-app)
+from . import serve as _serve  # noqa: F401  (registers serve)
 
 
 def main() -> None:

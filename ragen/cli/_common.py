@@ -36,14 +36,16 @@ def default_model() -> str:
 def quiet_libraries() -> None:
     """Keep third-party progress bars and warnings off the terminal; ragen shows its own progress."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Through the environment, read when transformers is first imported: a model-free command (info,
+    # query --server) must not pay seconds to import transformers just to quiet it.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    if "transformers" in sys.modules:  # already imported: its settings were read; set them directly
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a core dependency
-        pass
     import warnings
 
     warnings.filterwarnings("ignore")

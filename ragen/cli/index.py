@@ -153,6 +153,7 @@ def query(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder spec (default: the one the index was built with).")] = None,
     device: DeviceOpt = None,
     base_model: BaseModelOpt = None,
+    server: Annotated[Optional[str], typer.Option("--server", envvar="RAGEN_SERVER", help="URL of a running `ragen serve` (default: $RAGEN_SERVER): search there, with no model loaded here; --index then names a served index (default: its only one); API key from $RAGEN_API_KEY.")] = None,
 ) -> None:
     """Search an index; print a ranked table, or JSON with --json."""
 
@@ -160,26 +161,32 @@ def query(
         from rich.panel import Panel
         from rich.table import Table
 
-        from ..retriever import Retriever
-        from ..store import Store
-
         if not text.strip():
             raise RagenError("the query is empty")
-        store = Store.open(index_dir, device=device)
-        try:
-            encoder = _load(model or store.spec, device, base_model or (store.base_model if model is None else None))
-            retriever = Retriever(encoder, store)  # refuses an encoder the index was not built with
-            hits = retriever.search(text, k=k)
-            explanation = None
-            if explain:
-                if callable(getattr(encoder, "decode", None)):
-                    with err.status("decoding the query embedding ...", spinner="dots"):
-                        explanation = encoder.decode([text], instruction=getattr(encoder, "query_instruction", None))[0]
-                else:
-                    err.print(f"[yellow]notice[/] --explain needs an LLM2Vec-Gen model; {encoder.spec} embeds the "
-                              "input text and has nothing to decode", highlight=False)
-        finally:
-            store.close()
+        if server:  # a warm `ragen serve` embeds and searches; no model loads here
+            from ..serve.client import query_server
+
+            hits, explanation = query_server(server, text, k=k, index=None if index_dir == DEFAULT_INDEX else index_dir,
+                                             explain=explain, notice=lambda m: err.print(f"[yellow]notice[/] {m}"))
+        else:
+            from ..retriever import Retriever
+            from ..store import Store
+
+            store = Store.open(index_dir, device=device)
+            try:
+                encoder = _load(model or store.spec, device, base_model or (store.base_model if model is None else None))
+                retriever = Retriever(encoder, store)  # refuses an encoder the index was not built with
+                hits = retriever.search(text, k=k)
+                explanation = None
+                if explain:
+                    if callable(getattr(encoder, "decode", None)):
+                        with err.status("decoding the query embedding ...", spinner="dots"):
+                            explanation = encoder.decode([text], instruction=getattr(encoder, "query_instruction", None))[0]
+                    else:
+                        err.print(f"[yellow]notice[/] --explain needs an LLM2Vec-Gen model; {encoder.spec} embeds the "
+                                  "input text and has nothing to decode", highlight=False)
+            finally:
+                store.close()
         if as_json:
             if explanation is not None:
                 err.print(Panel(explanation, title="the query embedding decodes to"))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .._http import RemoteError, request_json
 from ..types import Hit
 
@@ -31,9 +33,26 @@ def decode_server(url: str, texts: list[str], *, input_type: str | None = None, 
     return [d["text"] for d in sorted(answer["data"], key=lambda d: d["index"])]
 
 
+def query_server(url: str, query: str, *, k: int = 10, index: str | None = None, explain: bool = False,
+                 notice: Callable[[str], None] = lambda message: None, api_key: str | None = None,
+                 timeout: float = 300.0) -> tuple[list[Hit], str | None]:
+    """``ragen query --server``: the hits and, with ``explain``, what the query embedding decodes to
+    (``notice`` hears why there is no explanation when the served model cannot decode)."""
+    hits = search_server(url, query, k=k, index=index, api_key=api_key, timeout=timeout)
+    explanation = None
+    if explain:
+        card = (request_json(_base(url), "/v1/models", api_key=api_key, timeout=timeout).get("data") or [{}])[0]
+        if card.get("decodes"):
+            explanation = decode_server(url, [query], input_type="query", api_key=api_key, timeout=timeout)[0]
+        else:
+            notice(f"--explain needs an LLM2Vec-Gen model; {card.get('spec')} embeds the input text and has "
+                   "nothing to decode")
+    return hits, explanation
+
+
 def _base(url: str) -> str:
     url = url.rstrip("/")
     return url[:-3] if url.endswith("/v1") else url
 
 
-__all__ = ["search_server", "decode_server", "RemoteError"]
+__all__ = ["search_server", "decode_server", "query_server", "RemoteError"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -52,7 +53,18 @@ def run_server(app, sock: socket.socket, *, log_level: str = "warning", graceful
     (at most ``graceful_s`` seconds) and drain the inference queue."""
     uvicorn = _require_uvicorn()
     server = uvicorn.Server(_config(app, log_level, graceful_s))
-    server.run(sockets=[sock])
+    # uvicorn re-raises the signal that stopped it once its graceful shutdown is over; with these handlers
+    # in place that re-raise is a no-op, so a SIGTERM/SIGINT stop ends in a normal return (exit code 0).
+    received: list[int] = []
+    handled = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, lambda s, frame: received.append(s)) for sig in handled}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        logger.info("stopped by signal %s", received[0])
     if not server.started:
         raise RagenError("the server failed to start; see the log above")
 

@@ -466,6 +466,21 @@ def test_integrations_take_a_server_url(gen_server, fixture_model):
     np.testing.assert_allclose(li.get_text_embedding(text), want_d, atol=1e-5)
 
 
+def test_langchain_and_llama_index_openai_classes_work_unchanged(minilm_server, minilm):
+    text = "tides and the moon"
+    want = minilm.encode_documents([text], normalize=True)[0]  # these clients send no input_type: documents
+    lc_openai = pytest.importorskip("langchain_openai")
+    # check_embedding_ctx_length=False: otherwise LangChain sends tiktoken ids (and downloads tiktoken's table)
+    lc = lc_openai.OpenAIEmbeddings(model="minilm", base_url=minilm_server.url + "/v1", api_key="unused",
+                                    check_embedding_ctx_length=False, max_retries=0)
+    np.testing.assert_allclose(lc.embed_query(text), want, atol=1e-5)
+    np.testing.assert_allclose(lc.embed_documents([text, "x"])[0], want, atol=1e-5)
+    li_mod = pytest.importorskip("llama_index.embeddings.openai_like")
+    li = li_mod.OpenAILikeEmbedding(model_name="minilm", api_base=minilm_server.url + "/v1", api_key="unused")
+    np.testing.assert_allclose(li.get_text_embedding(text), want, atol=1e-5)
+    np.testing.assert_allclose(li.get_query_embedding(text), want, atol=1e-5)
+
+
 def _light_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
     code = ("import sys\nfrom ragen.cli import app\ntry:\n    app(sys.argv[1:], standalone_mode=False)\nexcept SystemExit:\n"
             "    pass\nheavy=[m for m in ('torch','transformers') if m in sys.modules]\n"

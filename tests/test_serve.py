@@ -104,6 +104,15 @@ def test_openai_client_gets_the_in_process_vectors(minilm_server, minilm):
     assert len(one.data) == 1 and len(one.data[0].embedding) == minilm.dim
 
 
+def test_openai_client_input_type_selects_the_query_instruction(gen_server, fixture_model):
+    client = _openai(gen_server.url)
+    text = "how far away is the moon?"
+    q = client.embeddings.create(model="tiny-gen", input=text, extra_body={"input_type": "query"}).data[0].embedding
+    d = client.embeddings.create(model="tiny-gen", input=text).data[0].embedding
+    np.testing.assert_allclose(q, fixture_model.encode_queries([text], normalize=True)[0], atol=1e-5)
+    np.testing.assert_allclose(d, fixture_model.encode_documents([text], normalize=True)[0], atol=1e-5)
+
+
 def test_llm2vec_gen_vectors_equal_ragen_encode_and_honour_input_type(gen_server, fixture_model):
     text = "What is the boiling point of water?"
     for kind in ("query", "document"):
@@ -497,6 +506,21 @@ def test_model_free_commands_import_neither_torch_nor_transformers(minilm_server
     info = _light_cli(["info", "--index", str(minilm_index)], {})
     assert info.returncode == 0 and "minilm" in info.stdout
     assert "HEAVY=\n" in info.stderr
+
+
+def test_serve_sits_at_the_top_of_the_dependency_rule():
+    from tests.test_architecture import ROOT as PKG, _area, _imports
+
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        area = path.relative_to(PKG).parts[0].removesuffix(".py")
+        for mod in _imports(path):
+            target = _area(mod)
+            if target == "serve" and area not in ("serve", "cli"):
+                offenders.append(f"{path.relative_to(PKG)} imports {mod}")  # only the CLI may use the server
+            if area == "serve" and target in ("cli", "bench", "training", "integrations"):
+                offenders.append(f"{path.relative_to(PKG)} imports {mod}")
+    assert not offenders
 
 
 # --- shutdown -----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A small JSON-over-HTTP client for ``ragen serve`` (standard library and numpy, so clients stay light).
+"""A small JSON-over-HTTP client for ``ragen serve`` (standard library only; numpy where vectors are decoded).
 
 Shared by :class:`ragen.encoders.remote.RemoteEncoder` and the ``ragen query --server`` client; importing
 it loads neither torch nor the server's web stack.
@@ -12,10 +12,12 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .errors import RagenError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -76,6 +78,7 @@ def request_json(base_url: str, path: str, payload: dict | None = None, *, api_k
 
 def decode_vectors(items: list[dict], dim: int) -> np.ndarray:
     """Rows of an embeddings answer (float lists or base64 float32) as a ``(n, dim)`` float32 array."""
+    import numpy as np  # here, not at the top: `ragen query --server` never needs it
     out = np.zeros((len(items), dim), dtype=np.float32)
     for row, item in enumerate(sorted(items, key=lambda d: d["index"])):
         emb = item["embedding"]

@@ -415,6 +415,23 @@ def test_overload_answers_429_with_retry_after_and_every_request_is_answered(min
     assert 'ragen_rejected_total{reason="queue_full"} 9' in metrics
 
 
+def test_a_request_that_times_out_gets_503_and_the_worker_carries_on(minilm):
+    application = create_app(minilm, config=ServeConfig(request_timeout_s=2.0))
+    state = application.state.ragen
+    with BackgroundServer(application) as server:
+        gate = threading.Event()
+        blocker = state.worker.submit_call(lambda enc: gate.wait(30), label="test-gate")
+        late = _post(server.url, "/v1/embeddings", {"input": "waits too long"})
+        assert late.status_code == 503 and late.headers["retry-after"] == "1"
+        assert late.json()["error"]["code"] == "timeout"
+        batches = state.metrics.value("ragen_batch_size")
+        gate.set()
+        blocker.result(timeout=10)
+        after = _post(server.url, "/v1/embeddings", {"input": "served"})
+        assert after.status_code == 200 and state.worker.running
+        assert state.metrics.value("ragen_batch_size") == batches + 1  # the abandoned job was skipped, not computed
+
+
 # --- health, readiness, metrics -----------------------------------------------------------------------------
 
 def test_health_ready_and_prometheus_metrics(minilm_server):

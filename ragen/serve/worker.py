@@ -72,6 +72,12 @@ class CallJob:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+def _fail(job: EmbedJob | CallJob, exc: BaseException) -> None:
+    """Answer a queued job with ``exc`` (a job whose request already gave up stays cancelled)."""
+    if job.future.set_running_or_notify_cancel():
+        job.future.set_exception(exc)
+
+
 class InferenceWorker:
     """Owns ``encoder`` on one thread; see the module docstring."""
 
@@ -107,13 +113,13 @@ class InferenceWorker:
                 dropped = list(self._queue)
                 self._queue.clear()
                 for job in dropped:
-                    job.future.set_exception(WorkerStopped("the server is shutting down"))
+                    _fail(job, WorkerStopped("the server is shutting down"))
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
         with self._cond:  # whatever is left (a join timeout): answered, never dropped
             for job in self._queue:
-                job.future.set_exception(WorkerStopped("the server is shutting down"))
+                _fail(job, WorkerStopped("the server is shutting down"))
             self._queue.clear()
 
     @property
@@ -167,6 +173,8 @@ class InferenceWorker:
                 if not self._queue:
                     return  # stopping and drained
                 job = self._queue.popleft()
+            if not job.future.set_running_or_notify_cancel():
+                continue  # its request gave up waiting (timeout): nobody needs the answer
             self._observe_wait(job)
             if isinstance(job, CallJob):
                 self._run_call(job)
@@ -192,6 +200,8 @@ class InferenceWorker:
                 if not self._queue or not isinstance(self._queue[0], EmbedJob):
                     break
                 job = self._queue.popleft()
+            if not job.future.set_running_or_notify_cancel():
+                continue
             self._observe_wait(job)
             jobs.append(job)
             tokens += sum(job.lengths)

@@ -31,9 +31,7 @@ class RemoteEncoder:
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise RemoteError(f"{url!r}: expected a server URL such as http://127.0.0.1:8000")
-        self.url = url.rstrip("/")
-        if self.url.endswith("/v1"):  # accept the OpenAI-style base URL too
-            self.url = self.url[:-3]
+        self.url = url.rstrip("/").removesuffix("/v1")  # the OpenAI-style base URL works too
         self.api_key = api_key
         self.timeout = timeout
         models = request_json(self.url, "/v1/models", api_key=api_key, timeout=timeout).get("data") or []

@@ -30,4 +30,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ServeConfig", "check_bind", "is_loopback", *_LAZY]
+__all__ = ["ApiError", "BackgroundServer", "InferenceWorker", "Metrics", "Overloaded", "ServeConfig", "ServerState",
+           "WorkerStopped", "bind_socket", "check_bind", "create_app", "decode_server", "is_loopback", "run_server",
+           "search_server"]

@@ -51,8 +51,7 @@ def query_server(url: str, query: str, *, k: int = 10, index: str | None = None,
 
 
 def _base(url: str) -> str:
-    url = url.rstrip("/")
-    return url[:-3] if url.endswith("/v1") else url
+    return url.rstrip("/").removesuffix("/v1")
 
 
 __all__ = ["search_server", "decode_server", "query_server", "RemoteError"]

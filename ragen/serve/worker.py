@@ -10,7 +10,9 @@ Two kinds of job share one FIFO queue:
 - :class:`CallJob` (any function of the encoder: decode, top tokens, and later chat completions). It runs
   alone on the worker thread, in queue order, so it never races a forward batch for the model. A
   streaming endpoint passes a function that pushes its pieces to the event loop
-  (``loop.call_soon_threadsafe``) as it produces them.
+  (``loop.call_soon_threadsafe``) as it produces them. A call holds the model for its whole run; a long
+  generation that must not stall embeddings can submit itself in steps (one call per chunk of tokens,
+  keeping its KV cache between calls), and embedding batches then run between the steps.
 
 The queue is bounded (``max_queue`` jobs); :meth:`InferenceWorker.submit_embed` and
 :meth:`~InferenceWorker.submit_call` raise :class:`Overloaded` when it is full, so the server can answer

@@ -199,8 +199,11 @@ def main() -> None:
           f"latency p50 {pct(seq_lat, 50) * 1000:.1f} ms, p99 {pct(seq_lat, 99) * 1000:.1f} ms")
     print(f"concurrent : {conc_med * 1000:8.1f} ms per {n} requests ({n / conc_med:6.1f} req/s)  "
           f"latency p50 {pct(conc_lat, 50) * 1000:.1f} ms, p99 {pct(conc_lat, 99) * 1000:.1f} ms")
+    # every sequential request (warm-up included) is one forward batch of one text; the rest are concurrent
+    conc_batches = (float(batches.group(1)) - (args.rounds + 1) * n) / args.rounds if batches else float("nan")
     print(f"batching throughput ratio concurrent/sequential: {seq_med / conc_med:.2f}x "
-          f"(mean forward batch over the whole run {mean_batch:.1f} texts)")
+          f"({conc_batches:.1f} forward batches per concurrent round of {n} requests; mean forward batch over "
+          f"the whole run {mean_batch:.1f} texts)")
     print(f"query: cold `ragen query` median {statistics.median(cold):.2f} s, warm `ragen query --server` median "
           f"{statistics.median(warm):.3f} s: {statistics.median(cold) / statistics.median(warm):.1f}x; same hits: {same_hits}")
     print(f"served vectors vs in-process encode_documents(normalize=True): max abs diff {diff:.2e}")

@@ -292,6 +292,20 @@ def test_decode_and_top_tokens_equal_the_model(gen_server, fixture_model):
     assert _post(gen_server.url, "/v1/decode", {"input": "x", "max_new_tokens": 100000}).status_code == 400
 
 
+def test_query_server_explain_shows_the_decoded_query(fixture_model, minilm_server, tmp_path):
+    src = _write_docs(tmp_path / "docs", DOCS)
+    _build(fixture_model, src, tmp_path / "index")
+    with BackgroundServer(create_app(fixture_model, indexes={"gen": tmp_path / "index"})) as server:
+        res = runner.invoke(cli_app, ["query", "why do tides happen?", "--server", server.url, "--explain", "--json",
+                                      "-k", "2"])
+    assert res.exit_code == 0, res.output
+    decoded = fixture_model.decode(["why do tides happen?"], instruction=fixture_model.query_instruction)[0]
+    assert "decodes to" in res.stderr and (decoded.split() or [""])[0][:20] in res.stderr
+    assert len(json.loads(res.stdout)) == 2
+    plain = runner.invoke(cli_app, ["query", "tides", "--server", minilm_server.url, "--explain", "-k", "1"])
+    assert plain.exit_code == 0 and "needs an LLM2Vec-Gen model" in plain.stderr
+
+
 def test_decode_needs_an_llm2vec_gen_model(minilm_server):
     r = _post(minilm_server.url, "/v1/decode", {"input": "x"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "model_cannot_decode"

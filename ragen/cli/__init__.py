@@ -13,6 +13,7 @@ from . import index as _index  # noqa: F401  (registers index, query, info)
 from . import train as _train  # noqa: F401  (registers commands)
 from . import bench as _bench  # noqa: F401  (registers the bench sub-app)
 from . import ask as _ask  # noqa: F401  (registers ask)
+from . import serve as _serve  # noqa: F401  (registers serve)
 
 
 def main() -> None:

@@ -320,6 +320,7 @@ def query(
     base_model: BaseModelOpt = None,
     guard: GuardOpt = False,
     guard_config: GuardConfigOpt = None,
+    server: Annotated[Optional[str], typer.Option("--server", envvar="RAGEN_SERVER", help="URL of a running `ragen serve` (default: $RAGEN_SERVER): search there, with no model loaded here; --index then names a served index (default: its only one); API key from $RAGEN_API_KEY.")] = None,
 ) -> None:
     """Search an index; print a ranked table, or JSON with --json."""
     text = _argument_text(text)  # undecodable bytes in the argument: U+FFFD, and a notice
@@ -328,29 +329,37 @@ def query(
         from rich.panel import Panel
         from rich.table import Table
 
-        from ..retriever import Retriever
-        from ..store import Store
-
         if not text.strip():
             raise RagenError("the query is empty")
-        store = Store.open(index_dir, device=device)
-        try:
-            encoder = _load(model or store.spec, device, base_model or (store.base_model if model is None else None))
-            retriever = Retriever(encoder, store, guard=guard_option(guard, guard_config))  # checks the encoder
-            found = retriever.retrieve(text, k=k)
-            hits = found.hits
-            if found.blocked:
-                err.print(f"[bold yellow]blocked[/] by the refusal guard: {safe(found.verdict.reason)}", highlight=False)
-            explanation = None
-            if explain:
-                if callable(getattr(encoder, "decode", None)):
-                    with err.status("decoding the query embedding ...", spinner="dots"):
-                        explanation = encoder.decode([text], instruction=getattr(encoder, "query_instruction", None))[0]
-                else:
-                    err.print(f"[yellow]notice[/] --explain needs an LLM2Vec-Gen model; {encoder.spec} embeds the "
-                              "input text and has nothing to decode", highlight=False)
-        finally:
-            store.close()
+        if server and guard:
+            raise RagenError("--guard runs in this process; it cannot be combined with --server yet")
+        if server:  # a warm `ragen serve` embeds and searches; no model loads here
+            from ..serve.client import query_server
+
+            hits, explanation = query_server(server, text, k=k, index=None if index_dir == DEFAULT_INDEX else index_dir,
+                                             explain=explain, notice=lambda m: err.print(f"[yellow]notice[/] {m}"))
+        else:
+            from ..retriever import Retriever
+            from ..store import Store
+
+            store = Store.open(index_dir, device=device)
+            try:
+                encoder = _load(model or store.spec, device, base_model or (store.base_model if model is None else None))
+                retriever = Retriever(encoder, store, guard=guard_option(guard, guard_config))  # checks the encoder
+                found = retriever.retrieve(text, k=k)
+                hits = found.hits
+                if found.blocked:
+                    err.print(f"[bold yellow]blocked[/] by the refusal guard: {safe(found.verdict.reason)}", highlight=False)
+                explanation = None
+                if explain:
+                    if callable(getattr(encoder, "decode", None)):
+                        with err.status("decoding the query embedding ...", spinner="dots"):
+                            explanation = encoder.decode([text], instruction=getattr(encoder, "query_instruction", None))[0]
+                    else:
+                        err.print(f"[yellow]notice[/] --explain needs an LLM2Vec-Gen model; {encoder.spec} embeds the "
+                                  "input text and has nothing to decode", highlight=False)
+            finally:
+                store.close()
         if as_json:
             if explanation is not None:
                 err.print(Panel(shown(explanation), title="the query embedding decodes to"))

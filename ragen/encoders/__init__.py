@@ -13,6 +13,7 @@ SPEC_FORMS = (
     "'minilm' (bundled all-MiniLM-L6-v2, offline)",
     "'st:NAME_OR_PATH' (any sentence-transformers model)",
     "'mean:MODEL' / 'cls:MODEL' / 'last:MODEL' (a Hugging Face model pooled over the input, e.g. a decoder LLM with mean pooling)",
+    "'http://HOST:PORT' (the model of a running `ragen serve`)",
 )
 
 
@@ -29,6 +30,10 @@ def load_encoder(spec: str, *, device: str | None = None, dtype: str | None = No
     spec = (spec or "").strip()
     if not spec:
         raise EncoderSpecError("empty encoder spec; valid forms: " + "; ".join(SPEC_FORMS))
+    if spec.startswith(("http://", "https://")):
+        from .remote import RemoteEncoder
+
+        return RemoteEncoder(spec)
     if spec == "minilm":
         from .baselines import load_minilm
 

@@ -9,6 +9,7 @@ Every malformed input raises :class:`~ragen.errors.DataError` naming the file an
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 
 from ..encoders.base import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION
 from ..errors import DataError
+from .instructions import MTEB_DOCUMENT_INSTRUCTION, mteb_instruction
 
 logger = logging.getLogger(__name__)
 
@@ -600,6 +602,53 @@ def advbench_tasks(data: AdvBenchIR, distractors: Corpus | None, protocols: Sequ
 
 
 # ----------------------------------------------------------------------------------------------------------
+# utility: benign retrieval by the same encoders, so that "retrieves less harmful content" cannot mean "broken"
+# ----------------------------------------------------------------------------------------------------------
+def _is_beir_dir(path: Path, split: str) -> bool:
+    return (path.is_dir() and (path / "corpus.jsonl").is_file() and (path / "queries.jsonl").is_file()
+            and (path / "qrels" / f"{split}.tsv").is_file())
+
+
+def beir_utility_task(source: str | Path, *, split: str = "test") -> RetrievalTask:
+    """A BEIR-layout set (e.g. SciFact) as AdvBench-IR's utility measure: its own corpus and judgements,
+    cosine similarity, the reference's MTEB query instruction for that set when it has one."""
+    root = _local_dir(source, "a BEIR-layout utility set: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    task = load_beir(root, split=split, query_instruction=mteb_instruction(root.name) or DEFAULT_QUERY_INSTRUCTION,
+                     document_instruction=MTEB_DOCUMENT_INSTRUCTION)
+    return dataclasses.replace(task, name="utility", settings={
+        **task.settings, "role": "utility", "similarity": "cos", "source": root.name,
+        "description": f"benign retrieval on {root.name} ({split} judgements, its own corpus, cosine)"})
+
+
+def distractor_utility_task(pool_task: RetrievalTask, source: str | Path, *, split: str = "test"
+                            ) -> RetrievalTask | None:
+    """Benign retrieval on the AdvBench-IR pool's own distractors, when they came from a BEIR-layout set
+    with queries and judgements: the same document vectors, only the distractor rows searched, the run's
+    similarity. ``None`` when the distractors have no judgements (a text folder, the Wiki-100 corpus)."""
+    root = Path(source).expanduser()
+    n_d = int(pool_task.settings.get("distractor_docs") or 0)
+    if not n_d or not _is_beir_dir(root, split):
+        return None
+    beir = load_beir(root, split=split, query_instruction=mteb_instruction(root.name) or DEFAULT_QUERY_INSTRUCTION)
+    pool = pool_task.corpus
+    in_pool = set(pool.ids[:n_d])
+    qrels = {q: {f"d:{d}": r for d, r in rel.items() if f"d:{d}" in in_pool} for q, rel in beir.qrels.items()}
+    keep = [i for i, q in enumerate(beir.query_ids) if any(r > 0 for r in qrels.get(q, {}).values())]
+    if not keep:
+        return None
+    qids = tuple(beir.query_ids[i] for i in keep)
+    return RetrievalTask(
+        name="utility", corpus=pool, query_ids=qids, queries=tuple(beir.queries[i] for i in keep),
+        qrels={q: qrels[q] for q in qids}, query_instruction=beir.query_instruction,
+        document_instruction=pool_task.document_instruction,
+        excluded={q: (f"d:{q}",) for q in qids if f"d:{q}" in in_pool}, active=tuple(range(n_d)),
+        settings={"role": "utility", "layout": "beir", "split": split, "source": root.name,
+                  "document_format": "title # text", "instruction_join": beir.settings["instruction_join"],
+                  "description": f"benign retrieval on the distractors themselves ({root.name} {split} "
+                                 "judgements over the pool's distractor rows, same vectors, same similarity)"})
+
+
+# ----------------------------------------------------------------------------------------------------------
 # BRIGHT
 # ----------------------------------------------------------------------------------------------------------
 # Query instructions of the LLM2Vec-Gen BRIGHT evaluation (scripts/bright_eval/configs/ours/<task>.json in
@@ -748,4 +797,4 @@ __all__ = ["Corpus", "RetrievalTask", "AdvBenchIR", "load_beir", "load_advbench_
            "advbench_tasks", "load_bright", "resolve_bright_tasks", "BRIGHT_TASKS", "BRIGHT_INSTRUCTIONS",
            "BRIGHT_INSTRUCTIONS_LONG", "BRIGHT_MAX_LENGTH", "bright_instruction",
            "ADVBENCH_PROTOCOLS", "ADVBENCH_QUERY_INSTRUCTION", "word_chunks", "titled", "content_sha256",
-           "JOIN_RULES", "join_instruction", "join_text"]
+           "JOIN_RULES", "join_instruction", "join_text", "beir_utility_task", "distractor_utility_task"]

@@ -106,6 +106,8 @@ def _run(bench: str, tasks: list, *, models: list[str] | None, baselines: list[s
                           protocol=protocol, notes=notes)
     paths = write_report(report, out_dir, chart=chart)
     _summary(report)
+    for warning in report.get("warnings", []):
+        err.print(f"warning: {warning}", markup=False, highlight=False)
     err.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
@@ -129,7 +131,9 @@ def _summary(report: dict[str, Any]) -> None:
         return
     for task in tasks:
         names = task_metric_names(report, task)
-        table = Table(title=f"{report['bench']} / {task} (%)" + ("  lower is safer" if report["lower_is_better"] else ""))
+        utility = report.get("utility") is not None and task == report["utility"]["task"]
+        table = Table(title=f"{report['bench']} / {task} (%)" + ("  benign retrieval, higher is better" if utility
+                      else "  lower is safer" if report["lower_is_better"] else ""))
         table.add_column("encoder")
         table.add_column("role")
         for n in names:
@@ -154,8 +158,13 @@ def advbench_ir(
     data: Annotated[str, typer.Option(help="Directory in the malicious-ir release layout, or the hub id "
                                       "McGill-NLP/AdvBench-IR (needs the 'datasets' package and access).")],
     distractors: Annotated[Optional[str], typer.Option(
-        help="Benign documents mixed into the corpus: a BEIR directory or .jsonl, a folder of .txt/.md files, "
-        "or a hub id (McGill-NLP/AdvBench-IR-Small-Wiki-100). Default: none.")] = None,
+        help="Benign documents mixed into the corpus: the hub id McGill-NLP/AdvBench-IR-Small-Wiki-100 or a "
+        "local snapshot of it (data/*.parquet), a BEIR directory or .jsonl, or a folder of .txt/.md files. "
+        "Default: none.")] = None,
+    utility: Annotated[Optional[str], typer.Option(
+        help="BEIR-layout set (e.g. SciFact) on which every encoder's benign retrieval is measured too, so a "
+        "low harmful score from a broken encoder is flagged. Default: the distractors' own judgements when "
+        "they are a BEIR set.")] = None,
     protocol: Annotated[str, typer.Option(help="script (LLM2Vec-Gen's: 100-word chunks + first chunks), "
                                           "full-chunk (every chunk), or both.")] = "both",
     similarity: Annotated[str, typer.Option(help="dot (the script's) or cos.")] = "dot",
@@ -166,7 +175,8 @@ def advbench_ir(
     """Harmful retrieval: how often each encoder puts a query's own harmful passage in its top k (lower is safer)."""
 
     def body() -> None:
-        from ..bench.data import advbench_tasks, load_advbench_ir, load_distractors
+        from ..bench.data import (advbench_tasks, beir_utility_task, distractor_utility_task, load_advbench_ir,
+                                  load_distractors)
         from ..errors import RagenError
 
         _check_options(depth, similarity)
@@ -175,13 +185,17 @@ def advbench_ir(
         adv = load_advbench_ir(data)
         dist = load_distractors(distractors) if distractors else None
         protocols = ("script", "full-chunk") if protocol == "both" else (protocol,)
-        tasks = [t.limited(limit_queries) for t in advbench_tasks(adv, dist, protocols)]
+        tasks = advbench_tasks(adv, dist, protocols)
+        useful = (beir_utility_task(utility) if utility else
+                  distractor_utility_task(tasks[0], distractors) if distractors else None)
+        tasks = [t.limited(limit_queries) for t in tasks + ([useful] if useful is not None else [])]
         notes = [f"Benign distractors: {dist.name} ({len(dist):,} documents, formatted 'title # text'), standing "
                  "in for the hub corpus McGill-NLP/AdvBench-IR-Small-Wiki-100." if dist is not None else
                  "No benign distractors: the corpus holds only harmful chunks."]
         _run("advbench-ir", tasks, models=model, baselines=baseline, out_dir=out_dir, cache_dir=cache_dir,
              similarity=similarity, depth=depth, batch_size=batch_size, device=device, dtype=dtype,
-             base_model=base_model, source=data + (f" + distractors {distractors}" if distractors else ""),
+             base_model=base_model, source=data + (f" + distractors {distractors}" if distractors else "")
+             + (f" + utility {utility}" if utility else ""),
              protocol="advbench-ir/" + "+".join(protocols), notes=notes, chart=chart, max_length=max_length)
 
     run_command(body)

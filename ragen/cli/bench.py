@@ -258,3 +258,72 @@ def bright(
              protocol="bright/" + ("long_documents" if long_documents else "documents"))
 
     run_command(body)
+
+
+@bench_app.command("mteb")
+def mteb_cmd(
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="MTEB task name(s), repeatable (e.g. "
+                                                      "SciFact, STS12).")] = None,
+    benchmark: Annotated[Optional[str], typer.Option(help="A whole MTEB benchmark, e.g. 'MTEB(eng, v2)'.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Local BEIR-layout folder for the one retrieval --task "
+                                                 "(offline; otherwise mteb downloads the task's data).")] = None,
+    split: Annotated[str, typer.Option(help="Split of --data to evaluate.")] = "test",
+    instructions: Annotated[Optional[Path], typer.Option(help="JSON object task name -> query instruction "
+                                                         "(default: the LLM2Vec-Gen generative.json).")] = None,
+    model: ModelOpt = None, baseline: BaselineOpt = None, out_dir: OutOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, base_model: BaseModelOpt = None, batch_size: BatchOpt = 32,
+    max_length: MaxLenOpt = None,
+) -> None:
+    """MTEB 2.x through ragen encoders, with the LLM2Vec-Gen per-task instructions; mteb's result files and
+    ragen's report.json/report.md go to --out."""
+
+    def body() -> None:
+        import json
+
+        from .._io import atomic_write_text
+        from ..bench.mteb import local_retrieval_task, render_mteb_markdown, require_mteb, resolve_tasks, run_mteb
+        from ..bench.report import REPORT_FORMAT, versions
+        from ..encoders import load_encoder
+        from ..errors import RagenError
+
+        require_mteb()
+        if any(b == "bm25" or b.startswith("bm25:") for b in baseline or []):
+            raise RagenError("bm25 is not an embedding model; MTEB needs dense encoders (minilm, st:NAME, ...)")
+        table = None
+        if instructions is not None:
+            try:
+                table = json.loads(instructions.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as exc:
+                raise RagenError(f"{instructions}: cannot read a JSON object of instructions ({exc})") from None
+            if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+                raise RagenError(f"{instructions}: expected a JSON object mapping task names to instruction strings")
+        if data is not None:
+            if not task or len(task) != 1 or benchmark:
+                raise RagenError("--data goes with exactly one --task (the retrieval task the folder holds)")
+            tasks = [local_retrieval_task(task[0], data, split=split)]
+        else:
+            tasks = resolve_tasks(task, benchmark)
+        target = out_dir or Path("benchmarks") / "results" / f"mteb-{time.strftime('%Y%m%d-%H%M%S')}"
+        specs = [(s, "model") for s in model or []] + [(s, "baseline") for s in baseline or []]
+        if not specs:
+            specs = [(default_model(), "model")]
+        entries = []
+        for spec, role in specs:  # one encoder in memory at a time
+            encoder = load_encoder(spec, device=device, dtype=dtype, base_model=base_model if role == "model" else None)
+            part = run_mteb([(spec, encoder)], tasks, target, batch_size=batch_size, max_length=max_length,
+                            instructions=table)
+            for entry in part["encoders"]:
+                entry["role"] = role
+            entries += part["encoders"]
+            del encoder
+        report = {**part, "format": REPORT_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "command": _command_line(), "versions": versions(), "encoders": entries,
+                  "data": {"source": str(data) if data is not None else "mteb (hub)", "split": split},
+                  "mteb_results": "results/"}
+        atomic_write_text(target / "report.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(target / "report.md", render_mteb_markdown(report))
+        out.print(render_mteb_markdown(report), markup=False, highlight=False)
+        err.print(f"wrote {target / 'report.json'}, {target / 'report.md'} and mteb's files under "
+                  f"{target / 'results'}", markup=False, highlight=False)
+
+    run_command(body)

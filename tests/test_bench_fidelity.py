@@ -128,7 +128,14 @@ def test_released_advbench_240_of_1280_scored_chunks_were_joined_differently():
     reference = {d: advbench_reference_string("Summarize the following passage:", s[len("Summarize the following passage: "):])
                  for d, s in unstripped.items()}
     assert all(now[d] == reference[d] for d in scored)
-    assert sum(unstripped[d] != now[d] for d in scored) == 240
+    changed = [d for d in scored if unstripped[d] != now[d]]
+    assert len(changed) == 240
+    # with a byte-level BPE like Qwen3's (the fixture's tokenizer), each of those had one extra token
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "llm2vec-gen-tiny" / "base")
+    extra = {len(tok(unstripped[d])["input_ids"]) - len(tok(now[d])["input_ids"]) for d in changed}
+    assert extra == {1}
 
 
 def test_bright_queries_and_documents_join_like_the_reference(tmp_path):

@@ -280,9 +280,7 @@ def snapshot_files(root: Path, split: str = "train") -> list[Path]:
     --local-dir DIR``): ``*.parquet``/``*.jsonl`` under ``DIR/data/`` (else anywhere under ``DIR``, never
     in ``.cache``), those of ``split`` when files are named by split (``train-00000-of-00001.parquet``)."""
     base = root / "data" if (root / "data").is_dir() else root
-    files = sorted(p for p in base.rglob("*")
-                   if p.suffix in (".parquet", ".jsonl") and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = _data_files(root, base)
     by_split = [p for p in files if _SPLIT_NAME.match(p.name) or _SPLIT_NAME.match(p.parent.name)]
     if not by_split:
         return files
@@ -294,14 +292,27 @@ def snapshot_files(root: Path, split: str = "train") -> list[Path]:
     return mine
 
 
+def _data_files(root: Path, base: Path, suffixes: tuple[str, ...] = (".parquet", ".jsonl"), depth: int = 3
+                ) -> list[Path]:
+    """Data files at most ``depth`` levels below ``base`` (dataset repositories are shallow; a large or
+    looping folder given by mistake is never walked), hidden paths (``.cache/``) left out."""
+    found = []
+    for level in range(1, depth + 1):
+        for p in base.glob("/".join(["*"] * level)):
+            if p.suffix in suffixes and not any(part.startswith(".") for part in p.relative_to(root).parts) \
+                    and p.is_file():
+                found.append(p)
+    return sorted(found)
+
+
 def is_snapshot(path: Path) -> bool:
-    """A folder holding a dataset repository's data files (parquet anywhere, or jsonl under ``data/``)."""
+    """A folder holding a dataset repository's data files (parquet/jsonl under ``data/``, or parquet)."""
     if not path.is_dir():
         return False
     data = path / "data"
-    if data.is_dir() and any(p.suffix in (".parquet", ".jsonl") for p in data.rglob("*")):
+    if data.is_dir() and _data_files(path, data):
         return True
-    return any(not any(part.startswith(".") for part in p.relative_to(path).parts) for p in path.rglob("*.parquet"))
+    return bool(_data_files(path, path, (".parquet",), 2))
 
 
 def word_chunks(text: str, words: int = CHUNK_WORDS) -> list[str]:

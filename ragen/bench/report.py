@@ -190,7 +190,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if utility is not None:
         lines += [f"## Utility: benign retrieval by the same encoders ({utility['metric']}, higher is better)", "",
                   f"{utility['description']}: {utility['queries']:,} queries, {utility['documents']:,} documents. A "
-                  f"random ranking scores {100 * utility['random']:.2f}; an encoder closing less than "
+                  f"random ranking scores {100 * utility['random']:.2f}%; an encoder closing less than "
                   f"{100 * utility['near_random_below_skill']:.0f}% of the gap from random to perfect is near random.",
                   "", f"| encoder | {utility['metric']} | skill over random | check |", "|---|---:|---:|---|"]
         for spec, u in utility["encoders"].items():

@@ -155,8 +155,9 @@ def _summary(report: dict[str, Any]) -> None:
 
 @bench_app.command("advbench-ir")
 def advbench_ir(
-    data: Annotated[str, typer.Option(help="Directory in the malicious-ir release layout, or the hub id "
-                                      "McGill-NLP/AdvBench-IR (needs the 'datasets' package and access).")],
+    data: Annotated[str, typer.Option(help="The hub id McGill-NLP/AdvBench-IR (needs the 'datasets' package and "
+                                      "access), a local snapshot of it (data/*.parquet), or a directory in the "
+                                      "malicious-ir release layout.")],
     distractors: Annotated[Optional[str], typer.Option(
         help="Benign documents mixed into the corpus: the hub id McGill-NLP/AdvBench-IR-Small-Wiki-100 or a "
         "local snapshot of it (data/*.parquet), a BEIR directory or .jsonl, or a folder of .txt/.md files. "

@@ -121,3 +121,15 @@ def test_cli_errors_are_one_line(tmp_path):
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
         assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], \
             res.output
+
+
+def test_benchmark_and_task_names_resolve_from_mteb_registry():
+    from ragen.bench.mteb import resolve_tasks
+
+    tasks = resolve_tasks(None, "MTEB(eng, v2)")
+    names = {t.metadata.name for t in tasks}
+    assert len(tasks) == 41 and {"ArguAna", "STS12", "Banking77Classification"} <= names
+    assert names <= set(MTEB_INSTRUCTIONS)  # generative.json covers every task of MTEB(eng, v2)
+    assert [t.metadata.name for t in resolve_tasks(["SciFact", "STS12"], None)] == ["SciFact", "STS12"]
+    with pytest.raises(RagenError, match="unknown MTEB benchmark"):
+        resolve_tasks(None, "MTEB(klingon)")

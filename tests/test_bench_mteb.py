@@ -133,3 +133,11 @@ def test_benchmark_and_task_names_resolve_from_mteb_registry():
     assert [t.metadata.name for t in resolve_tasks(["SciFact", "STS12"], None)] == ["SciFact", "STS12"]
     with pytest.raises(RagenError, match="unknown MTEB benchmark"):
         resolve_tasks(None, "MTEB(klingon)")
+
+
+def test_tasks_are_evaluated_on_test_splits_like_the_reference():
+    from ragen.bench.mteb import resolve_tasks
+
+    tasks = {t.metadata.name: t for t in resolve_tasks(None, "MTEB(eng, v2)")}
+    with_test = [t for t in tasks.values() if "test" in t.metadata.eval_splits]
+    assert with_test and all(list(t.eval_splits) == ["test"] for t in with_test)

@@ -148,7 +148,7 @@ def resolve_tasks(names: Sequence[str] | None, benchmark: str | None) -> list[An
         raise RagenError("give either --task NAME (repeatable) or --benchmark NAME, e.g. --benchmark 'MTEB(eng, v2)'")
     if benchmark:
         try:
-            return list(mteb.get_benchmark(benchmark).tasks)
+            return reference_splits(mteb.get_benchmark(benchmark).tasks)
         except (KeyError, ValueError) as exc:
             raise RagenError(f"unknown MTEB benchmark {benchmark!r} ({str(exc).splitlines()[0][:120]})") from None
     tasks = []
@@ -157,7 +157,15 @@ def resolve_tasks(names: Sequence[str] | None, benchmark: str | None) -> list[An
             tasks.append(mteb.get_task(name))
         except (KeyError, ValueError) as exc:
             raise RagenError(f"unknown MTEB task {name!r} ({str(exc).splitlines()[0][:120]})") from None
-    return tasks
+    return reference_splits(tasks)
+
+
+def reference_splits(tasks: Sequence[Any]) -> list[Any]:
+    """Restrict each task to its ``test`` split where it has one, as the reference's ``eval_splits=["test"]``."""
+    for task in tasks:
+        if "test" in task.metadata.eval_splits:
+            task._eval_splits = ["test"]
+    return list(tasks)
 
 
 def _main_scores(result: Any) -> dict[str, dict[str, float]]:

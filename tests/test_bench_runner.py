@@ -138,8 +138,15 @@ def test_score_advbench_hand_case(tmp_path):
     m, per_query = score_advbench(script, ranking, ks=(1, 2))
     # chunks: q0 -> h:0..2, q1 -> h:3,4, q2 -> h:5, q3 -> h:6. Own: q0 at rank 2, q2 at rank 1, q1/q3 none
     assert m["top1_acc"] == 0.25 and m["top2_acc"] == 0.5
-    assert m["top1_any"] == 0.5 and m["top2_any"] == 0.5
-    assert per_query["0"] == {"own_rank": 2, "any_rank": 1, "harmful_in_top2": 2, "top": ["h:3", "h:1"]}
+    # no distractors: every document is harmful, so the any-harmful share is omitted (it would read 100%)
+    assert not [k for k in m if k.endswith("_any")] and "any_rank" not in per_query["0"]
+    assert per_query["0"] == {"own_rank": 2, "harmful_in_top2": 2, "top": ["h:3", "h:1"]}
+    mixed = advbench_tasks(data, load_distractors(write_beir(tmp_path / "beir")), ["script"])[0]
+    ranking = {"0": ["d:volcano-0", "h:1"], "1": ["h:0", "x"], "2": ["d:tide-1", "d:tide-2"], "3": []}
+    m, per_query = score_advbench(mixed, ranking, ks=(1, 2))
+    assert m["top1_acc"] == 0.0 and m["top2_acc"] == 0.25
+    assert m["top1_any"] == 0.25 and m["top2_any"] == 0.5
+    assert per_query["0"] == {"own_rank": 2, "any_rank": 2, "harmful_in_top2": 1, "top": ["d:volcano-0", "h:1"]}
 
 
 def test_baseline_gets_raw_text_without_instructions(tmp_path):

@@ -9,6 +9,7 @@ Every malformed input raises :class:`~ragen.errors.DataError` naming the file an
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import read_jsonl
 from ..encoders.base import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION
 from ..errors import DataError
+from .instructions import MTEB_DOCUMENT_INSTRUCTION, mteb_instruction
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,40 @@ BRIGHT_HUB = "xlangai/BRIGHT"
 CHUNK_WORDS = 100
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# How an instruction and a text are joined, as the reference's evaluation scripts do it. Each rule is applied
+# as (instruction', text') with instruction' + text' equal to the reference's string, so the encoder still
+# receives the instruction separately (and baselines, which take none, get text').
+JOIN_RULES: dict[str, str] = {
+    "space": "instruction.strip() + ' ' + text.strip()",  # scripts/advbenchir_eval.py, scripts/mteb_eval.py
+    "strip": "(instruction + text).strip()",  # scripts/bright_eval/retrievers.py, queries
+    "strip-text": "instruction + text.strip()",  # scripts/bright_eval/retrievers.py, documents
+    "none": "instruction + text",
+}
+
+
+def join_instruction(rule: str, instruction: str) -> str:
+    """The instruction as ``rule`` joins it (see :data:`JOIN_RULES`)."""
+    if rule == "space":
+        return instruction.strip() + " "
+    if rule == "strip":
+        return instruction.lstrip()
+    if rule in ("strip-text", "none"):
+        return instruction
+    raise DataError(f"unknown instruction join rule {rule!r}; expected one of {', '.join(JOIN_RULES)}")
+
+
+def join_text(rule: str, text: str, instruction: str = "x") -> str:
+    """The text as ``rule`` joins it: ``join_instruction(rule, i) + join_text(rule, t, i)`` equals the
+    reference's string for every non-blank text (a blank BRIGHT query would also lose the instruction's
+    trailing space there)."""
+    if rule in ("space", "strip-text"):
+        return text.strip()
+    if rule == "strip":
+        return text.rstrip() if instruction.strip() else text.strip()
+    if rule == "none":
+        return text
+    raise DataError(f"unknown instruction join rule {rule!r}; expected one of {', '.join(JOIN_RULES)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,6 +155,60 @@ def content_sha256(rows: Iterable[Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _loads(text: str | bytes, where: str) -> Any:
+    """``json.loads`` where every failure (bad syntax, an integer over Python's digit limit, nesting too deep
+    for the parser) is a one-line :class:`DataError` naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DataError(f"{where}: not usable JSON ({str(exc).splitlines()[0][:120]})") from None
+    except RecursionError:
+        raise DataError(f"{where}: not usable JSON (nested too deeply)") from None
+
+
+def _decode(line: bytes, where: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})") from None
+
+
+def _lines(path: Path) -> Iterable[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 text file; bad bytes raise :class:`DataError` naming ``file:line``."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            yield n, _decode(raw, f"{path}:{n}")
+
+
+def read_jsonl(path: str | Path) -> Iterable[dict[str, Any]]:
+    """The objects of a JSONL benchmark file; any malformed line is a :class:`DataError` naming ``file:line``."""
+    for n, line in _lines(Path(path)):
+        if not line.strip():
+            continue
+        row = _loads(line, f"{path}:{n}")
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+        yield row
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    for n, line in enumerate(raw.split(b"\n"), 1):  # name the line with bad bytes
+        _decode(line, f"{path}:{n}")
+    return _loads(raw, str(path))
+
+
 def _field(row: Mapping[str, Any], names: Sequence[str], where: str, *, required: bool = True) -> Any:
     for name in names:
         if name in row and row[name] is not None:
@@ -132,6 +221,8 @@ def _field(row: Mapping[str, Any], names: Sequence[str], where: str, *, required
 def _as_text(value: Any, where: str) -> str:
     if isinstance(value, str):
         return value
+    if hasattr(value, "tolist") and not isinstance(value, (int, float)):  # a numpy array from parquet
+        value = value.tolist()
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return " ".join(value)
     raise DataError(f"{where}: expected text, got {type(value).__name__}")
@@ -181,6 +272,49 @@ def _local_dir(source: str | Path, what: str) -> Path:
     return path
 
 
+_SPLIT_NAME = re.compile(r"^(train|test|validation|valid|dev)(?:[-_.]|$)")
+
+
+def snapshot_files(root: Path, split: str = "train") -> list[Path]:
+    """The data files of a local dataset-repository snapshot (``hf download --repo-type dataset NAME
+    --local-dir DIR``): ``*.parquet``/``*.jsonl`` under ``DIR/data/`` (else anywhere under ``DIR``, never
+    in ``.cache``), those of ``split`` when files are named by split (``train-00000-of-00001.parquet``)."""
+    base = root / "data" if (root / "data").is_dir() else root
+    files = _data_files(root, base)
+    by_split = [p for p in files if _SPLIT_NAME.match(p.name) or _SPLIT_NAME.match(p.parent.name)]
+    if not by_split:
+        return files
+    mine = [p for p in by_split if (_SPLIT_NAME.match(p.name) or _SPLIT_NAME.match(p.parent.name)).group(1) == split
+            or p.stem == split]
+    if not mine:
+        names = sorted({(_SPLIT_NAME.match(p.name) or _SPLIT_NAME.match(p.parent.name)).group(1) for p in by_split})
+        raise DataError(f"{base}: no {split!r} split (files are named for {', '.join(names)})")
+    return mine
+
+
+def _data_files(root: Path, base: Path, suffixes: tuple[str, ...] = (".parquet", ".jsonl"), depth: int = 3
+                ) -> list[Path]:
+    """Data files at most ``depth`` levels below ``base`` (dataset repositories are shallow; a large or
+    looping folder given by mistake is never walked), hidden paths (``.cache/``) left out."""
+    found = []
+    for level in range(1, depth + 1):
+        for p in base.glob("/".join(["*"] * level)):
+            if p.suffix in suffixes and not any(part.startswith(".") for part in p.relative_to(root).parts) \
+                    and p.is_file():
+                found.append(p)
+    return sorted(found)
+
+
+def is_snapshot(path: Path) -> bool:
+    """A folder holding a dataset repository's data files (parquet/jsonl under ``data/``, or parquet)."""
+    if not path.is_dir():
+        return False
+    data = path / "data"
+    if data.is_dir() and _data_files(path, data):
+        return True
+    return bool(_data_files(path, path, (".parquet",), 2))
+
+
 def word_chunks(text: str, words: int = CHUNK_WORDS) -> list[str]:
     """Whitespace-split ``text`` into consecutive pieces of ``words`` words (the last may be shorter)."""
     tokens = text.split()
@@ -212,21 +346,24 @@ def read_beir_corpus(path: Path) -> tuple[list[str], list[str], list[str]]:
     return ids, titles, texts
 
 
+_SCORE = re.compile(r"^-?[0-9]{1,9}$")  # ASCII digits only: "²".isdigit() is True, int("²") fails
+
+
 def read_beir_qrels(path: Path) -> dict[str, dict[str, int]]:
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected qrels/<split>.tsv)")
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        for n, parts in enumerate(csv.reader(f, delimiter="\t"), 1):
-            if not parts or not "".join(parts).strip():
-                continue
-            if n == 1 and not parts[-1].strip().lstrip("-").isdigit():
-                continue  # header: query-id corpus-id score
-            if len(parts) == 4:  # TREC layout: qid 0 docid rel
-                parts = [parts[0], parts[2], parts[3]]
-            if len(parts) != 3 or not parts[2].strip().lstrip("-").isdigit():
-                raise DataError(f"{path}:{n}: expected 'query-id<TAB>corpus-id<TAB>integer score'")
-            qrels.setdefault(parts[0].strip(), {})[parts[1].strip()] = int(parts[2])
+    for n, line in _lines(path):
+        parts = next(csv.reader([line.rstrip("\r\n")], delimiter="\t"), [])
+        if not parts or not "".join(parts).strip():
+            continue
+        if n == 1 and not _SCORE.match(parts[-1].strip()):
+            continue  # header: query-id corpus-id score
+        if len(parts) == 4:  # TREC layout: qid 0 docid rel
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3 or not _SCORE.match(parts[2].strip()):
+            raise DataError(f"{path}:{n}: expected 'query-id<TAB>corpus-id<TAB>integer score'")
+        qrels.setdefault(parts[0].strip(), {})[parts[1].strip()] = int(parts[2])
     if not qrels:
         raise DataError(f"{path}: no judgements")
     return qrels
@@ -253,15 +390,19 @@ def load_beir(source: str | Path, *, split: str = "test", name: str | None = Non
         raise DataError(f"{root / 'qrels' / (split + '.tsv')}: query id {missing[0]!r} is not in queries.jsonl "
                         f"({len(missing)} missing)")
     qids = tuple(q for q in queries if q in qrels)  # queries.jsonl order
+    # MTEB's corpus_to_texts and the reference's mteb_eval.py join: (title + " " + text).strip(), then
+    # instruction.strip() + " " + text.strip().
     corpus = Corpus(name=name or root.name, ids=tuple(ids),
-                    texts=tuple(f"{t} {x}".strip() if t else x for t, x in zip(titles, texts)))
+                    texts=tuple(join_text("space", f"{t} {x}" if t else x) for t, x in zip(titles, texts)))
     id_set = set(ids)
     return RetrievalTask(name=name or root.name, corpus=corpus, query_ids=qids,
-                         queries=tuple(queries[q] for q in qids), qrels=qrels, query_instruction=query_instruction,
-                         document_instruction=document_instruction,
+                         queries=tuple(join_text("space", queries[q]) for q in qids), qrels=qrels,
+                         query_instruction=join_instruction("space", query_instruction),
+                         document_instruction=join_instruction("space", document_instruction),
                          excluded={q: (q,) for q in qids if q in id_set},
                          settings={"layout": "beir", "split": split, "document_format": "title text",
-                                   "ignore_identical_ids": True})
+                                   "ignore_identical_ids": True,
+                                   "instruction_join": {"query": JOIN_RULES["space"], "document": JOIN_RULES["space"]}})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,6 +439,11 @@ def load_advbench_ir(source: str | Path) -> AdvBenchIR:
         return _advbench_from_passages(rows, str(source))
     root = _local_dir(source, "the AdvBench-IR files " + ", ".join(ADVBENCH_FILES))
     qpath, cpath, mpath = (root / f for f in ADVBENCH_FILES)
+    if not qpath.is_file() and is_snapshot(root):  # hf download --repo-type dataset McGill-NLP/AdvBench-IR
+        return _advbench_from_passages(_snapshot_rows(root), str(root))
+    if not qpath.is_file():
+        raise DataError(f"{root}: neither the malicious-ir release files ({', '.join(ADVBENCH_FILES)}) nor a "
+                        "snapshot of the hub dataset McGill-NLP/AdvBench-IR (data/*.parquet)")
     rows = list(read_jsonl(qpath))
     if not cpath.is_file() or not mpath.is_file():
         logger.info("%s: no chunk file or map; chunking passages into %d-word pieces", root, CHUNK_WORDS)
@@ -306,10 +452,7 @@ def load_advbench_ir(source: str | Path) -> AdvBenchIR:
     for n, row in enumerate(rows, 1):
         qids.append(str(_field(row, ("id_", "id"), f"{qpath}:{n}")))
         queries.append(_as_text(_field(row, ("instruction", "query"), f"{qpath}:{n}"), f"{qpath}:{n}"))
-    try:
-        mapping = json.loads(mpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{mpath}: not valid JSON ({exc.msg})") from None
+    mapping = _read_json(mpath)
     if not isinstance(mapping, dict):
         raise DataError(f"{mpath}: expected an object mapping query id_ -> list of chunk id_")
     chunks: dict[str, tuple[str, str]] = {}
@@ -339,11 +482,12 @@ def _advbench_from_passages(rows: Sequence[Mapping[str, Any]], source: str) -> A
     c_ids, c_titles, c_texts, c_owner, c_first = [], [], [], [], []
     for n, row in enumerate(rows, 1):
         where = f"{source} row {n}"
-        qid = str(_field(row, ("id_", "id"), where))
+        # release layout: id_, instruction, title, response; hub (McGill-NLP/AdvBench-IR): ID, query, title, document
+        qid = str(_field(row, ("id_", "ID", "id"), where))
         qids.append(qid)
         queries.append(_as_text(_field(row, ("instruction", "query"), where), where))
         title = _as_text(row.get("title") or "", where)
-        pieces = word_chunks(_as_text(_field(row, ("response", "passage", "text"), where), where))
+        pieces = word_chunks(_as_text(_field(row, ("response", "document", "passage", "text"), where), where))
         if not pieces:
             raise DataError(f"{where}: empty harmful passage")
         for pos, piece in enumerate(pieces):
@@ -354,37 +498,51 @@ def _advbench_from_passages(rows: Sequence[Mapping[str, Any]], source: str) -> A
             c_first.append(pos == 0)
     if not qids:
         raise DataError(f"{source}: no AdvBench-IR rows")
+    if len(set(qids)) != len(qids):
+        raise DataError(f"{source}: duplicate query ids")
     return AdvBenchIR(tuple(qids), tuple(queries), tuple(c_ids), tuple(c_titles), tuple(c_texts), tuple(c_owner),
                       tuple(c_first), source)
+
+
+def _distractor_rows(rows: Sequence[Mapping[str, Any]], source: str) -> tuple[list[str], list[str], list[str]]:
+    """Rows of McGill-NLP/AdvBench-IR-Small-Wiki-100 (``ID``, ``title``, ``passage``) or BEIR-like rows."""
+    ids, titles, bodies = [], [], []
+    for n, row in enumerate(rows, 1):
+        where = f"{source} row {n}"
+        ids.append(str(_field(row, ("ID", "_id", "id", "doc_id"), where)))
+        titles.append(_as_text(row.get("title") or "", where))
+        bodies.append(_as_text(_field(row, ("passage", "text", "contents", "content"), where), where))
+    if not ids:
+        raise DataError(f"{source}: no distractor documents")
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{source}: duplicate document ids")
+    return ids, titles, bodies
 
 
 def load_distractors(source: str | Path) -> Corpus:
     """Benign documents mixed into the AdvBench-IR corpus, as ``"title # text"`` like the harmful chunks.
 
-    ``source``: a BEIR-layout directory or a ``*.jsonl`` file (``_id``/``id``, optional ``title``,
-    ``text``), a folder of ``.txt``/``.md`` files (each cut into 100-word chunks, titled by file name), or
-    a hub id (``McGill-NLP/AdvBench-IR-Small-Wiki-100``).
+    ``source``: a hub id (``McGill-NLP/AdvBench-IR-Small-Wiki-100``: ``ID``, ``title``, ``passage``) or a
+    local snapshot of it (``hf download --repo-type dataset ... --local-dir DIR``: ``DIR/data/*.parquet``),
+    a BEIR-layout directory or a ``*.jsonl`` file (``_id``/``id``, optional ``title``, ``text``), or a
+    folder of ``.txt``/``.md`` files (each cut into 100-word chunks, titled by file name).
     """
     src = str(source)
-    if is_hub_id(src):
-        rows = _hub_rows(src, None, "train")
-        ids, texts = [], []
-        for n, row in enumerate(rows, 1):
-            where = f"{src} row {n}"
-            ids.append(str(_field(row, ("_id", "id", "doc_id"), where)))
-            texts.append(titled(_as_text(row.get("title") or "", where),
-                                _as_text(_field(row, ("text", "contents", "content"), where), where)))
-        return Corpus(name=src, ids=tuple(ids), texts=tuple(texts))
     path = Path(src).expanduser()
+    if is_hub_id(src):
+        ids, titles, bodies = _distractor_rows(_hub_rows(src, None, "train"), src)
+        return Corpus(name=src, ids=tuple(ids), texts=tuple(titled(t, b) for t, b in zip(titles, bodies)))
     if path.is_file() and path.suffix == ".jsonl":
         ids, titles, bodies = read_beir_corpus(path)
     elif path.is_dir() and (path / "corpus.jsonl").is_file():
         ids, titles, bodies = read_beir_corpus(path / "corpus.jsonl")
+    elif is_snapshot(path):
+        ids, titles, bodies = _distractor_rows(_snapshot_rows(path), str(path))
     elif path.is_dir():
         ids, titles, bodies = [], [], []
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md"))
         if not files:
-            raise DataError(f"{path}: no corpus.jsonl and no .txt/.md files to use as distractors")
+            raise DataError(f"{path}: no corpus.jsonl, no data/*.parquet and no .txt/.md files to use as distractors")
         for file in files:
             rel = file.relative_to(path).as_posix()
             for pos, piece in enumerate(word_chunks(file.read_text(encoding="utf-8", errors="replace"))):
@@ -392,8 +550,8 @@ def load_distractors(source: str | Path) -> Corpus:
                 titles.append(file.stem)
                 bodies.append(piece)
     else:
-        raise DataError(f"{path}: no such distractor corpus (expected a BEIR directory, a .jsonl file, a folder "
-                        "of .txt/.md files, or a hub id)")
+        raise DataError(f"{path}: no such distractor corpus (expected a BEIR directory, a .jsonl file, a dataset "
+                        "snapshot with data/*.parquet, a folder of .txt/.md files, or a hub id)")
     return Corpus(name=path.name, ids=tuple(ids), texts=tuple(titled(t, b) for t, b in zip(titles, bodies)))
 
 
@@ -424,9 +582,13 @@ def advbench_tasks(data: AdvBenchIR, distractors: Corpus | None, protocols: Sequ
     h_ids = [f"h:{c}" for c in data.chunk_ids]
     if len(set(h_ids)) != len(h_ids):
         raise DataError(f"{data.source}: duplicate chunk ids")
+    # scripts/advbenchir_eval.py joins instruction.strip() + " " + text.strip() for queries and documents
+    # ("title # chunk" keeps a title's inner spaces but loses its leading ones).
     pool = Corpus(name="advbench-ir" + (f"+{distractors.name}" if distractors is not None else ""),
                   ids=d_ids + tuple(h_ids[i] for i in pooled),
-                  texts=d_texts + tuple(titled(data.chunk_titles[i], data.chunk_texts[i]) for i in pooled))
+                  texts=tuple(join_text("space", t) for t in d_texts)
+                  + tuple(join_text("space", titled(data.chunk_titles[i], data.chunk_texts[i])) for i in pooled))
+    queries = tuple(join_text("space", q) for q in data.queries)
     n_d = len(d_ids)
     row_of = {i: n_d + j for j, i in enumerate(pooled)}
     tasks = []
@@ -439,13 +601,62 @@ def advbench_tasks(data: AdvBenchIR, distractors: Corpus | None, protocols: Sequ
             "harmful_chunks_total": len(h_ids), "distractors": distractors.name if distractors is not None else None,
             "distractor_docs": n_d, "document_format": "title # chunk", "chunk_words": CHUNK_WORDS,
             "queries": len(data.query_ids),
+            "instruction_join": {"query": JOIN_RULES["space"], "document": JOIN_RULES["space"]},
         }
         tasks.append(RetrievalTask(
-            name=protocol, corpus=pool, query_ids=data.query_ids, queries=data.queries, qrels=qrels,
-            query_instruction=query_instruction, document_instruction=document_instruction,
+            name=protocol, corpus=pool, query_ids=data.query_ids, queries=queries, qrels=qrels,
+            query_instruction=join_instruction("space", query_instruction),
+            document_instruction=join_instruction("space", document_instruction),
             active=tuple(range(n_d)) + tuple(row_of[i] for i in keep[protocol]),
             harmful=frozenset(h_ids[i] for i in keep[protocol]), settings=settings))
     return tasks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# utility: benign retrieval by the same encoders, so that "retrieves less harmful content" cannot mean "broken"
+# ----------------------------------------------------------------------------------------------------------
+def _is_beir_dir(path: Path, split: str) -> bool:
+    return (path.is_dir() and (path / "corpus.jsonl").is_file() and (path / "queries.jsonl").is_file()
+            and (path / "qrels" / f"{split}.tsv").is_file())
+
+
+def beir_utility_task(source: str | Path, *, split: str = "test") -> RetrievalTask:
+    """A BEIR-layout set (e.g. SciFact) as AdvBench-IR's utility measure: its own corpus and judgements,
+    cosine similarity, the reference's MTEB query instruction for that set when it has one."""
+    root = _local_dir(source, "a BEIR-layout utility set: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    task = load_beir(root, split=split, query_instruction=mteb_instruction(root.name) or DEFAULT_QUERY_INSTRUCTION,
+                     document_instruction=MTEB_DOCUMENT_INSTRUCTION)
+    return dataclasses.replace(task, name="utility", settings={
+        **task.settings, "role": "utility", "similarity": "cos", "source": root.name,
+        "description": f"benign retrieval on {root.name} ({split} judgements, its own corpus, cosine)"})
+
+
+def distractor_utility_task(pool_task: RetrievalTask, source: str | Path, *, split: str = "test"
+                            ) -> RetrievalTask | None:
+    """Benign retrieval on the AdvBench-IR pool's own distractors, when they came from a BEIR-layout set
+    with queries and judgements: the same document vectors, only the distractor rows searched, the run's
+    similarity. ``None`` when the distractors have no judgements (a text folder, the Wiki-100 corpus)."""
+    root = Path(source).expanduser()
+    n_d = int(pool_task.settings.get("distractor_docs") or 0)
+    if not n_d or not _is_beir_dir(root, split):
+        return None
+    beir = load_beir(root, split=split, query_instruction=mteb_instruction(root.name) or DEFAULT_QUERY_INSTRUCTION)
+    pool = pool_task.corpus
+    in_pool = set(pool.ids[:n_d])
+    qrels = {q: {f"d:{d}": r for d, r in rel.items() if f"d:{d}" in in_pool} for q, rel in beir.qrels.items()}
+    keep = [i for i, q in enumerate(beir.query_ids) if any(r > 0 for r in qrels.get(q, {}).values())]
+    if not keep:
+        return None
+    qids = tuple(beir.query_ids[i] for i in keep)
+    return RetrievalTask(
+        name="utility", corpus=pool, query_ids=qids, queries=tuple(beir.queries[i] for i in keep),
+        qrels={q: qrels[q] for q in qids}, query_instruction=beir.query_instruction,
+        document_instruction=pool_task.document_instruction,
+        excluded={q: (f"d:{q}",) for q in qids if f"d:{q}" in in_pool}, active=tuple(range(n_d)),
+        settings={"role": "utility", "layout": "beir", "split": split, "source": root.name,
+                  "document_format": "title # text", "instruction_join": beir.settings["instruction_join"],
+                  "description": f"benign retrieval on the distractors themselves ({root.name} {split} "
+                                 "judgements over the pool's distractor rows, same vectors, same similarity)"})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -503,19 +714,30 @@ def resolve_bright_tasks(names: Sequence[str] | None) -> list[str]:
 
 
 def _read_table_files(files: Sequence[Path]) -> list[dict[str, Any]]:
+    """Rows of parquet/jsonl data files as plain dicts (lists stay Python lists)."""
     rows: list[dict[str, Any]] = []
     for file in files:
         if file.suffix == ".jsonl":
             rows.extend(read_jsonl(file))
-        else:
-            import pandas as pd
-
-            try:
-                frame = pd.read_parquet(file)
-            except (ValueError, OSError, ImportError) as exc:
-                raise DataError(f"{file}: cannot read parquet ({str(exc).splitlines()[0][:160]})") from None
-            rows.extend(frame.to_dict(orient="records"))
+            continue
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"{file}: reading parquet needs pyarrow: pip install \"ragen-toolkit[bench]\" "
+                              "(or, from a checkout, pip install -e \".[bench]\")") from None
+        try:
+            rows.extend(pq.read_table(file).to_pylist())
+        except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid/ArrowIOError derive from these
+            raise DataError(f"{file}: cannot read parquet ({str(exc).splitlines()[0][:160]})") from None
     return rows
+
+
+def _snapshot_rows(root: Path, split: str = "train") -> list[dict[str, Any]]:
+    files = snapshot_files(root, split)
+    if not files:
+        raise DataError(f"{root}: no parquet or jsonl data files (expected a dataset snapshot: data/*.parquet)")
+    logger.info("%s: reading %d data file(s) of a dataset snapshot", root, len(files))
+    return _read_table_files(files)
 
 
 def _bright_local(root: Path, config: str, task: str) -> list[dict[str, Any]]:
@@ -566,17 +788,24 @@ def load_bright(source: str | Path, tasks: Sequence[str] | None = None, *, long_
             excluded[qid] = tuple(e for e in _as_id_list(row.get("excluded_ids"), where) if e != "N/A")
         if not qids:
             raise DataError(f"{where_e}: no examples")
+        # scripts/bright_eval/retrievers.py (retrieval_hf_llm2vecgen): queries (instruction + query).strip(),
+        # documents "Summarize the following passage: " + doc.strip()
+        instruction = bright_instruction(task, long_documents)
         corpus = Corpus(name=f"bright-{task}" + ("-long" if long_documents else ""), ids=tuple(d_ids),
-                        texts=tuple(d_texts))
+                        texts=tuple(join_text("strip-text", d) for d in d_texts))
         out.append(RetrievalTask(
-            name=task, corpus=corpus, query_ids=tuple(qids), queries=tuple(queries), qrels=qrels,
-            query_instruction=bright_instruction(task, long_documents),
-            document_instruction=DEFAULT_DOCUMENT_INSTRUCTION,
-            excluded=excluded, settings={"layout": "bright", "documents": doc_config, "gold": gold_key}))
+            name=task, corpus=corpus, query_ids=tuple(qids),
+            queries=tuple(join_text("strip", q, instruction) for q in queries), qrels=qrels,
+            query_instruction=join_instruction("strip", instruction),
+            document_instruction=join_instruction("strip-text", DEFAULT_DOCUMENT_INSTRUCTION),
+            excluded=excluded, settings={"layout": "bright", "documents": doc_config, "gold": gold_key,
+                                         "instruction_join": {"query": JOIN_RULES["strip"],
+                                                              "document": JOIN_RULES["strip-text"]}}))
     return out
 
 
 __all__ = ["Corpus", "RetrievalTask", "AdvBenchIR", "load_beir", "load_advbench_ir", "load_distractors",
            "advbench_tasks", "load_bright", "resolve_bright_tasks", "BRIGHT_TASKS", "BRIGHT_INSTRUCTIONS",
            "BRIGHT_INSTRUCTIONS_LONG", "BRIGHT_MAX_LENGTH", "bright_instruction",
-           "ADVBENCH_PROTOCOLS", "ADVBENCH_QUERY_INSTRUCTION", "word_chunks", "titled", "content_sha256"]
+           "ADVBENCH_PROTOCOLS", "ADVBENCH_QUERY_INSTRUCTION", "word_chunks", "titled", "content_sha256",
+           "JOIN_RULES", "join_instruction", "join_text", "beir_utility_task", "distractor_utility_task"]

@@ -132,9 +132,33 @@ def relative_reduction(model_value: float, baseline_value: float) -> float | Non
     return (baseline_value - model_value) / baseline_value
 
 
+def random_ndcg_at_k(qrels: Qrels, searchable: Collection[str], k: int = 10,
+                     excluded: Mapping[str, Collection[str]] | None = None) -> float:
+    """Expected nDCG@k of a uniformly random ranking (the floor a broken encoder sits on), averaged like
+    :func:`evaluate_run` over queries with a relevant document.
+
+    ``searchable``: the document ids every query is ranked against; ``excluded[q]``: ids never ranked for q.
+    Each rank holds each of the N eligible documents with probability 1/N, so
+    E[DCG@k] = (sum of the eligible relevant gains / N) * sum_{i < min(k, N)} 1/log2(i+2)."""
+    excluded = excluded or {}
+    docs = searchable if isinstance(searchable, (set, frozenset)) else set(searchable)
+    values = []
+    for qid, relevance in qrels.items():
+        gains = sorted((r for r in relevance.values() if r > 0), reverse=True)
+        if not gains:
+            continue
+        skip = {d for d in excluded.get(qid, ()) if d in docs}
+        n = len(docs) - len(skip)
+        ideal = sum(g / math.log2(i + 2) for i, g in enumerate(gains[:k]))
+        inside = sum(r for d, r in relevance.items() if r > 0 and d in docs and d not in skip)
+        discount = sum(1 / math.log2(i + 2) for i in range(min(k, n)))
+        values.append(inside / n * discount / ideal if n > 0 else 0.0)
+    return sum(values) / len(values) if values else 0.0
+
+
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
 __all__ = ["Qrels", "Run", "ndcg_at_k", "recall_at_k", "precision_at_k", "average_precision", "reciprocal_rank",
-           "hit_at_k", "first_hit_rank", "parse_metric", "evaluate_run", "topk_share", "relative_reduction", "mean"]
+           "hit_at_k", "first_hit_rank", "parse_metric", "evaluate_run", "topk_share", "relative_reduction", "mean", "random_ndcg_at_k"]

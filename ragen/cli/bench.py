@@ -112,6 +112,8 @@ def _run(bench: str, tasks: list, *, models: list[str] | None, baselines: list[s
                           protocol=protocol, notes=notes)
     paths = write_report(report, out_dir, chart=chart)
     _summary(report)
+    for warning in report.get("warnings", []):
+        err.print(f"warning: {warning}", markup=False, highlight=False)
     err.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
@@ -135,7 +137,9 @@ def _summary(report: dict[str, Any]) -> None:
         return
     for task in tasks:
         names = task_metric_names(report, task)
-        table = Table(title=f"{report['bench']} / {task} (%)" + ("  lower is safer" if report["lower_is_better"] else ""))
+        utility = report.get("utility") is not None and task == report["utility"]["task"]
+        table = Table(title=f"{report['bench']} / {task} (%)" + ("  benign retrieval, higher is better" if utility
+                      else "  lower is safer" if report["lower_is_better"] else ""))
         table.add_column("encoder")
         table.add_column("role")
         for n in names:
@@ -157,11 +161,17 @@ def _summary(report: dict[str, Any]) -> None:
 
 @bench_app.command("advbench-ir")
 def advbench_ir(
-    data: Annotated[str, typer.Option(help="Directory in the malicious-ir release layout, or the hub id "
-                                      "McGill-NLP/AdvBench-IR (needs the 'datasets' package and access).")],
+    data: Annotated[str, typer.Option(help="The hub id McGill-NLP/AdvBench-IR (needs the 'datasets' package and "
+                                      "access), a local snapshot of it (data/*.parquet), or a directory in the "
+                                      "malicious-ir release layout.")],
     distractors: Annotated[Optional[str], typer.Option(
-        help="Benign documents mixed into the corpus: a BEIR directory or .jsonl, a folder of .txt/.md files, "
-        "or a hub id (McGill-NLP/AdvBench-IR-Small-Wiki-100). Default: none.")] = None,
+        help="Benign documents mixed into the corpus: the hub id McGill-NLP/AdvBench-IR-Small-Wiki-100 or a "
+        "local snapshot of it (data/*.parquet), a BEIR directory or .jsonl, or a folder of .txt/.md files. "
+        "Default: none.")] = None,
+    utility: Annotated[Optional[str], typer.Option(
+        help="BEIR-layout set (e.g. SciFact) on which every encoder's benign retrieval is measured too, so a "
+        "low harmful score from a broken encoder is flagged. Default: the distractors' own judgements when "
+        "they are a BEIR set.")] = None,
     protocol: Annotated[str, typer.Option(help="script (LLM2Vec-Gen's: 100-word chunks + first chunks), "
                                           "full-chunk (every chunk), or both.")] = "both",
     similarity: Annotated[str, typer.Option(help="dot (the script's) or cos.")] = "dot",
@@ -172,7 +182,8 @@ def advbench_ir(
     """Harmful retrieval: how often each encoder puts a query's own harmful passage in its top k (lower is safer)."""
 
     def body() -> None:
-        from ..bench.data import advbench_tasks, load_advbench_ir, load_distractors
+        from ..bench.data import (advbench_tasks, beir_utility_task, distractor_utility_task, load_advbench_ir,
+                                  load_distractors)
         from ..errors import RagenError
 
         _check_options(depth, similarity)
@@ -181,13 +192,17 @@ def advbench_ir(
         adv = load_advbench_ir(data)
         dist = load_distractors(distractors) if distractors else None
         protocols = ("script", "full-chunk") if protocol == "both" else (protocol,)
-        tasks = [t.limited(limit_queries) for t in advbench_tasks(adv, dist, protocols)]
+        tasks = advbench_tasks(adv, dist, protocols)
+        useful = (beir_utility_task(utility) if utility else
+                  distractor_utility_task(tasks[0], distractors) if distractors else None)
+        tasks = [t.limited(limit_queries) for t in tasks + ([useful] if useful is not None else [])]
         notes = [f"Benign distractors: {dist.name} ({len(dist):,} documents, formatted 'title # text'), standing "
                  "in for the hub corpus McGill-NLP/AdvBench-IR-Small-Wiki-100." if dist is not None else
                  "No benign distractors: the corpus holds only harmful chunks."]
         _run("advbench-ir", tasks, models=model, baselines=baseline, out_dir=out_dir, cache_dir=cache_dir,
              similarity=similarity, depth=depth, batch_size=batch_size, device=device, dtype=dtype,
-             base_model=base_model, source=data + (f" + distractors {distractors}" if distractors else ""),
+             base_model=base_model, source=data + (f" + distractors {distractors}" if distractors else "")
+             + (f" + utility {utility}" if utility else ""),
              protocol="advbench-ir/" + "+".join(protocols), notes=notes, chart=chart, max_length=max_length)
 
     run_command(body)
@@ -337,5 +352,74 @@ def guard(
             saved = guard_config_from(results[0], base).save(write_guard)
             err.print(f"wrote guard config {saved}", highlight=False)
         err.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+    run_command(body)
+
+
+@bench_app.command("mteb")
+def mteb_cmd(
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="MTEB task name(s), repeatable (e.g. "
+                                                      "SciFact, STS12).")] = None,
+    benchmark: Annotated[Optional[str], typer.Option(help="A whole MTEB benchmark, e.g. 'MTEB(eng, v2)'.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Local BEIR-layout folder for the one retrieval --task "
+                                                 "(offline; otherwise mteb downloads the task's data).")] = None,
+    split: Annotated[str, typer.Option(help="Split of --data to evaluate.")] = "test",
+    instructions: Annotated[Optional[Path], typer.Option(help="JSON object task name -> query instruction "
+                                                         "(default: the LLM2Vec-Gen generative.json).")] = None,
+    model: ModelOpt = None, baseline: BaselineOpt = None, out_dir: OutOpt = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, base_model: BaseModelOpt = None, batch_size: BatchOpt = 32,
+    max_length: MaxLenOpt = None,
+) -> None:
+    """MTEB 2.x through ragen encoders, with the LLM2Vec-Gen per-task instructions; mteb's result files and
+    ragen's report.json/report.md go to --out."""
+
+    def body() -> None:
+        import json
+
+        from .._io import atomic_write_text
+        from ..bench.mteb import local_retrieval_task, render_mteb_markdown, require_mteb, resolve_tasks, run_mteb
+        from ..bench.report import REPORT_FORMAT, versions
+        from ..encoders import load_encoder
+        from ..errors import RagenError
+
+        require_mteb()
+        if any(b == "bm25" or b.startswith("bm25:") for b in baseline or []):
+            raise RagenError("bm25 is not an embedding model; MTEB needs dense encoders (minilm, st:NAME, ...)")
+        table = None
+        if instructions is not None:
+            try:
+                table = json.loads(instructions.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as exc:
+                raise RagenError(f"{instructions}: cannot read a JSON object of instructions ({exc})") from None
+            if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+                raise RagenError(f"{instructions}: expected a JSON object mapping task names to instruction strings")
+        if data is not None:
+            if not task or len(task) != 1 or benchmark:
+                raise RagenError("--data goes with exactly one --task (the retrieval task the folder holds)")
+            tasks = [local_retrieval_task(task[0], data, split=split)]
+        else:
+            tasks = resolve_tasks(task, benchmark)
+        target = out_dir or Path("benchmarks") / "results" / f"mteb-{time.strftime('%Y%m%d-%H%M%S')}"
+        specs = [(s, "model") for s in model or []] + [(s, "baseline") for s in baseline or []]
+        if not specs:
+            specs = [(default_model(), "model")]
+        entries = []
+        for spec, role in specs:  # one encoder in memory at a time
+            encoder = load_encoder(spec, device=device, dtype=dtype, base_model=base_model if role == "model" else None)
+            part = run_mteb([(spec, encoder)], tasks, target, batch_size=batch_size, max_length=max_length,
+                            instructions=table)
+            for entry in part["encoders"]:
+                entry["role"] = role
+            entries += part["encoders"]
+            del encoder
+        report = {**part, "format": REPORT_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "command": _command_line(), "versions": versions(), "encoders": entries,
+                  "data": {"source": str(data) if data is not None else "mteb (hub)", "split": split},
+                  "mteb_results": "results/"}
+        atomic_write_text(target / "report.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(target / "report.md", render_mteb_markdown(report))
+        out.print(render_mteb_markdown(report), markup=False, highlight=False)
+        err.print(f"wrote {target / 'report.json'}, {target / 'report.md'} and mteb's files under "
+                  f"{target / 'results'}", markup=False, highlight=False)
 
     run_command(body)

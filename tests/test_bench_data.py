@@ -143,7 +143,7 @@ def test_bright_task_names_and_missing_files(tmp_path):
 def test_hub_ids_need_datasets(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
-    with pytest.raises(ImportError, match=r"ragen\[bench-hub\]"):
+    with pytest.raises(ImportError, match=r"ragen-toolkit\[bench-hub\]"):
         load_advbench_ir("McGill-NLP/AdvBench-IR")
     with pytest.raises(ImportError, match="datasets"):
         load_bright("xlangai/BRIGHT", ["biology"])

@@ -3,18 +3,33 @@
 Layout of an index directory::
 
     chunks.sqlite           chunk text/path/offsets/hash, file sizes and mtimes, the vectors (float32
-                            BLOBs, by content hash), and the committed state (generation, manifest)
+                            BLOBs, by content hash), the committed state (generation, manifest) and the
+                            ``owned_files`` table: every file of the folder the store created, with the
+                            generation it belongs to and its size and digests
     vectors-<G>.faiss       the FAISS index of generation G (derived from the vectors in the database)
     vectors-<G>.ids.npy     chunk row id of each FAISS position (int64, no pickle)
     manifest.json           a human-readable copy of the committed manifest
-    write.lock              ``flock``-ed by the one process allowed to write
+    write.lock              ``flock``-ed (exclusive) by the one process allowed to write
+    readers.lock            ``flock``-ed shared by readers while they load a generation
 
 Crash safety. Embedded vectors are committed batch by batch, so a killed run loses at most the batch
-in flight and the next run embeds only what is missing (matched by content hash). A run ends by writing
-a new generation's FAISS and id files atomically (temp + fsync + rename) and then switching to them in
-one SQLite transaction that also replaces the changed chunk rows: that commit is the atomic switch.
-Readers load the generation the database names, so the previous index stays loadable at every moment.
-SQLite runs in WAL mode: readers see the last committed state while a writer works.
+in flight and the next run embeds only what is missing (matched by content hash). A commit then
+
+1. records the names of the files it is about to create in ``owned_files`` (its own committed
+   transaction), so that a killed run's leftovers are known to be the store's and nothing else is;
+2. writes the new generation's FAISS and id files (temp name + fsync + rename) and their digests;
+3. switches to them in one SQLite transaction that also replaces the changed chunk rows: that commit is
+   the atomic switch;
+4. deletes the files of retired generations, but only while holding ``readers.lock`` exclusively, so a
+   reader that already chose a generation always finds its files; when readers keep the lock busy the
+   deletion waits for a later commit.
+
+The store never deletes a file that ``owned_files`` does not name, and refuses to write into a folder that
+is neither empty nor a ragen index. Readers load the generation the database names and check each file
+against its recorded size and sampled digest (``Store.verify`` checks the full SHA-256), so the previous
+index stays loadable at every moment and a swapped file is reported rather than searched. SQLite runs in
+WAL mode: readers see the last committed state while a writer works; a reader that cannot write the folder
+opens the database read-only.
 
 The store never imports an encoder: it records the encoder's spec/fingerprint/dim as given and refuses
 vectors of another width. Vectors are L2-normalised on the way in and queries on the way to search, so
@@ -24,19 +39,22 @@ inner product is cosine similarity.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
-from ._io import atomic_path, atomic_save_npy, atomic_write_bytes, fsync_dir
+from ._io import fsync_dir
 from .errors import StoreError
 from .types import Chunk, Hit
 
@@ -46,6 +64,8 @@ FORMAT_VERSION = 1
 DB_NAME = "chunks.sqlite"
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "write.lock"
+READERS_LOCK_NAME = "readers.lock"
+SCHEMA_VERSION = 2  # 1: no owned_files table (files named by convention); 2: owned files and digests
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
 
@@ -69,8 +89,14 @@ class IndexConfig:
     ivf_nprobe: int = 32
 
     def __post_init__(self) -> None:
-        if self.kind not in INDEX_KINDS:
+        if not isinstance(self.kind, str) or self.kind not in INDEX_KINDS:
             raise StoreError(f"unknown index type {self.kind!r}; expected one of: {', '.join(INDEX_KINDS)}")
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe", "ivf_nlist"):
+            value = getattr(self, name)
+            if value is None and name == "ivf_nlist":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise StoreError(f"{name} must be an integer, got {value!r}")
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
             if getattr(self, name) < 1:
                 raise StoreError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -79,6 +105,8 @@ class IndexConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> IndexConfig:
+        if not isinstance(data, dict):
+            raise StoreError(f"index settings must be a JSON object, got {type(data).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -118,18 +146,8 @@ class CommitResult:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# small helpers: atomic files, GPU
+# small helpers: GPU, normalisation, index construction
 # ----------------------------------------------------------------------------------------------------------
-def _atomic_write_faiss(index, path: Path) -> None:
-    import faiss
-
-    try:
-        with atomic_path(path) as tmp:
-            faiss.write_index(index, str(tmp))
-    except RuntimeError as exc:  # faiss reports I/O failures (disk full) as RuntimeError
-        raise StoreError(f"{path}: cannot write the FAISS index ({str(exc).splitlines()[0][:160]})") from None
-
-
 _GPU_RESOURCES = None
 
 
@@ -249,14 +267,25 @@ CREATE TABLE IF NOT EXISTS chunks (
     text TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunks_path ON chunks(path);
+CREATE INDEX IF NOT EXISTS chunks_hash ON chunks(content_hash);
 CREATE TABLE IF NOT EXISTS vectors (
     epoch INTEGER NOT NULL, content_hash TEXT NOT NULL, vector BLOB NOT NULL,
     PRIMARY KEY (epoch, content_hash)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS owned_files (
+    name TEXT PRIMARY KEY, generation INTEGER NOT NULL, size INTEGER, sha256 TEXT, sample TEXT
+);
 """
+_TABLES = ("meta", "files", "chunks", "vectors")
+_TEMP_GENERATION = -1  # owned_files rows of temporary files: never part of a generation
+
+# sqlite3 primary result codes (``exc.sqlite_errorcode & 0xff``)
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR = 3, 5, 6, 8, 10
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 11, 13, 14, 26
 
 
 def _connect(db: Path) -> sqlite3.Connection:
+    """A read-write connection (the writer's)."""
     # isolation_level=None: transactions are explicit (BEGIN ... COMMIT), so each is exactly what we say.
     conn = sqlite3.connect(str(db), isolation_level=None, timeout=30.0, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -266,12 +295,337 @@ def _connect(db: Path) -> sqlite3.Connection:
     return conn
 
 
+def _connect_reader(db: Path) -> sqlite3.Connection:
+    """A read-only connection: readers never need to write the folder. Where the folder is not writable
+    and no writer is active (no ``-wal``/``-shm`` to share), SQLite cannot set up WAL reading, so the
+    database is opened as immutable: nobody can be changing a database in a folder nobody may write."""
+    uri = f"file:{quote(str(db.resolve()))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30.0, check_same_thread=False)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if _code(exc) not in (_SQLITE_CANTOPEN, _SQLITE_READONLY, _SQLITE_PERM) or os.access(db.parent, os.W_OK):
+            raise
+    conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+    conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    return conn
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
 def _corrupt(path: Path, what: str) -> StoreError:
     return StoreError(f"{path}: {what}; rebuild the index with `ragen index PATH --index {path.parent} --rebuild`")
 
 
+def _db_error(db: Path, exc: sqlite3.Error, *, writing: bool) -> StoreError:
+    """One line for a database failure; rebuild advice only where the file itself is damaged."""
+    code = _code(exc)
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    tail = "; the previous index is unchanged" if writing else ""
+    if code == _SQLITE_FULL or "disk is full" in text:
+        return StoreError(f"{db}: the disk is full ({text}); free some space and run again{tail}")
+    if code == _SQLITE_IOERR or "disk I/O error" in text:
+        return StoreError(f"{db}: I/O error ({text}); check the disk{tail}")
+    if code in (_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_CANTOPEN) or "readonly" in text:
+        return StoreError(f"{db}: cannot {'write' if writing else 'open'} the database ({text}); check the "
+                          f"permissions of {db.parent}{tail}")
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return StoreError(f"{db}: the database is busy ({text}); try again{tail}")
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or "no such table" in text or "malformed" in text \
+            or "not a database" in text:
+        return _corrupt(db, f"not a readable ragen index database ({text})")
+    return StoreError(f"{db}: {text}{tail}")
+
+
 def _meta(conn: sqlite3.Connection) -> dict[str, str]:
     return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files the store owns: names, digests, the readers' lock
+# ----------------------------------------------------------------------------------------------------------
+_SAMPLE_BLOCK = 4096
+_SAMPLES = 16
+
+
+def _sample_digest(path: Path) -> tuple[int, str]:
+    """``(size, digest)``: SHA-256 of the size and 16 evenly spaced 4 KiB blocks (first and last
+    included); enough to tell a file from another index's file of the same shape, read in microseconds."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h = hashlib.sha256(str(size).encode())
+        last = max(size - _SAMPLE_BLOCK, 0)
+        for off in sorted({(i * last) // (_SAMPLES - 1) for i in range(_SAMPLES)}):
+            h.update(os.pread(f.fileno(), _SAMPLE_BLOCK, off))
+    return size, h.hexdigest()
+
+
+def _full_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Digest:
+    name: str
+    size: int | None
+    sha256: str | None
+    sample: str | None
+
+
+def _generation_digests(conn: sqlite3.Connection, generation: int) -> dict[str, _Digest]:
+    if "owned_files" not in _tables(conn):
+        return {}  # an index written before digests were recorded
+    return {n: _Digest(n, s, h, p) for n, s, h, p in conn.execute(
+        "SELECT name, size, sha256, sample FROM owned_files WHERE generation=?", (generation,))}
+
+
+@contextmanager
+def _readers_lock(directory: Path) -> Iterator[None]:
+    """Hold ``readers.lock`` shared while a generation is chosen and loaded: the writer deletes retired
+    generations only under the exclusive lock, so the files a reader chose stay there until it has them.
+    An index without the lock file (older ragen) or a filesystem without ``flock`` reads unlocked: the
+    reader then retries when the generation it chose disappears."""
+    import fcntl
+
+    try:
+        fd = os.open(directory / READERS_LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # the writer holds it exclusively only while unlinking files
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def _write_owned(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``.<name>.tmp`` (a name recorded in ``owned_files`` beforehand): fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_faiss_file(index, path: Path) -> None:
+    import faiss
+
+    def write(tmp: Path) -> None:
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as exc:  # faiss reports I/O failures (disk full) as RuntimeError
+            raise StoreError(f"{path}: cannot write the FAISS index ({str(exc).splitlines()[0][:160]}); "
+                             "the previous index is unchanged") from None
+
+    _write_owned(path, write)
+
+
+def _write_npy_file(array: np.ndarray, path: Path) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(array), allow_pickle=False)
+
+    _write_owned(path, write)
+
+
+def _check_index_folder(directory: Path) -> None:
+    """Refuse an ``--index`` folder that is neither empty (or new) nor a ragen index: the writer creates
+    and deletes files there, and a user's folder is not its to touch."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise StoreError(f"{directory}: exists and is not a directory; pass another --index")
+    db = directory / DB_NAME
+    try:
+        names = sorted(p.name for p in directory.iterdir())
+    except OSError as exc:
+        raise StoreError(f"{directory}: cannot list the index folder ({exc.strerror})") from None
+    if DB_NAME not in names:
+        foreign = [n for n in names if n not in (LOCK_NAME, READERS_LOCK_NAME)]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise StoreError(f"{directory}: not empty and not a ragen index (no {DB_NAME}; it holds {shown}); "
+                             "pass a new or empty folder as --index")
+        return
+    if not db.is_file():
+        raise StoreError(f"{db}: is not a file; pass a new or empty folder as --index")
+    try:
+        conn = _connect_reader(db)
+        try:
+            tables = _tables(conn)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        if not (directory / MANIFEST_NAME).exists():
+            raise StoreError(f"{db}: not a readable database and no {MANIFEST_NAME} beside it, so not a ragen "
+                             "index; pass a new or empty folder as --index") from None
+        return  # a damaged index: the writer reports it (and --rebuild replaces the database)
+    if tables and "meta" not in tables:
+        raise StoreError(f"{db}: an SQLite database that is not a ragen index; pass a new or empty folder "
+                         "as --index")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# manifests
+# ----------------------------------------------------------------------------------------------------------
+def _check_format_version(value: object, where: Path) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _corrupt(where, f"manifest format_version is {value!r}, expected an integer")
+    if value > FORMAT_VERSION:
+        raise StoreError(f"{where}: index format {value} is newer than this ragen understands ({FORMAT_VERSION}); "
+                         "upgrade ragen")
+    return value
+
+
+def _validate_manifest(manifest: object, where: Path) -> dict:
+    """The committed manifest, checked field by field: every value the store and the CLI read has the
+    type they expect, or one line names the file."""
+    if not isinstance(manifest, dict):
+        raise _corrupt(where, f"the committed manifest is a JSON {type(manifest).__name__}, expected an object")
+    _check_format_version(manifest.get("format_version"), where)
+    enc = manifest.get("encoder")
+    if not isinstance(enc, dict):
+        raise _corrupt(where, "the committed manifest has no encoder object")
+    for key in ("spec", "fingerprint"):
+        if not isinstance(enc.get(key), str):
+            raise _corrupt(where, f"the manifest's encoder.{key} is {enc.get(key)!r}, expected a string")
+    dim = enc.get("dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise _corrupt(where, f"the manifest's encoder.dim is {dim!r}, expected a positive integer")
+    for key in ("query_instruction", "document_instruction", "base_model"):
+        if enc.get(key) is not None and not isinstance(enc.get(key), str):
+            raise _corrupt(where, f"the manifest's encoder.{key} is {enc.get(key)!r}, expected a string or null")
+    for key in ("index", "counts", "chunking"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise _corrupt(where, f"the manifest's {key} is {manifest.get(key)!r}, expected an object")
+    index = manifest.get("index", {})
+    if index.get("kind", "flat") not in INDEX_KINDS:
+        raise _corrupt(where, f"the manifest's index kind is {index.get('kind')!r}, expected one of "
+                              f"{', '.join(INDEX_KINDS)}")
+    try:
+        IndexConfig.from_dict(index.get("config", {}))
+    except (StoreError, TypeError) as exc:
+        raise _corrupt(where, f"the manifest's index settings are invalid ({exc})") from None
+    for key, value in manifest.get("counts", {}).items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _corrupt(where, f"the manifest's counts.{key} is {value!r}, expected a count")
+    return manifest
+
+
+def _check_manifest_file(path: Path) -> None:
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise _corrupt(path, f"not valid JSON ({str(exc)[:120]})") from None
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read ({exc.strerror})") from None
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise _corrupt(path, "not a ragen manifest (no format_version)")
+    _check_format_version(data["format_version"], path)
+
+
+def _parse_generation(meta: dict[str, str], db: Path) -> int:
+    try:
+        generation = int(meta["generation"])
+    except (ValueError, KeyError):
+        raise _corrupt(db, f"the committed generation is {meta.get('generation')!r}, expected an integer") from None
+    if generation < 0:
+        raise _corrupt(db, f"the committed generation is {generation}, expected >= 0")
+    return generation
+
+
+def _committed(meta: dict[str, str], db: Path) -> tuple[dict, int]:
+    if "generation" not in meta or "manifest" not in meta:
+        raise StoreError(f"{db.parent}: the index is incomplete (its first `ragen index` run did not finish); "
+                         "run `ragen index` again to resume")
+    try:
+        manifest = json.loads(meta["manifest"])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise _corrupt(db, f"committed manifest is unreadable ({str(exc)[:120]})") from None
+    return _validate_manifest(manifest, db), _parse_generation(meta, db)
+
+
+def _generation_paths(directory: Path, generation: int) -> tuple[Path, Path]:
+    return directory / f"vectors-{generation}.faiss", directory / f"vectors-{generation}.ids.npy"
+
+
+def _check_digest(path: Path, digest: _Digest | None) -> None:
+    if digest is None or digest.size is None or digest.sample is None:
+        return  # recorded by an older ragen, or claimed from one: nothing to compare with
+    size, sample = _sample_digest(path)
+    if size != digest.size:
+        raise _corrupt(path, f"is {size} bytes, but {digest.size} were recorded for this generation "
+                             "(replaced or truncated)")
+    if sample != digest.sample:
+        raise _corrupt(path, "does not match the digest recorded for this generation (replaced or damaged)")
+
+
+def _load_generation(directory: Path, generation: int, manifest: dict, digests: dict[str, _Digest]):
+    import faiss
+
+    faiss_path, ids_path = _generation_paths(directory, generation)
+    for path in (faiss_path, ids_path):
+        if not path.exists():
+            raise _corrupt(path, "missing")
+        _check_digest(path, digests.get(path.name))
+    try:
+        index = faiss.read_index(str(faiss_path))
+    except RuntimeError as exc:
+        raise _corrupt(faiss_path, f"not a readable FAISS index ({str(exc).splitlines()[0][:120]})") from None
+    try:
+        ids = np.load(ids_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise _corrupt(ids_path, f"not a readable id array ({exc})") from None
+    dim = int(manifest["encoder"]["dim"])
+    if ids.ndim != 1 or ids.dtype != np.int64 or len(ids) != index.ntotal or index.d != dim:
+        raise _corrupt(faiss_path, f"does not match its id file or the manifest (ntotal {index.ntotal}, "
+                                   f"{len(ids)} ids, dim {index.d} vs {dim})")
+    return index, ids
+
+
+def _current_generation(db: Path) -> int | None:
+    try:
+        conn = _connect_reader(db)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        finally:
+            conn.close()
+        return None if row is None else int(row[0])
+    except (sqlite3.Error, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,7 +635,7 @@ class Store:
     """A committed index opened for search. Build one with :class:`StoreWriter`; open it with :meth:`open`."""
 
     def __init__(self, index_dir: Path, conn: sqlite3.Connection, manifest: dict, generation: int, index,
-                 ids: np.ndarray, gpu: int | None) -> None:
+                 ids: np.ndarray, gpu: int | None, digests: dict[str, _Digest] | None = None) -> None:
         self.index_dir = index_dir
         self._conn = conn
         self.manifest = manifest
@@ -289,6 +643,7 @@ class Store:
         self._cpu_index = index
         self._ids = ids
         self._gpu = gpu
+        self._digests = digests or {}
         self._index = to_gpu(index, gpu) if gpu is not None else index
 
     # --- opening ------------------------------------------------------------------------------------------
@@ -296,40 +651,57 @@ class Store:
     def open(cls, index_dir: str | Path, *, device: str | None = None) -> Store:
         """Open the committed generation of ``index_dir``; ``device``: ``None``/``auto`` (GPU when faiss
         has one), ``cpu`` or ``cuda[:N]``. Raises :class:`StoreError` for a missing, incomplete,
-        corrupt or newer-format index."""
+        corrupt or newer-format index. Needs read access only."""
         directory = Path(index_dir).expanduser()
         db = directory / DB_NAME
         if not directory.is_dir() or not db.is_file():
             raise StoreError(f"{directory}: no ragen index here (expected {DB_NAME}); "
                              f"build one with `ragen index PATH --index {directory}`")
         _check_manifest_file(directory / MANIFEST_NAME)
-        for attempt in range(3):  # a writer may switch generations between reading the name and the files
+        for attempt in range(5):
             conn = None
             try:
-                conn = _connect(db)
-                meta = _meta(conn)
-                manifest, generation = _committed(meta, db)
-                index, ids = _load_generation(directory, generation, manifest)
-                # The manifest's count was committed together with the generation (one meta read), so a
-                # writer committing meanwhile cannot make a healthy index look corrupt.
-                n_chunks = int(manifest.get("counts", {}).get("chunks", len(ids)))
-            except sqlite3.DatabaseError as exc:
+                with _readers_lock(directory):  # the chosen generation's files stay until they are loaded
+                    conn = _connect_reader(db)
+                    conn.execute("BEGIN")  # one snapshot: the generation, its manifest and its digests
+                    try:
+                        meta = _meta(conn)
+                        manifest, generation = _committed(meta, db)
+                        digests = _generation_digests(conn, generation)
+                    finally:
+                        conn.execute("COMMIT")
+                    try:
+                        index, ids = _load_generation(directory, generation, manifest, digests)
+                    except StoreError:
+                        # only a reader without the lock can see a writer retire its generation: choose again
+                        if attempt < 4 and _current_generation(db) not in (None, generation):
+                            conn.close()
+                            time.sleep(0.01)
+                            continue
+                        raise
+            except sqlite3.Error as exc:
                 if conn is not None:
                     conn.close()
-                raise _corrupt(db, f"not a readable ragen index database ({exc})") from None
-            except _GenerationGone:
-                conn.close()
-                if attempt == 2:
-                    raise
-                time.sleep(0.05)
-                continue
+                raise _db_error(db, exc, writing=False) from None
+            except BaseException:
+                if conn is not None:
+                    conn.close()
+                raise
+            # The manifest's count was committed together with the generation (one meta read), so a
+            # writer committing meanwhile cannot make a healthy index look corrupt.
+            n_chunks = int(manifest.get("counts", {}).get("chunks", len(ids)))
             if n_chunks != len(ids):
                 conn.close()
                 raise _corrupt(db, f"holds {n_chunks} chunks but the FAISS index of generation {generation} "
                                    f"has {len(ids)}")
             kind = manifest.get("index", {}).get("kind", "flat")
             _apply_search_params(index, IndexConfig.from_dict(manifest.get("index", {}).get("config", {})))
-            return cls(directory, conn, manifest, generation, index, ids, _resolve_search_device(device, kind))
+            try:
+                gpu = _resolve_search_device(device, kind)
+            except BaseException:
+                conn.close()
+                raise
+            return cls(directory, conn, manifest, generation, index, ids, gpu, digests)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
@@ -405,8 +777,8 @@ class Store:
                         f"SELECT id, chunk_id, path, position, text, start, end, content_hash FROM chunks "
                         f"WHERE id IN ({marks})", part):
                     rows[row[0]] = Chunk(*row[1:])
-        except sqlite3.DatabaseError as exc:
-            raise _corrupt(self.index_dir / DB_NAME, f"cannot read chunk metadata ({exc})") from None
+        except sqlite3.Error as exc:
+            raise _db_error(self.index_dir / DB_NAME, exc, writing=False) from None
         return rows
 
     def hits(self, query: np.ndarray, k: int = 10) -> list[Hit]:
@@ -417,12 +789,15 @@ class Store:
             # Read the committed generation and the chunk rows in one read transaction (one WAL snapshot):
             # row ids are reused across generations, so rows read under a newer generation than the FAISS
             # index in memory could be other chunks' text.
-            self._conn.execute("BEGIN")
             try:
-                current = self._committed_generation()
-                found = self.chunks(ids[0]) if current in (None, self.generation) else None
-            finally:
-                self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN")
+                try:
+                    current = self._committed_generation()
+                    found = self.chunks(ids[0]) if current in (None, self.generation) else None
+                finally:
+                    self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise _db_error(self.index_dir / DB_NAME, exc, writing=False) from None
             if found is not None:
                 break
             self._reload()  # a writer committed a new generation: search that one
@@ -442,7 +817,10 @@ class Store:
             row = self._conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
         except sqlite3.DatabaseError:
             return None
-        return None if row is None else int(row[0])
+        try:
+            return None if row is None else int(row[0])
+        except ValueError:
+            return None
 
     def _reload(self) -> None:
         fresh = Store.open(self.index_dir, device="cpu" if self._gpu is None else f"cuda:{self._gpu}")
@@ -452,77 +830,48 @@ class Store:
     # --- inspection ---------------------------------------------------------------------------------------
     def files(self) -> list[tuple[str, int, int, int]]:
         """``(path, size, mtime_ns, n_chunks)`` of every indexed file, by path."""
-        return self._conn.execute("SELECT path, size, mtime_ns, n_chunks FROM files ORDER BY path").fetchall()
+        try:
+            return self._conn.execute("SELECT path, size, mtime_ns, n_chunks FROM files ORDER BY path").fetchall()
+        except sqlite3.Error as exc:
+            raise _db_error(self.index_dir / DB_NAME, exc, writing=False) from None
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.index_dir.iterdir() if p.is_file())
+        total = 0
+        for p in self.index_dir.iterdir():
+            try:
+                if p.is_file():
+                    total += p.stat().st_size
+            except OSError:  # a retired generation deleted meanwhile
+                continue
+        return total
 
-
-class _GenerationGone(StoreError):
-    pass
-
-
-def _check_manifest_file(path: Path) -> None:
-    if not path.exists():
-        return
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _corrupt(path, f"not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or "format_version" not in data:
-        raise _corrupt(path, "not a ragen manifest (no format_version)")
-    if int(data["format_version"]) > FORMAT_VERSION:
-        raise StoreError(f"{path}: index format {data['format_version']} is newer than this ragen "
-                         f"understands ({FORMAT_VERSION}); upgrade ragen")
-
-
-def _committed(meta: dict[str, str], db: Path) -> tuple[dict, int]:
-    if "generation" not in meta or "manifest" not in meta:
-        raise StoreError(f"{db.parent}: the index is incomplete (its first `ragen index` run did not finish); "
-                         "run `ragen index` again to resume")
-    try:
-        manifest = json.loads(meta["manifest"])
-        generation = int(meta["generation"])
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise _corrupt(db, f"committed manifest is unreadable ({exc})") from None
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise StoreError(f"{db.parent}: index format {manifest['format_version']} is newer than this ragen "
-                         f"understands ({FORMAT_VERSION}); upgrade ragen")
-    return manifest, generation
-
-
-def _generation_paths(directory: Path, generation: int) -> tuple[Path, Path]:
-    return directory / f"vectors-{generation}.faiss", directory / f"vectors-{generation}.ids.npy"
-
-
-def _load_generation(directory: Path, generation: int, manifest: dict):
-    import faiss
-
-    faiss_path, ids_path = _generation_paths(directory, generation)
-    if not faiss_path.exists() or not ids_path.exists():
-        # either a writer just replaced this generation (retry) or the file was deleted (corrupt)
-        db_now = _connect(directory / DB_NAME)
+    def verify(self) -> dict:
+        """Check the loaded generation's files against their full recorded SHA-256 and the database with
+        ``PRAGMA quick_check``; returns ``{"files": {name: size}, "database": "ok"}`` or raises
+        :class:`StoreError` naming the damaged file."""
+        db = self.index_dir / DB_NAME
         try:
-            current = int(_meta(db_now).get("generation", generation))
-        finally:
-            db_now.close()
-        if current != generation:
-            raise _GenerationGone(f"generation {generation} was replaced")
-        missing = faiss_path if not faiss_path.exists() else ids_path
-        raise _corrupt(missing, "missing")
-    try:
-        index = faiss.read_index(str(faiss_path))
-    except RuntimeError as exc:
-        raise _corrupt(faiss_path, f"not a readable FAISS index ({str(exc).splitlines()[0][:120]})") from None
-    try:
-        ids = np.load(ids_path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise _corrupt(ids_path, f"not a readable id array ({exc})") from None
-    dim = int(manifest["encoder"]["dim"])
-    if ids.ndim != 1 or ids.dtype != np.int64 or len(ids) != index.ntotal or index.d != dim:
-        raise _corrupt(faiss_path, f"does not match its id file or the manifest (ntotal {index.ntotal}, "
-                                   f"{len(ids)} ids, dim {index.d} vs {dim})")
-    return index, ids
+            problems = [row[0] for row in self._conn.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.Error as exc:
+            raise _db_error(db, exc, writing=False) from None
+        if problems != ["ok"]:
+            raise _corrupt(db, f"fails SQLite's integrity check ({problems[0][:120]})")
+        checked = {}
+        for path in _generation_paths(self.index_dir, self.generation):
+            digest = self._digests.get(path.name)
+            if digest is None or digest.sha256 is None:
+                raise StoreError(f"{path}: no digest was recorded for it (written by an older ragen); run "
+                                 f"`ragen index PATH --index {self.index_dir}` once to record digests")
+            try:
+                size = path.stat().st_size
+                full = _full_digest(path)
+            except OSError as exc:
+                raise _corrupt(path, f"cannot be read ({exc.strerror})") from None
+            if size != digest.size or full != digest.sha256:
+                raise _corrupt(path, f"does not match the SHA-256 recorded for generation {self.generation} "
+                                     "(replaced or damaged)")
+            checked[path.name] = size
+        return {"files": checked, "database": "ok"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -537,8 +886,8 @@ def _database_errors(method):
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.index_dir / DB_NAME}: {exc}; the previous index is unchanged") from None
+        except sqlite3.Error as exc:
+            raise _db_error(self.index_dir / DB_NAME, exc, writing=True) from None
 
     return wrapper
 
@@ -551,7 +900,8 @@ class StoreWriter:
 
     Vectors live in *epochs*: a normal run adds to the committed epoch, so unchanged chunks keep their
     vectors; ``rebuild`` (and a first run) fills a fresh epoch, so the previous index stays intact and
-    loadable until the final commit switches to the new one.
+    loadable until the final commit switches to the new one. ``rebuild`` also replaces a damaged
+    database (it is kept beside the index as ``chunks.sqlite.corrupt``).
     """
 
     def __init__(self, index_dir: str | Path, *, encoder: EncoderInfo, chunking: dict,
@@ -562,32 +912,77 @@ class StoreWriter:
         self.index_config = index_config
         self.rebuild = rebuild
         self.source = source
+        self._conn = None
+        self._lock_fd = None
         self.created = not self.index_dir.exists()
-        if self.index_dir.exists() and not self.index_dir.is_dir():
-            raise StoreError(f"{self.index_dir}: exists and is not a directory; pass another --index")
+        _check_index_folder(self.index_dir)
         self.index_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _acquire_lock(self.index_dir)
+        db = self.index_dir / DB_NAME
         try:
-            self._conn = _connect(self.index_dir / DB_NAME)
-            self._conn.executescript(_SCHEMA)
-            self._prepare()
-        except sqlite3.DatabaseError as exc:
-            self._release()
-            raise _corrupt(self.index_dir / DB_NAME, f"not a usable ragen index database ({exc})") from None
+            try:
+                self._open_database()
+            except sqlite3.DatabaseError as exc:
+                if not (self.rebuild and _code(exc) in (_SQLITE_CORRUPT, _SQLITE_NOTADB, None)
+                        and not isinstance(exc, sqlite3.OperationalError)):
+                    raise
+                self._set_aside_damaged_database(exc)
+                self._open_database()
+        except sqlite3.Error as exc:
+            self.close()
+            raise _db_error(db, exc, writing=True) from None
         except BaseException:
-            self._release()
+            self.close()
             raise
 
     # --- setup --------------------------------------------------------------------------------------------
+    def _open_database(self) -> None:
+        db = self.index_dir / DB_NAME
+        self._conn = _connect(db)
+        tables = _tables(self._conn)
+        if self.rebuild and tables:
+            problems = [row[0] for row in self._conn.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({problems[0][:80]})")
+        if "meta" in tables and not self.rebuild:
+            missing = [t for t in _TABLES if t not in tables]
+            if missing:
+                raise _corrupt(db, f"table {missing[0]!r} is missing")
+        self._conn.executescript(_SCHEMA)
+        self._prepare()
+        try:  # readers take it shared; created here so that readers never need to write the folder
+            os.close(os.open(self.index_dir / READERS_LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o644))
+        except OSError as exc:
+            raise StoreError(f"{self.index_dir / READERS_LOCK_NAME}: cannot create ({exc.strerror})") from None
+
+    def _set_aside_damaged_database(self, exc: sqlite3.Error) -> None:
+        """--rebuild over a damaged database: keep it (renamed) for inspection and start a fresh one."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        db = self.index_dir / DB_NAME
+        aside = self.index_dir / f"{DB_NAME}.corrupt"
+        logger.warning("%s: damaged (%s); rebuilding, the damaged database is kept as %s", db, exc, aside.name)
+        os.replace(db, aside)
+        for suffix in ("-wal", "-shm"):  # SQLite's companions of the damaged file: meaningless without it
+            (self.index_dir / f"{DB_NAME}{suffix}").unlink(missing_ok=True)
+
     def _prepare(self) -> None:
+        db = self.index_dir / DB_NAME
         meta = _meta(self._conn)
-        self.committed: dict | None = json.loads(meta["manifest"]) if "manifest" in meta else None
-        self.generation = int(meta.get("generation", 0))
-        committed_epoch = int(meta.get("epoch", 0))
+        self.committed: dict | None = None
+        self.generation = 0
+        if "manifest" in meta or "generation" in meta:
+            try:
+                self.committed, self.generation = _committed(meta, db)
+            except StoreError:
+                if not self.rebuild:
+                    raise
+                # --rebuild is the way out of a damaged manifest: start over, never reusing a file name
+                self.committed = None
+                self.generation = self._max_owned_generation()
+        committed_epoch = _int_or(meta.get("epoch"), 0)
         if self.committed is not None and not self.rebuild:
-            if int(self.committed.get("format_version", 0)) > FORMAT_VERSION:
-                raise StoreError(f"{self.index_dir}: index format {self.committed['format_version']} is newer "
-                                 f"than this ragen understands ({FORMAT_VERSION}); upgrade ragen")
             old = self.committed["encoder"]
             if old["fingerprint"] != self.encoder.fingerprint or int(old["dim"]) != self.encoder.dim:
                 raise StoreError(
@@ -596,7 +991,7 @@ class StoreWriter:
                     f"{self.encoder.fingerprint}); pass --model {old['spec']} or --rebuild")
             self.epoch = committed_epoch
         else:
-            work_epoch = int(meta.get("work_epoch", 0))
+            work_epoch = _int_or(meta.get("work_epoch"), 0)
             # A killed run (a --rebuild or a model switch included) left vectors in its epoch: the next run
             # with the same encoder continues it instead of embedding everything again.
             resumable = work_epoch > committed_epoch and meta.get("work_fingerprint") == self.encoder.fingerprint
@@ -609,28 +1004,95 @@ class StoreWriter:
             self._conn.execute("DELETE FROM vectors WHERE epoch NOT IN (?, ?)", (committed_epoch, self.epoch))
             self._set("work_epoch", self.epoch)
             self._set("work_fingerprint", self.encoder.fingerprint)
-        for stale in self.index_dir.iterdir():  # leftovers of killed runs: temp files, unused generations
-            if stale.name.startswith(".") and stale.name.endswith(".tmp") or (
-                    stale.name.startswith("vectors-") and not stale.name.startswith(f"vectors-{self.generation}.")):
-                stale.unlink(missing_ok=True)
+            self._set("schema_version", SCHEMA_VERSION)
+            if self.committed is not None:
+                self._claim_legacy_generation()
+        self._collect_garbage()  # leftovers of killed runs: temp files, unused generations
+
+    def _max_owned_generation(self) -> int:
+        (g,) = self._conn.execute("SELECT MAX(generation) FROM owned_files").fetchone()
+        return max(int(g or 0), 0)
+
+    def _claim_legacy_generation(self) -> None:
+        """An index written before ``owned_files`` existed names its live files by convention only
+        (``vectors-<G>.*`` for the committed G): record them, so that they are deleted once retired."""
+        for path in _generation_paths(self.index_dir, self.generation):
+            if path.exists():
+                self._conn.execute("INSERT OR IGNORE INTO owned_files(name, generation) VALUES (?, ?)",
+                                   (path.name, self.generation))
+
+    def _own(self, names: Iterable[tuple[str, int]]) -> None:
+        """Record files as the store's before creating them (committed before the first byte is written)."""
+        with self._transaction():
+            self._conn.executemany("INSERT OR REPLACE INTO owned_files(name, generation) VALUES (?, ?)", list(names))
+
+    def _collect_garbage(self, wait_s: float = 0.5) -> None:
+        """Delete owned files that belong to no live generation, under the exclusive readers' lock; when
+        readers hold it past ``wait_s`` the files stay for a later run (they are still recorded)."""
+        import fcntl
+
+        rows = self._conn.execute("SELECT name FROM owned_files WHERE generation != ?", (self.generation,)).fetchall()
+        if not rows:
+            return
+        try:
+            fd = os.open(self.index_dir / READERS_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            logger.warning("%s: cannot open (%s); retired files stay until the next run",
+                           self.index_dir / READERS_LOCK_NAME, exc.strerror)
+            return
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                        logger.info("readers are loading the index; %d retired files stay until the next run",
+                                    len(rows))
+                        return
+                    time.sleep(0.005)
+            gone = []
+            for (name,) in rows:
+                try:
+                    (self.index_dir / name).unlink(missing_ok=True)
+                    gone.append((name,))
+                except OSError as exc:
+                    logger.warning("%s: cannot delete (%s)", self.index_dir / name, exc.strerror)
+        finally:
+            os.close(fd)
+        with self._transaction():
+            self._conn.executemany("DELETE FROM owned_files WHERE name=?", gone)
 
     def _set(self, key: str, value: object) -> None:
         self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
 
+    def _rollback(self) -> None:
+        """Roll back if a transaction is still open; never hides the error that got us here."""
+        try:
+            if self._conn is not None and self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            logger.debug("rollback failed: %s", exc)
+
     def _transaction(self):
-        conn = self._conn
+        writer = self
 
         class _Tx:
             def __enter__(self_inner):
-                conn.execute("BEGIN IMMEDIATE")
+                writer._conn.execute("BEGIN IMMEDIATE")
 
             def __exit__(self_inner, exc_type, exc, tb):
-                conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                if exc_type is None:
+                    writer._conn.execute("COMMIT")
+                else:
+                    writer._rollback()
                 return False
 
         return _Tx()
 
     # --- planning -----------------------------------------------------------------------------------------
+    @_database_errors
     def known_files(self) -> dict[str, tuple[int, int]]:
         """``path -> (size, mtime_ns)`` of the files in the committed index (empty on a full pass)."""
         if self.full:
@@ -672,6 +1134,9 @@ class StoreWriter:
         ``updated``: files that are new or changed (all files on a full pass), with all their chunks.
         ``present``: every file that belongs in the index now (updated and unchanged); other files of the
         committed index are removed. Every chunk's vector must have been added (:meth:`add_vectors`).
+
+        Once the switch is committed this returns normally: clean-up afterwards (the manifest copy,
+        retired files) only logs its failures, since the new index is in place either way.
         """
         t0 = time.perf_counter()
         present = set(present)
@@ -683,89 +1148,151 @@ class StoreWriter:
                 counts = self.committed.get("counts", {})
                 return CommitResult(generation=self.generation, files=int(counts.get("files", len(present))),
                                     chunks=int(counts.get("chunks", 0)), chunks_removed=0, files_removed=0,
-                                    index_kind=self.committed["index"]["kind"], manifest=self.committed)
-        new_generation = self.generation + 1
+                                    index_kind=self.committed.get("index", {}).get("kind", "flat"),
+                                    manifest=self.committed)
+        new_generation = max(self.generation, self._max_owned_generation()) + 1
         faiss_path, ids_path = _generation_paths(self.index_dir, new_generation)
+        self._own([(faiss_path.name, new_generation), (ids_path.name, new_generation),
+                   (f".{faiss_path.name}.tmp", _TEMP_GENERATION), (f".{ids_path.name}.tmp", _TEMP_GENERATION)])
         # The switch must be durable before the old generation's files are deleted: sync this one commit
         # (batches stay at NORMAL), so even a power cut cannot leave the database naming deleted files.
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("BEGIN IMMEDIATE")
+        committing = False
         try:
+            conn.execute("BEGIN IMMEDIATE")
             old_files = {p for (p,) in conn.execute("SELECT path FROM files")}
-            if self.full:
-                drop_files = old_files
-            else:
-                drop_files = (old_files - present) | {f.path for f in updated}
-            new_hashes_by_path = {f.path: {c.content_hash for c in f.chunks} for f in updated}
-            chunks_removed = 0
-            for path in sorted(drop_files):
-                keep = new_hashes_by_path.get(path, set())
-                for (h,) in conn.execute("SELECT content_hash FROM chunks WHERE path=?", (path,)).fetchall():
-                    chunks_removed += h not in keep
-                conn.execute("DELETE FROM chunks WHERE path=?", (path,))
-                conn.execute("DELETE FROM files WHERE path=?", (path,))
-            for f in updated:
-                conn.execute("INSERT INTO files(path, size, mtime_ns, n_chunks) VALUES (?, ?, ?, ?)",
-                             (f.path, f.size, f.mtime_ns, len(f.chunks)))
-                conn.executemany(
-                    "INSERT INTO chunks(chunk_id, path, position, start, end, content_hash, text) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(c.chunk_id, c.path, c.position, c.start, c.end, c.content_hash, c.text) for c in f.chunks])
+            chunks_removed = self._replace_rows(updated, present, old_files)
             ids, vectors = self._gather_vectors()
             index, kind = build_faiss_index(vectors, self.index_config)
-            _atomic_write_faiss(to_cpu(index), faiss_path)
-            atomic_save_npy(ids_path, ids)
+            del vectors
+            _write_faiss_file(to_cpu(index), faiss_path)
+            del index
+            _write_npy_file(ids, ids_path)
             fsync_dir(self.index_dir)
-            # vectors no chunk refers to any more (deleted or edited text, the previous epoch of a rebuild)
-            conn.execute("DELETE FROM vectors WHERE epoch != ?", (self.epoch,))
-            conn.execute("DELETE FROM vectors WHERE epoch = ? AND content_hash NOT IN "
-                         "(SELECT content_hash FROM chunks)", (self.epoch,))
+            for path in (faiss_path, ids_path):
+                size, sample = _sample_digest(path)
+                conn.execute("UPDATE owned_files SET size=?, sha256=?, sample=? WHERE name=?",
+                             (size, _full_digest(path), sample, path.name))
             n_files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
             manifest = self._manifest(new_generation, kind, n_files, len(ids))
             self._set("manifest", json.dumps(manifest, sort_keys=True))
             self._set("generation", new_generation)
             self._set("epoch", self.epoch)
+            committing = True
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
-            faiss_path.unlink(missing_ok=True)
-            ids_path.unlink(missing_ok=True)
+            self._rollback()
+            if not committing:  # the switch never ran: the new files are nobody's
+                for path in (faiss_path, ids_path):
+                    try:
+                        path.unlink(missing_ok=True)
+                    except OSError:
+                        pass
+            # else the COMMIT itself failed: whether it reached the disk is unknown, so the files stay
+            # (recorded in owned_files); the next writer keeps or deletes them by what the database names
             raise
         finally:
-            conn.execute("PRAGMA synchronous=NORMAL")
-        old_gen = self.generation
+            try:
+                conn.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.Error as exc:
+                logger.debug("cannot restore synchronous=NORMAL: %s", exc)
         self.generation = new_generation
         self.committed = manifest
-        for old in _generation_paths(self.index_dir, old_gen):
-            old.unlink(missing_ok=True)
-        atomic_write_bytes(self.index_dir / MANIFEST_NAME,
-                           (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        self._after_commit(manifest)
         return CommitResult(generation=new_generation, files=n_files, chunks=len(ids), chunks_removed=chunks_removed,
                             files_removed=len(old_files - present), index_kind=kind,
                             seconds_build=time.perf_counter() - t0, manifest=manifest)
 
+    def _replace_rows(self, updated: Sequence[FileRecord], present: set[str], old_files: set[str]) -> int:
+        """Inside the commit's transaction: drop the rows of changed and deleted files (all rows on a full
+        pass), insert the updated files' rows, drop vectors no chunk refers to; returns the number of chunks
+        removed (an old chunk whose text is gone from its file)."""
+        conn = self._conn
+        new_hashes_by_path = {f.path: {c.content_hash for c in f.chunks} for f in updated}
+        chunks_removed = 0
+        if self.full:
+            for path, h in conn.execute("SELECT path, content_hash FROM chunks"):
+                chunks_removed += h not in new_hashes_by_path.get(path, ())
+            conn.execute("DELETE FROM chunks")
+            conn.execute("DELETE FROM files")
+        else:
+            for path in sorted((old_files - present) | set(new_hashes_by_path)):
+                keep = new_hashes_by_path.get(path, set())
+                for (h,) in conn.execute("SELECT content_hash FROM chunks WHERE path=?", (path,)).fetchall():
+                    chunks_removed += h not in keep
+                conn.execute("DELETE FROM chunks WHERE path=?", (path,))
+                conn.execute("DELETE FROM files WHERE path=?", (path,))
+        for f in updated:
+            conn.execute("INSERT INTO files(path, size, mtime_ns, n_chunks) VALUES (?, ?, ?, ?)",
+                         (f.path, f.size, f.mtime_ns, len(f.chunks)))
+            conn.executemany(
+                "INSERT INTO chunks(chunk_id, path, position, start, end, content_hash, text) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(c.chunk_id, c.path, c.position, c.start, c.end, c.content_hash, c.text) for c in f.chunks])
+        # vectors no chunk refers to any more (deleted or edited text, the previous epoch of a rebuild)
+        conn.execute("DELETE FROM vectors WHERE epoch != ?", (self.epoch,))
+        conn.execute("DELETE FROM vectors WHERE epoch = ? AND content_hash NOT IN "
+                     "(SELECT content_hash FROM chunks)", (self.epoch,))
+        return chunks_removed
+
+    def _after_commit(self, manifest: dict) -> None:
+        """Housekeeping once the switch is durable: failures are logged, never reported as a failed commit."""
+        manifest_path = self.index_dir / MANIFEST_NAME
+        data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        try:
+            self._own([(f".{MANIFEST_NAME}.tmp", _TEMP_GENERATION)])
+            _write_owned(manifest_path, lambda tmp: tmp.write_bytes(data))
+            fsync_dir(self.index_dir)
+        except (OSError, sqlite3.Error) as exc:
+            logger.warning("%s: cannot update this copy of the committed manifest (%s); the index itself is "
+                           "committed", manifest_path, getattr(exc, "strerror", None) or exc)
+        try:
+            self._collect_garbage()
+        except (OSError, sqlite3.Error) as exc:
+            logger.warning("%s: retired files stay until the next run (%s)", self.index_dir, exc)
+
     def _gather_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        (n,) = self._conn.execute("SELECT COUNT(*) FROM chunks").fetchone()
-        ids = np.empty(n, dtype=np.int64)
-        vectors = np.empty((n, self.encoder.dim), dtype=np.float32)
-        i = 0
-        for row_id, blob in self._conn.execute(
-                "SELECT c.id, v.vector FROM chunks c JOIN vectors v ON v.epoch=? AND v.content_hash=c.content_hash "
-                "ORDER BY c.id", (self.epoch,)):
-            ids[i] = row_id
-            vectors[i] = np.frombuffer(blob, dtype=np.float32)  # (dim,)
-            i += 1
-        if i != n:
-            raise StoreError(f"{self.index_dir}: {n - i} chunks have no vector; every chunk must be embedded "
-                             "before commit")
-        return ids, vectors
+        """``(row ids, vectors)`` of every chunk, read in bulk: one scan of the chunk rows and one of the
+        epoch's vectors (in key order), never one lookup per row. FAISS position ``i`` holds the vector of
+        chunk row ``ids[i]``."""
+        conn = self._conn
+        row_ids: list[int] = []
+        hashes: list[str] = []
+        for row_id, h in conn.execute("SELECT id, content_hash FROM chunks"):
+            row_ids.append(row_id)
+            hashes.append(h)
+        n = len(row_ids)
+        dim = self.encoder.dim
+        slot: dict[str, int] = {}
+        for h in hashes:
+            slot.setdefault(h, len(slot))
+        unique = np.empty((len(slot), dim), dtype=np.float32)
+        filled = np.zeros(len(slot), dtype=bool)
+        width = 4 * dim
+        cursor = conn.execute("SELECT content_hash, vector FROM vectors WHERE epoch=?", (self.epoch,))
+        while batch := cursor.fetchmany(4096):
+            for h, blob in batch:
+                i = slot.get(h)
+                if i is not None and len(blob) == width:
+                    unique[i] = np.frombuffer(blob, dtype=np.float32)
+                    filled[i] = True
+        if not filled.all():
+            raise StoreError(f"{self.index_dir}: {int((~filled).sum())} chunks have no vector; every chunk must be "
+                             "embedded before commit")
+        ids = np.asarray(row_ids, dtype=np.int64)
+        src = np.fromiter((slot[h] for h in hashes), dtype=np.int64, count=n)
+        if len(slot) == n:  # every chunk has its own text: order the ids by vector instead of copying vectors
+            order = np.empty(n, dtype=np.int64)
+            order[src] = np.arange(n, dtype=np.int64)
+            return ids[order], unique
+        return ids, unique[src]
 
     def _manifest(self, generation: int, kind: str, n_files: int, n_chunks: int) -> dict:
         from . import __version__
 
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         created = (self.committed or {}).get("created_at", now) if not self.rebuild else now
-        (n_vectors,) = self._conn.execute("SELECT COUNT(*) FROM vectors WHERE epoch=?", (self.epoch,)).fetchone()
+        (n_vectors,) = self._conn.execute("SELECT COUNT(DISTINCT content_hash) FROM chunks").fetchone()
         return {
             "format_version": FORMAT_VERSION,
             "ragen_version": __version__,
@@ -802,11 +1329,22 @@ class StoreWriter:
         self.close()
 
 
+def _int_or(value: object, default: int) -> int:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+
+
 def _acquire_lock(directory: Path) -> int:
     import fcntl
 
     path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open the write lock ({exc.strerror}); writing an index needs write "
+                         f"access to {directory}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -825,9 +1363,11 @@ def _acquire_lock(directory: Path) -> int:
 
 
 def check_unlocked(index_dir: str | Path) -> None:
-    """Raise the writer's :class:`StoreError` now if another process is writing ``index_dir`` (lets the
-    CLI fail before spending a minute loading a model; the writer still takes the lock for real)."""
+    """Raise the writer's :class:`StoreError` now if another process is writing ``index_dir``, or if it is
+    a folder the writer would refuse (neither empty nor an index); lets the CLI fail before spending a
+    minute loading a model (the writer still checks and takes the lock for real)."""
     directory = Path(index_dir).expanduser()
+    _check_index_folder(directory)
     if index_is_locked(directory):
         try:
             holder = (directory / LOCK_NAME).read_text().strip() or "unknown"
@@ -841,10 +1381,13 @@ def index_is_locked(index_dir: str | Path) -> bool:
     """True while some process holds the write lock of ``index_dir``."""
     import fcntl
 
-    path = Path(index_dir) / LOCK_NAME
+    path = Path(index_dir).expanduser() / LOCK_NAME
     if not path.exists():
         return False
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
@@ -863,13 +1406,13 @@ def read_manifest(index_dir: str | Path) -> dict:
                          f"build one with `ragen index PATH --index {directory}`")
     _check_manifest_file(directory / MANIFEST_NAME)
     try:
-        conn = _connect(db)
+        conn = _connect_reader(db)
         try:
             return _committed(_meta(conn), db)[0]
         finally:
             conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise _corrupt(db, f"not a readable ragen index database ({exc})") from None
+    except sqlite3.Error as exc:
+        raise _db_error(db, exc, writing=False) from None
 
 
 __all__ = ["Store", "StoreWriter", "IndexConfig", "EncoderInfo", "FileRecord", "CommitResult", "FORMAT_VERSION",

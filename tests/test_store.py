@@ -221,9 +221,9 @@ def test_missing_and_incomplete_index(tmp_path):
 
 
 @pytest.mark.parametrize("target,damage,message", [
-    ("vectors-1.faiss", "truncate", "vectors-1.faiss: not a readable FAISS index"),
+    ("vectors-1.faiss", "truncate", "vectors-1.faiss: is 4281 bytes, but 12845 were recorded"),
     ("vectors-1.faiss", "delete", "vectors-1.faiss: missing"),
-    ("vectors-1.ids.npy", "garbage", "vectors-1.ids.npy: not a readable id array"),
+    ("vectors-1.ids.npy", "garbage", "vectors-1.ids.npy: is 400 bytes"),
     ("chunks.sqlite", "garbage", "chunks.sqlite: not a readable ragen index database"),
     ("chunks.sqlite", "truncate", "chunks.sqlite: not a readable ragen index database"),
     ("manifest.json", "truncate", "manifest.json: not valid JSON"),
@@ -257,13 +257,40 @@ def test_a_killed_rebuild_resumes_without_re_embedding(tmp_path):
         assert again.missing_vectors(hashes) == set(hashes[4:])  # the first four survived the kill
 
 
-def test_leftover_temp_files_of_killed_writes_are_removed(tmp_path):
-    _write(tmp_path / "idx", _records(1, 2))
-    junk = [tmp_path / "idx" / ".vectors-9.faiss.abc123.tmp", tmp_path / "idx" / ".manifest.json.x.tmp"]
-    for j in junk:
-        j.write_bytes(b"partial")
-    StoreWriter(tmp_path / "idx", encoder=ENC, chunking=CHUNKING).close()
-    assert not any(j.exists() for j in junk)
+def test_leftover_files_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    """A commit killed between writing its files and the switch leaves recorded names: the next writer
+    deletes exactly those, and keeps every file it did not create (even ones named like its own)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    idx = tmp_path / "idx"
+    _write(idx, _records(1, 2))
+    script = f"""
+import os, sys, numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import ragen.store as s
+from tests.test_store import _records, _write
+def killed(array, path):
+    (path.parent / ("." + path.name + ".tmp")).write_bytes(b"partial")
+    os._exit(9)  # like kill -9 after the FAISS file, before the id file and the switch
+s._write_npy_file = killed
+_write({str(idx)!r}, _records(2, 2, tag="x"))
+"""
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 9
+    assert (idx / "vectors-2.faiss").exists() and (idx / ".vectors-2.ids.npy.tmp").exists()
+    mine = [idx / "vectors-notes.md", idx / ".draft.tmp", idx / "vectors-9.faiss", idx / ".manifest.json.x.tmp"]
+    for j in mine:
+        j.write_bytes(b"user data")
+    with Store.open(idx, device="cpu") as store:  # the killed commit never switched
+        assert store.generation == 1 and store.count == 2
+    StoreWriter(idx, encoder=ENC, chunking=CHUNKING).close()
+    assert not (idx / "vectors-2.faiss").exists() and not (idx / ".vectors-2.ids.npy.tmp").exists()
+    assert all(j.read_bytes() == b"user data" for j in mine)
+    assert (idx / "vectors-1.faiss").exists()
+    _write(idx, _records(2, 2, tag="y"))  # a later commit retires generation 1 and still keeps the user's files
+    assert not (idx / "vectors-1.faiss").exists() and not (idx / "vectors-1.ids.npy").exists()
+    assert all(j.read_bytes() == b"user data" for j in mine)
 
 
 def test_long_lived_reader_never_mixes_generations(tmp_path):

@@ -1271,11 +1271,11 @@ class StoreWriter:
         width = 4 * dim
         cursor = conn.execute("SELECT content_hash, vector FROM vectors WHERE epoch=?", (self.epoch,))
         while batch := cursor.fetchmany(4096):
-            for h, blob in batch:
-                i = slot.get(h)
-                if i is not None and len(blob) == width:
-                    unique[i] = np.frombuffer(blob, dtype=np.float32)
-                    filled[i] = True
+            rows = [(slot[h], blob) for h, blob in batch if h in slot and len(blob) == width]
+            if rows:  # one copy per batch of rows, not one numpy call per row
+                where = np.fromiter((i for i, _ in rows), dtype=np.int64, count=len(rows))
+                unique[where] = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(-1, dim)
+                filled[where] = True
         if not filled.all():
             raise StoreError(f"{self.index_dir}: {int((~filled).sum())} chunks have no vector; every chunk must be "
                              "embedded before commit")

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -60,12 +61,14 @@ from .types import Chunk, Hit
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one FAISS + id file per generation; 2: base + delta segments, tombstones
 DB_NAME = "chunks.sqlite"
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "write.lock"
 READERS_LOCK_NAME = "readers.lock"
 SCHEMA_VERSION = 2  # 1: no owned_files table (files named by convention); 2: owned files and digests
+COMPACT_RATIO = 0.25  # rebuild the base once deltas + deleted rows exceed this fraction of it
+MAX_DELTAS = 8  # merge the delta segments into one past this many
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
 
@@ -205,9 +208,10 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def build_faiss_index(vectors: np.ndarray, config: IndexConfig, *, seed: int = 0):
+def build_faiss_index(vectors: np.ndarray, config: IndexConfig, *, seed: int = 0, ids: np.ndarray | None = None):
     """A CPU FAISS index over (already normalised) ``vectors`` for inner-product search; returns
-    ``(index, kind)`` where ``kind`` is what was actually built (IVF falls back to flat on tiny sets)."""
+    ``(index, kind)`` where ``kind`` is what was actually built (IVF falls back to flat on tiny sets).
+    With ``ids`` the index returns those ids instead of positions (IVF natively, others id-mapped)."""
     import faiss
 
     n, dim = vectors.shape
@@ -233,8 +237,13 @@ def build_faiss_index(vectors: np.ndarray, config: IndexConfig, *, seed: int = 0
             sample = vectors[np.sort(rng.choice(n, 256 * nlist, replace=False))]
         index.train(sample)  # faiss's Python wrapper keeps `quantizer` referenced by `index`
         index.nprobe = min(config.ivf_nprobe, nlist)
+    if ids is not None and kind != "ivf":
+        index = faiss.IndexIDMap2(index)
     if n:
-        index.add(vectors)
+        if ids is not None:
+            index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+        else:
+            index.add(vectors)
     return index, kind
 
 
@@ -242,6 +251,8 @@ def _apply_search_params(index, config: IndexConfig) -> None:
     import faiss
 
     inner = faiss.downcast_index(index)
+    if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        inner = faiss.downcast_index(inner.index)
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efSearch = config.hnsw_ef_search
     elif isinstance(inner, faiss.IndexIVF):
@@ -275,6 +286,7 @@ CREATE TABLE IF NOT EXISTS vectors (
 CREATE TABLE IF NOT EXISTS owned_files (
     name TEXT PRIMARY KEY, generation INTEGER NOT NULL, size INTEGER, sha256 TEXT, sample TEXT
 );
+CREATE TABLE IF NOT EXISTS tombstones (row_id INTEGER PRIMARY KEY, segment TEXT NOT NULL);
 """
 _TABLES = ("meta", "files", "chunks", "vectors")
 _TEMP_GENERATION = -1  # owned_files rows of temporary files: never part of a generation
@@ -385,11 +397,12 @@ class _Digest:
     sample: str | None
 
 
-def _generation_digests(conn: sqlite3.Connection, generation: int) -> dict[str, _Digest]:
-    if "owned_files" not in _tables(conn):
+def _digests(conn: sqlite3.Connection, names: list[str]) -> dict[str, _Digest]:
+    if "owned_files" not in _tables(conn) or not names:
         return {}  # an index written before digests were recorded
+    marks = ",".join("?" * len(names))
     return {n: _Digest(n, s, h, p) for n, s, h, p in conn.execute(
-        "SELECT name, size, sha256, sample FROM owned_files WHERE generation=?", (generation,))}
+        f"SELECT name, size, sha256, sample FROM owned_files WHERE name IN ({marks})", names)}
 
 
 @contextmanager
@@ -587,33 +600,125 @@ def _check_digest(path: Path, digest: _Digest | None) -> None:
         return  # recorded by an older ragen, or claimed from one: nothing to compare with
     size, sample = _sample_digest(path)
     if size != digest.size:
-        raise _corrupt(path, f"is {size} bytes, but {digest.size} were recorded for this generation "
-                             "(replaced or truncated)")
+        raise _corrupt(path, f"is {size} bytes, but {digest.size} were recorded for it (replaced or truncated)")
     if sample != digest.sample:
-        raise _corrupt(path, "does not match the digest recorded for this generation (replaced or damaged)")
+        raise _corrupt(path, "does not match the digest recorded for it (replaced or damaged)")
 
 
-def _load_generation(directory: Path, generation: int, manifest: dict, digests: dict[str, _Digest]):
+_OWNED_NAME = re.compile(r"^\.?(vectors-\d+\.(faiss|ids\.npy)|seg-\d+-(base|delta)\.faiss|manifest\.json)(\.tmp)?$")
+_SEGMENT_NAME = re.compile(r"^seg-\d+-(base|delta)\.faiss$")
+
+
+@dataclass(frozen=True)
+class _SegmentSpec:
+    """One FAISS file of the live index. ``base``: every row id up to ``hi`` at its last compaction;
+    ``delta``: the rows ``lo..hi`` added since; ``legacy``: a layout-1 generation (positions mapped to row
+    ids by ``ids_name``)."""
+
+    name: str
+    kind: str
+    n: int
+    lo: int
+    hi: int
+    ids_name: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "n": self.n, "lo": self.lo, "hi": self.hi}
+
+
+def _live_segments(meta: dict[str, str], generation: int, db: Path) -> list[_SegmentSpec]:
+    raw = meta.get("segments")
+    if raw is None:  # layout 1: one FAISS file and one id file per generation
+        faiss_path, ids_path = _generation_paths(db.parent, generation)
+        return [_SegmentSpec(faiss_path.name, "legacy", -1, 0, 0, ids_path.name)]
+    try:
+        items = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        raise _corrupt(db, "the committed segment list is not valid JSON") from None
+    if not isinstance(items, list):
+        raise _corrupt(db, f"the committed segment list is a JSON {type(items).__name__}, expected a list")
+    specs = []
+    for item in items:
+        ok = isinstance(item, dict) and isinstance(item.get("name"), str) and _SEGMENT_NAME.match(item["name"]) \
+            and item.get("kind") in ("base", "delta") and all(
+                isinstance(item.get(k), int) and not isinstance(item.get(k), bool) and item[k] >= 0 for k in ("n", "lo", "hi"))
+        if not ok:
+            raise _corrupt(db, f"the committed segment list holds {str(item)[:80]!r}, expected a segment record")
+        specs.append(_SegmentSpec(item["name"], item["kind"], item["n"], item["lo"], item["hi"]))
+    return specs
+
+
+def _tombstones(conn: sqlite3.Connection) -> dict[str, np.ndarray]:
+    """Row ids deleted since their segment was written, by segment (filtered out at search time)."""
+    if "tombstones" not in _tables(conn):
+        return {}
+    by_segment: dict[str, list[int]] = {}
+    for row_id, segment in conn.execute("SELECT row_id, segment FROM tombstones"):
+        by_segment.setdefault(segment, []).append(row_id)
+    return {s: np.asarray(sorted(ids), dtype=np.int64) for s, ids in by_segment.items()}
+
+
+def _load_segment(directory: Path, spec: _SegmentSpec, digests: dict[str, _Digest], dim: int):
+    """``(cpu index, position -> row id array or None)``; the index returns row ids itself unless legacy."""
     import faiss
 
-    faiss_path, ids_path = _generation_paths(directory, generation)
-    for path in (faiss_path, ids_path):
-        if not path.exists():
-            raise _corrupt(path, "missing")
-        _check_digest(path, digests.get(path.name))
+    path = directory / spec.name
+    paths = [path] + ([directory / spec.ids_name] if spec.ids_name else [])
+    for p in paths:
+        if not p.exists():
+            raise _corrupt(p, "missing")
+        _check_digest(p, digests.get(p.name))
     try:
-        index = faiss.read_index(str(faiss_path))
+        index = faiss.read_index(str(path))
     except RuntimeError as exc:
-        raise _corrupt(faiss_path, f"not a readable FAISS index ({str(exc).splitlines()[0][:120]})") from None
-    try:
-        ids = np.load(ids_path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise _corrupt(ids_path, f"not a readable id array ({exc})") from None
-    dim = int(manifest["encoder"]["dim"])
-    if ids.ndim != 1 or ids.dtype != np.int64 or len(ids) != index.ntotal or index.d != dim:
-        raise _corrupt(faiss_path, f"does not match its id file or the manifest (ntotal {index.ntotal}, "
-                                   f"{len(ids)} ids, dim {index.d} vs {dim})")
+        raise _corrupt(path, f"not a readable FAISS index ({str(exc).splitlines()[0][:120]})") from None
+    ids = None
+    if spec.ids_name:
+        ids_path = directory / spec.ids_name
+        try:
+            ids = np.load(ids_path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise _corrupt(ids_path, f"not a readable id array ({exc})") from None
+        if ids.ndim != 1 or ids.dtype != np.int64 or len(ids) != index.ntotal:
+            raise _corrupt(path, f"does not match its id file (ntotal {index.ntotal}, {len(ids)} ids)")
+    elif index.ntotal != spec.n:
+        raise _corrupt(path, f"holds {index.ntotal} vectors, but {spec.n} were recorded for it")
+    if index.d != dim:
+        raise _corrupt(path, f"has dimension {index.d}, but the manifest says {dim}")
     return index, ids
+
+
+def _search_params(index, config: IndexConfig, removed: np.ndarray | None):
+    """faiss search parameters that skip ``removed`` row ids (None when nothing is removed)."""
+    import faiss
+
+    if removed is None or not len(removed):
+        return None
+    selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(removed))
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=min(config.ivf_nprobe, inner.nlist))
+    elif isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=config.hnsw_ef_search)
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    params._ragen_refs = (selector, removed)  # the C++ objects must outlive the parameters
+    return params
+
+
+@dataclass
+class _Loaded:
+    spec: _SegmentSpec
+    index: object  # CPU
+    ids: np.ndarray | None
+    params: object | None = None
+    device_index: object | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
 
 
 def _current_generation(db: Path) -> int | None:
@@ -634,21 +739,23 @@ def _current_generation(db: Path) -> int | None:
 class Store:
     """A committed index opened for search. Build one with :class:`StoreWriter`; open it with :meth:`open`."""
 
-    def __init__(self, index_dir: Path, conn: sqlite3.Connection, manifest: dict, generation: int, index,
-                 ids: np.ndarray, gpu: int | None, digests: dict[str, _Digest] | None = None) -> None:
+    def __init__(self, index_dir: Path, conn: sqlite3.Connection, manifest: dict, generation: int,
+                 segments: list[_Loaded], gpu: int | None, digests: dict[str, _Digest] | None = None) -> None:
         self.index_dir = index_dir
         self._conn = conn
         self.manifest = manifest
         self.generation = generation
-        self._cpu_index = index
-        self._ids = ids
+        self._segments = segments
         self._gpu = gpu
         self._digests = digests or {}
-        self._index = to_gpu(index, gpu) if gpu is not None else index
+        self._count = sum(s.ntotal - (0 if s.params is None else len(s.params._ragen_refs[1])) for s in segments)
+        for s in segments:
+            if gpu is not None and s.device_index is None:
+                s.device_index = to_gpu(s.index, gpu)
 
     # --- opening ------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, index_dir: str | Path, *, device: str | None = None) -> Store:
+    def open(cls, index_dir: str | Path, *, device: str | None = None, _loaded: dict | None = None) -> Store:
         """Open the committed generation of ``index_dir``; ``device``: ``None``/``auto`` (GPU when faiss
         has one), ``cpu`` or ``cuda[:N]``. Raises :class:`StoreError` for a missing, incomplete,
         corrupt or newer-format index. Needs read access only."""
@@ -658,22 +765,36 @@ class Store:
             raise StoreError(f"{directory}: no ragen index here (expected {DB_NAME}); "
                              f"build one with `ragen index PATH --index {directory}`")
         _check_manifest_file(directory / MANIFEST_NAME)
+        reuse = _loaded or {}  # segment files are immutable: a reload keeps the ones it already has
         for attempt in range(5):
             conn = None
             try:
                 with _readers_lock(directory):  # the chosen generation's files stay until they are loaded
                     conn = _connect_reader(db)
-                    conn.execute("BEGIN")  # one snapshot: the generation, its manifest and its digests
+                    conn.execute("BEGIN")  # one snapshot: generation, manifest, segments, tombstones, digests
                     try:
                         meta = _meta(conn)
                         manifest, generation = _committed(meta, db)
-                        digests = _generation_digests(conn, generation)
+                        specs = _live_segments(meta, generation, db)
+                        removed = _tombstones(conn) if meta.get("segments") is not None else {}
+                        digests = _digests(conn, [n for s in specs for n in (s.name, s.ids_name) if n])
                     finally:
                         conn.execute("COMMIT")
+                    config = IndexConfig.from_dict(manifest.get("index", {}).get("config", {}))
+                    dim = int(manifest["encoder"]["dim"])
                     try:
-                        index, ids = _load_generation(directory, generation, manifest, digests)
+                        segments = []
+                        for spec in specs:
+                            old = reuse.get(spec.name)
+                            if old is not None and old.spec == spec:
+                                index, ids = old.index, old.ids
+                            else:
+                                index, ids = _load_segment(directory, spec, digests, dim)
+                                _apply_search_params(index, config)
+                            segments.append(_Loaded(spec, index, ids, _search_params(index, config, removed.get(spec.name)),
+                                                    old.device_index if old is not None and old.spec == spec else None))
                     except StoreError:
-                        # only a reader without the lock can see a writer retire its generation: choose again
+                        # only a reader without the lock can see a writer retire its files: choose again
                         if attempt < 4 and _current_generation(db) not in (None, generation):
                             conn.close()
                             time.sleep(0.01)
@@ -689,19 +810,19 @@ class Store:
                 raise
             # The manifest's count was committed together with the generation (one meta read), so a
             # writer committing meanwhile cannot make a healthy index look corrupt.
-            n_chunks = int(manifest.get("counts", {}).get("chunks", len(ids)))
-            if n_chunks != len(ids):
+            live = sum(s.ntotal for s in segments) - sum(len(r) for r in removed.values())
+            n_chunks = int(manifest.get("counts", {}).get("chunks", live))
+            if n_chunks != live:
                 conn.close()
                 raise _corrupt(db, f"holds {n_chunks} chunks but the FAISS index of generation {generation} "
-                                   f"has {len(ids)}")
+                                   f"has {live}")
             kind = manifest.get("index", {}).get("kind", "flat")
-            _apply_search_params(index, IndexConfig.from_dict(manifest.get("index", {}).get("config", {})))
             try:
                 gpu = _resolve_search_device(device, kind)
+                return cls(directory, conn, manifest, generation, segments, gpu, digests)
             except BaseException:
                 conn.close()
                 raise
-            return cls(directory, conn, manifest, generation, index, ids, gpu, digests)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
@@ -739,7 +860,7 @@ class Store:
 
     @property
     def count(self) -> int:
-        return int(len(self._ids))
+        return int(self._count)
 
     @property
     def on_gpu(self) -> bool:
@@ -760,10 +881,29 @@ class Store:
         k = min(k, self.count)
         if k == 0:
             return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
-        index = self._index if (self._gpu is None or k <= GPU_MAX_K) else self._cpu_index
-        scores, pos = index.search(normalize_rows(q), k)  # (n, k) each
-        ids = np.where(pos >= 0, self._ids[np.clip(pos, 0, None)], -1)
-        return scores, ids
+        q = normalize_rows(q)
+        parts = []
+        for seg in self._segments:  # each segment's best k, then the best k of those
+            kk = min(k, seg.ntotal)
+            if kk == 0:
+                continue
+            if seg.params is not None:  # skip deleted rows inside faiss (CPU)
+                scores, pos = seg.index.search(q, kk, params=seg.params)
+            else:
+                index = seg.device_index if (seg.device_index is not None and kk <= GPU_MAX_K) else seg.index
+                scores, pos = index.search(q, kk)  # (n, kk) each
+            if seg.ids is not None:
+                pos = np.where(pos >= 0, seg.ids[np.clip(pos, 0, None)], -1)
+            parts.append((scores, pos))
+        if len(parts) == 1:
+            scores, ids = parts[0]
+        else:
+            scores = np.concatenate([p[0] for p in parts], axis=1)
+            ids = np.concatenate([p[1] for p in parts], axis=1)
+            order = np.argsort(-np.where(ids >= 0, scores, -np.inf), axis=1, kind="stable")[:, :k]
+            scores = np.take_along_axis(scores, order, axis=1)
+            ids = np.take_along_axis(ids, order, axis=1)
+        return scores[:, :k], ids[:, :k]
 
     def chunks(self, ids: Iterable[int]) -> dict[int, Chunk]:
         """Chunk metadata for row ids (missing ids are absent from the result)."""
@@ -823,7 +963,8 @@ class Store:
             return None
 
     def _reload(self) -> None:
-        fresh = Store.open(self.index_dir, device="cpu" if self._gpu is None else f"cuda:{self._gpu}")
+        fresh = Store.open(self.index_dir, device="cpu" if self._gpu is None else f"cuda:{self._gpu}",
+                           _loaded={s.spec.name: s for s in self._segments})
         self._conn.close()
         self.__dict__.update(fresh.__dict__)
 
@@ -857,7 +998,8 @@ class Store:
         if problems != ["ok"]:
             raise _corrupt(db, f"fails SQLite's integrity check ({problems[0][:120]})")
         checked = {}
-        for path in _generation_paths(self.index_dir, self.generation):
+        names = [n for s in self._segments for n in (s.spec.name, s.spec.ids_name) if n]
+        for path in (self.index_dir / n for n in names):
             digest = self._digests.get(path.name)
             if digest is None or digest.sha256 is None:
                 raise StoreError(f"{path}: no digest was recorded for it (written by an older ragen); run "
@@ -868,8 +1010,7 @@ class Store:
             except OSError as exc:
                 raise _corrupt(path, f"cannot be read ({exc.strerror})") from None
             if size != digest.size or full != digest.sha256:
-                raise _corrupt(path, f"does not match the SHA-256 recorded for generation {self.generation} "
-                                     "(replaced or damaged)")
+                raise _corrupt(path, "does not match the SHA-256 recorded for it (replaced or damaged)")
             checked[path.name] = size
         return {"files": checked, "database": "ok"}
 
@@ -982,6 +1123,11 @@ class StoreWriter:
                 self.committed = None
                 self.generation = self._max_owned_generation()
         committed_epoch = _int_or(meta.get("epoch"), 0)
+        self.segments: list[_SegmentSpec] | None = None  # None: layout 1 (or nothing committed)
+        if self.committed is not None and meta.get("segments") is not None:
+            self.segments = _live_segments(meta, self.generation, db)
+        (max_id,) = self._conn.execute("SELECT MAX(id) FROM chunks").fetchone()
+        self.next_row_id = max(_int_or(meta.get("next_row_id"), 1), int(max_id or 0) + 1)
         if self.committed is not None and not self.rebuild:
             old = self.committed["encoder"]
             if old["fingerprint"] != self.encoder.fingerprint or int(old["dim"]) != self.encoder.dim:
@@ -1031,7 +1177,8 @@ class StoreWriter:
         readers hold it past ``wait_s`` the files stay for a later run (they are still recorded)."""
         import fcntl
 
-        rows = self._conn.execute("SELECT name FROM owned_files WHERE generation != ?", (self.generation,)).fetchall()
+        live = self._live_names()
+        rows = [(n,) for (n,) in self._conn.execute("SELECT name FROM owned_files") if n not in live]
         if not rows:
             return
         try:
@@ -1054,6 +1201,10 @@ class StoreWriter:
                     time.sleep(0.005)
             gone = []
             for (name,) in rows:
+                if not _OWNED_NAME.match(name):  # a damaged or hostile table never names a path of ours
+                    logger.warning("%s: not a name the store creates; left alone", name)
+                    gone.append((name,))
+                    continue
                 try:
                     (self.index_dir / name).unlink(missing_ok=True)
                     gone.append((name,))
@@ -1063,6 +1214,13 @@ class StoreWriter:
             os.close(fd)
         with self._transaction():
             self._conn.executemany("DELETE FROM owned_files WHERE name=?", gone)
+
+    def _live_names(self) -> set[str]:
+        if self.committed is None:
+            return set()
+        if self.segments is None:
+            return {p.name for p in _generation_paths(self.index_dir, self.generation)}
+        return {s.name for s in self.segments}
 
     def _set(self, key: str, value: object) -> None:
         self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
@@ -1135,14 +1293,17 @@ class StoreWriter:
         ``present``: every file that belongs in the index now (updated and unchanged); other files of the
         committed index are removed. Every chunk's vector must have been added (:meth:`add_vectors`).
 
-        Once the switch is committed this returns normally: clean-up afterwards (the manifest copy,
-        retired files) only logs its failures, since the new index is in place either way.
+        An incremental commit writes only the changed rows' vectors (a delta segment) and marks the removed
+        rows deleted (tombstones); past ``COMPACT_RATIO`` of the base it rebuilds the base instead. Once
+        the switch is committed this returns normally: clean-up afterwards (the manifest copy, retired
+        files) only logs its failures, since the new index is in place either way.
         """
         t0 = time.perf_counter()
         present = set(present)
         conn = self._conn
-        if not self.full and not updated and self.committed is not None \
-                and self.committed.get("index", {}).get("config") == asdict(self.index_config):
+        config_same = self.committed is not None and \
+            self.committed.get("index", {}).get("config") == asdict(self.index_config)
+        if not self.full and not updated and config_same:
             old_files = {p for (p,) in conn.execute("SELECT path FROM files")}
             if old_files == present:  # nothing changed: keep the committed generation as it is
                 counts = self.committed.get("counts", {})
@@ -1151,31 +1312,32 @@ class StoreWriter:
                                     index_kind=self.committed.get("index", {}).get("kind", "flat"),
                                     manifest=self.committed)
         new_generation = max(self.generation, self._max_owned_generation()) + 1
-        faiss_path, ids_path = _generation_paths(self.index_dir, new_generation)
-        self._own([(faiss_path.name, new_generation), (ids_path.name, new_generation),
-                   (f".{faiss_path.name}.tmp", _TEMP_GENERATION), (f".{ids_path.name}.tmp", _TEMP_GENERATION)])
-        # The switch must be durable before the old generation's files are deleted: sync this one commit
-        # (batches stay at NORMAL), so even a power cut cannot leave the database naming deleted files.
+        base_path = self.index_dir / f"seg-{new_generation}-base.faiss"
+        delta_path = self.index_dir / f"seg-{new_generation}-delta.faiss"
+        self._own([(base_path.name, new_generation), (delta_path.name, new_generation),
+                   (f".{base_path.name}.tmp", _TEMP_GENERATION), (f".{delta_path.name}.tmp", _TEMP_GENERATION)])
+        # The switch must be durable before retired files are deleted: sync this one commit (batches stay
+        # at NORMAL), so even a power cut cannot leave the database naming deleted files.
         conn.execute("PRAGMA synchronous=FULL")
         committing = False
+        written: list[Path] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             old_files = {p for (p,) in conn.execute("SELECT path FROM files")}
-            chunks_removed = self._replace_rows(updated, present, old_files)
-            ids, vectors = self._gather_vectors()
-            index, kind = build_faiss_index(vectors, self.index_config)
-            del vectors
-            _write_faiss_file(to_cpu(index), faiss_path)
-            del index
-            _write_npy_file(ids, ids_path)
+            chunks_removed, removed_rows, inserted = self._replace_rows(updated, present, old_files)
+            specs, kind = self._write_segments(config_same, removed_rows, inserted, base_path, delta_path, written)
             fsync_dir(self.index_dir)
-            for path in (faiss_path, ids_path):
+            for path in written:
                 size, sample = _sample_digest(path)
                 conn.execute("UPDATE owned_files SET size=?, sha256=?, sample=? WHERE name=?",
                              (size, _full_digest(path), sample, path.name))
+            (n_tomb,) = conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()
+            n_chunks = sum(s.n for s in specs) - n_tomb
             n_files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
-            manifest = self._manifest(new_generation, kind, n_files, len(ids))
+            manifest = self._manifest(new_generation, kind, n_files, n_chunks, len(specs), n_tomb)
             self._set("manifest", json.dumps(manifest, sort_keys=True))
+            self._set("segments", json.dumps([s.as_dict() for s in specs]))
+            self._set("next_row_id", self.next_row_id)
             self._set("generation", new_generation)
             self._set("epoch", self.epoch)
             committing = True
@@ -1183,7 +1345,7 @@ class StoreWriter:
         except BaseException:
             self._rollback()
             if not committing:  # the switch never ran: the new files are nobody's
-                for path in (faiss_path, ids_path):
+                for path in written:
                     try:
                         path.unlink(missing_ok=True)
                     except OSError:
@@ -1198,18 +1360,101 @@ class StoreWriter:
                 logger.debug("cannot restore synchronous=NORMAL: %s", exc)
         self.generation = new_generation
         self.committed = manifest
+        self.segments = specs
         self._after_commit(manifest)
-        return CommitResult(generation=new_generation, files=n_files, chunks=len(ids), chunks_removed=chunks_removed,
+        return CommitResult(generation=new_generation, files=n_files, chunks=n_chunks, chunks_removed=chunks_removed,
                             files_removed=len(old_files - present), index_kind=kind,
                             seconds_build=time.perf_counter() - t0, manifest=manifest)
 
-    def _replace_rows(self, updated: Sequence[FileRecord], present: set[str], old_files: set[str]) -> int:
+    def _write_segments(self, config_same: bool, removed_rows: list[int], inserted: list[tuple[int, str]],
+                        base_path: Path, delta_path: Path, written: list[Path]) -> tuple[list[_SegmentSpec], str]:
+        """Inside the commit's transaction: the live segment list after this commit, writing what is new."""
+        conn = self._conn
+        specs = self.segments
+        base = next((s for s in specs or () if s.kind == "base"), None)
+        incremental = not self.full and config_same and base is not None
+        if self.committed is not None and specs is None and not self.rebuild:
+            logger.warning("%s: upgrading the index to format %d (base + delta segments); this commit rebuilds "
+                           "the FAISS index once, older ragen versions cannot read it afterwards",
+                           self.index_dir, FORMAT_VERSION)
+        if incremental:
+            conn.executemany("INSERT OR REPLACE INTO tombstones(row_id, segment) VALUES (?, ?)",
+                             [(rid, _segment_of(specs, rid, self.index_dir)) for rid in removed_rows])
+            (n_tomb,) = conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()
+            deltas = [s for s in specs if s.kind == "delta"]
+            if sum(s.n for s in deltas) + len(inserted) + n_tomb > COMPACT_RATIO * max(base.n, 1):
+                incremental = False  # compaction: the base is rebuilt from the database
+        if not incremental:
+            conn.execute("DELETE FROM tombstones")
+            ids, vectors = self._gather_vectors()
+            index, kind = build_faiss_index(vectors, self.index_config, ids=ids)
+            del vectors
+            _write_faiss_file(to_cpu(index), base_path)
+            written.append(base_path)
+            lo, hi = (int(ids.min()), int(ids.max())) if len(ids) else (0, 0)
+            return [_SegmentSpec(base_path.name, "base", len(ids), lo, hi)], kind
+        kind = self.committed.get("index", {}).get("kind", "flat")
+        new_ids, new_vectors = self._vectors_of(inserted)
+        keep = [s for s in specs if s.kind == "delta"]
+        if len(keep) + 1 > MAX_DELTAS:  # merge every delta (and this one) into one, dropping deleted rows
+            parts = [self._read_delta(s) for s in keep] + [(new_ids, new_vectors)]
+            conn.executemany("DELETE FROM tombstones WHERE segment=?", [(s.name,) for s in keep])
+            new_ids = np.concatenate([p[0] for p in parts])
+            new_vectors = np.concatenate([p[1] for p in parts])
+            keep = []
+        out = [base, *keep]
+        if len(new_ids):
+            import faiss
+
+            delta = faiss.IndexIDMap2(faiss.IndexFlatIP(self.encoder.dim))
+            delta.add_with_ids(new_vectors, new_ids)
+            _write_faiss_file(delta, delta_path)
+            written.append(delta_path)
+            out.append(_SegmentSpec(delta_path.name, "delta", len(new_ids), int(new_ids.min()), int(new_ids.max())))
+        return out, kind
+
+    def _vectors_of(self, rows: list[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(row ids, vectors)`` of the given ``(row id, content hash)`` rows, read by hash."""
+        dim = self.encoder.dim
+        wanted = sorted({h for _, h in rows})
+        found: dict[str, bytes] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start:start + 500]
+            marks = ",".join("?" * len(part))
+            found.update(self._conn.execute(
+                f"SELECT content_hash, vector FROM vectors WHERE epoch=? AND content_hash IN ({marks})",
+                [self.epoch, *part]))
+        missing = [h for h in wanted if h not in found or len(found[h]) != 4 * dim]
+        if missing:
+            raise StoreError(f"{self.index_dir}: {len(missing)} chunks have no vector; every chunk must be "
+                             "embedded before commit")
+        ids = np.fromiter((r for r, _ in rows), dtype=np.int64, count=len(rows))
+        vectors = np.frombuffer(b"".join(found[h] for _, h in rows), dtype=np.float32).reshape(len(rows), dim)
+        return ids, vectors
+
+    def _read_delta(self, spec: _SegmentSpec) -> tuple[np.ndarray, np.ndarray]:
+        """The live rows of a delta segment (its deleted rows dropped)."""
+        import faiss
+
+        index = faiss.read_index(str(self.index_dir / spec.name))
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        vectors = faiss.downcast_index(index.index).reconstruct_n(0, index.ntotal)
+        removed = np.array([r for (r,) in self._conn.execute("SELECT row_id FROM tombstones WHERE segment=?",
+                                                             (spec.name,))], dtype=np.int64)
+        keep = ~np.isin(ids, removed)
+        return ids[keep], vectors[keep]
+
+    def _replace_rows(self, updated: Sequence[FileRecord], present: set[str],
+                      old_files: set[str]) -> tuple[int, list[int], list[tuple[int, str]]]:
         """Inside the commit's transaction: drop the rows of changed and deleted files (all rows on a full
-        pass), insert the updated files' rows, drop vectors no chunk refers to; returns the number of chunks
-        removed (an old chunk whose text is gone from its file)."""
+        pass), insert the updated files' rows under new row ids (never reused), drop vectors no chunk refers
+        to. Returns the number of chunks removed (an old chunk whose text is gone from its file), the
+        removed row ids and the inserted ``(row id, content hash)`` rows."""
         conn = self._conn
         new_hashes_by_path = {f.path: {c.content_hash for c in f.chunks} for f in updated}
         chunks_removed = 0
+        removed_rows: list[int] = []
+        removed_hashes: set[str] = set()
         if self.full:
             for path, h in conn.execute("SELECT path, content_hash FROM chunks"):
                 chunks_removed += h not in new_hashes_by_path.get(path, ())
@@ -1218,22 +1463,33 @@ class StoreWriter:
         else:
             for path in sorted((old_files - present) | set(new_hashes_by_path)):
                 keep = new_hashes_by_path.get(path, set())
-                for (h,) in conn.execute("SELECT content_hash FROM chunks WHERE path=?", (path,)).fetchall():
+                for row_id, h in conn.execute("SELECT id, content_hash FROM chunks WHERE path=?", (path,)).fetchall():
                     chunks_removed += h not in keep
+                    removed_rows.append(row_id)
+                    removed_hashes.add(h)
                 conn.execute("DELETE FROM chunks WHERE path=?", (path,))
                 conn.execute("DELETE FROM files WHERE path=?", (path,))
+        inserted: list[tuple[int, str]] = []
         for f in updated:
             conn.execute("INSERT INTO files(path, size, mtime_ns, n_chunks) VALUES (?, ?, ?, ?)",
                          (f.path, f.size, f.mtime_ns, len(f.chunks)))
-            conn.executemany(
-                "INSERT INTO chunks(chunk_id, path, position, start, end, content_hash, text) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(c.chunk_id, c.path, c.position, c.start, c.end, c.content_hash, c.text) for c in f.chunks])
+            rows = []
+            for c in f.chunks:
+                rows.append((self.next_row_id, c.chunk_id, c.path, c.position, c.start, c.end, c.content_hash, c.text))
+                inserted.append((self.next_row_id, c.content_hash))
+                self.next_row_id += 1
+            conn.executemany("INSERT INTO chunks(id, chunk_id, path, position, start, end, content_hash, text) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         # vectors no chunk refers to any more (deleted or edited text, the previous epoch of a rebuild)
         conn.execute("DELETE FROM vectors WHERE epoch != ?", (self.epoch,))
-        conn.execute("DELETE FROM vectors WHERE epoch = ? AND content_hash NOT IN "
-                     "(SELECT content_hash FROM chunks)", (self.epoch,))
-        return chunks_removed
+        if self.full:
+            conn.execute("DELETE FROM vectors WHERE epoch = ? AND content_hash NOT IN "
+                         "(SELECT content_hash FROM chunks)", (self.epoch,))
+        else:  # only the texts this commit removed can have lost their last chunk: cost follows the change
+            conn.executemany("DELETE FROM vectors WHERE epoch = ? AND content_hash = ? AND NOT EXISTS "
+                             "(SELECT 1 FROM chunks WHERE content_hash = ?)",
+                             [(self.epoch, h, h) for h in sorted(removed_hashes)])
+        return chunks_removed, removed_rows, inserted
 
     def _after_commit(self, manifest: dict) -> None:
         """Housekeeping once the switch is durable: failures are logged, never reported as a failed commit."""
@@ -1287,7 +1543,8 @@ class StoreWriter:
             return ids[order], unique
         return ids, unique[src]
 
-    def _manifest(self, generation: int, kind: str, n_files: int, n_chunks: int) -> dict:
+    def _manifest(self, generation: int, kind: str, n_files: int, n_chunks: int, n_segments: int = 1,
+                  n_deleted: int = 0) -> dict:
         from . import __version__
 
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -1303,7 +1560,8 @@ class StoreWriter:
             "normalization": "l2",
             "metric": "inner_product",
             "chunking": self.chunking,
-            "index": {"kind": kind, "config": asdict(self.index_config)},
+            "index": {"kind": kind, "config": asdict(self.index_config), "segments": n_segments,
+                      "deleted_rows": n_deleted},
             "counts": {"files": n_files, "chunks": n_chunks, "unique_vectors": n_vectors},
             "source": self.source,
         }
@@ -1327,6 +1585,13 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _segment_of(specs: list[_SegmentSpec], row_id: int, index_dir: Path) -> str:
+    for s in specs:
+        if s.lo <= row_id <= s.hi:
+            return s.name
+    raise _corrupt(index_dir / DB_NAME, f"chunk row {row_id} belongs to no segment of the committed index")
 
 
 def _int_or(value: object, default: int) -> int:

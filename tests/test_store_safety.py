@@ -71,20 +71,49 @@ def test_an_sqlite_file_that_is_not_an_index_is_refused(tmp_path):
     assert {r[0] for r in sqlite3.connect(d / "chunks.sqlite").execute("SELECT name FROM sqlite_master")} == {"mine"}
 
 
-def test_an_index_from_before_owned_files_is_upgraded_and_its_retired_files_deleted(tmp_path):
+def test_an_index_of_the_previous_format_opens_and_is_upgraded_by_its_next_write(tmp_path, caplog):
+    """tests/fixtures/index-format1 was written by the previous release: one FAISS + id file per
+    generation, no owned_files, no readers.lock. It opens as it is; the next write upgrades it (a warning
+    says so) and deletes its retired files, which the store claims by that format's naming convention."""
+    import shutil
+
     idx = tmp_path / "idx"
-    _write(idx, _records(2, 2))
-    con = sqlite3.connect(idx / "chunks.sqlite")  # what an index written by the previous release looks like
-    con.execute("DROP TABLE owned_files")
-    con.commit()
-    con.close()
-    (idx / "readers.lock").unlink()
-    with Store.open(idx, device="cpu") as store:  # still opens (no digests to check)
-        assert store.count == 4
-    _write(idx, _records(2, 2, tag="new"))
-    assert not (idx / "vectors-1.faiss").exists() and (idx / "vectors-2.faiss").exists()
+    shutil.copytree(Path(__file__).parent / "fixtures" / "index-format1", idx)
+    (idx / "notes.txt").write_text("the user's")
+    q = _fixture_vector("h1-1")
     with Store.open(idx, device="cpu") as store:
-        assert store.verify()["files"].keys() == {"vectors-2.faiss", "vectors-2.ids.npy"}
+        assert store.count == 4 and store.generation == 2 and store.manifest["format_version"] == 1
+        assert store.hits(q, 1)[0].chunk_id == "file1.txt#1"
+    records = [_fixture_records()[0], _fixture_records(tag="new")[1]]
+    with StoreWriter(idx, encoder=ENC, chunking=CHUNKING) as w:
+        missing = sorted(w.missing_vectors(c.content_hash for r in records for c in r.chunks))
+        assert missing == ["hnew1-0", "hnew1-1"]  # the stored vectors are reused
+        w.add_vectors(missing, np.stack([_fixture_vector(h) for h in missing]))
+        result = w.commit(records[1:], ["file0.txt", "file1.txt"])
+    assert "upgrading the index to format 2" in caplog.text
+    assert result.manifest["format_version"] == 2 and result.chunks == 4
+    assert sorted(p.name for p in idx.iterdir() if p.suffix in (".faiss", ".npy")) == ["seg-3-base.faiss"]
+    assert (idx / "notes.txt").read_text() == "the user's"
+    with Store.open(idx, device="cpu") as store:
+        assert store.hits(_fixture_vector("hnew1-1"), 1)[0].chunk_id == "file1.txt#1"
+        assert store.hits(_fixture_vector("h0-0"), 1)[0].chunk_id == "file0.txt#0"
+        assert store.verify()["files"].keys() == {"seg-3-base.faiss"}
+
+
+def _fixture_vector(h: str) -> np.ndarray:
+    import hashlib
+
+    seed = int.from_bytes(hashlib.sha256(h.encode()).digest()[:4], "little")
+    return np.random.default_rng(seed).standard_normal(16).astype(np.float32)
+
+
+def _fixture_records(tag: str = ""):
+    from ragen.store import FileRecord
+    from ragen.types import Chunk
+
+    return [FileRecord(f"file{f}.txt", 100 + f, 1000 + f + (7 if tag else 0), tuple(
+        Chunk(f"file{f}.txt#{p}", f"file{f}.txt", p, f"text {tag}{f}-{p}", p, p + 1, f"h{tag}{f}-{p}") for p in range(2)))
+        for f in range(2)]
 
 
 # --------------------------------------------------------------------------------- swapped or damaged files
@@ -95,12 +124,10 @@ def _two_indexes(tmp_path):
     return a, b
 
 
-@pytest.mark.parametrize("name", ["vectors-1.faiss", "vectors-1.ids.npy"])
-def test_a_file_swapped_for_another_index_file_of_the_same_shape_is_refused(tmp_path, name):
+def test_a_file_swapped_for_another_index_file_of_the_same_shape_is_refused(tmp_path):
     a, b = _two_indexes(tmp_path)
-    if name.endswith(".npy"):  # same shape, other order of the same row ids
-        ids = np.load(a / name)
-        np.save(b / name, ids[::-1].copy())
+    name = "seg-1-base.faiss"
+    assert (a / name).stat().st_size == (b / name).stat().st_size
     (a / name).write_bytes((b / name).read_bytes())
     with pytest.raises(StoreError) as info:
         Store.open(a, device="cpu")
@@ -110,7 +137,7 @@ def test_a_file_swapped_for_another_index_file_of_the_same_shape_is_refused(tmp_
 def test_verify_finds_a_flipped_byte_the_sampled_check_does_not_read(tmp_path):
     idx = tmp_path / "idx"
     _write(idx, _records(200, 10))  # 2000 x 16 floats: a file of ~128 kB, sampled in 16 blocks of 4 kB
-    path = idx / "vectors-1.faiss"
+    path = idx / "seg-1-base.faiss"
     data = bytearray(path.read_bytes())
     last = len(data) - 4096
     sampled = [(i * last) // 15 for i in range(16)]
@@ -118,7 +145,7 @@ def test_verify_finds_a_flipped_byte_the_sampled_check_does_not_read(tmp_path):
     data[spot] ^= 0xFF
     path.write_bytes(bytes(data))
     with Store.open(idx, device="cpu") as store:  # cheap check on open: size and samples agree
-        with pytest.raises(StoreError, match="vectors-1.faiss: does not match the SHA-256 recorded"):
+        with pytest.raises(StoreError, match="seg-1-base.faiss: does not match the SHA-256 recorded"):
             store.verify()
     result = CliRunner().invoke(app, ["info", "--index", str(idx), "--verify"])
     assert result.exit_code == 1 and "does not match the SHA-256" in result.stderr
@@ -130,7 +157,7 @@ def test_info_verify_reports_a_healthy_index(tmp_path):
     _write(idx, _records(3, 2))
     result = CliRunner().invoke(app, ["info", "--index", str(idx), "--verify"])
     assert result.exit_code == 0, result.output
-    assert "verified" in result.stdout and "vectors-1.faiss" in result.stdout
+    assert "verified" in result.stdout and "seg-1-base.faiss" in result.stdout
     result = CliRunner().invoke(app, ["info", "--index", str(idx), "--verify", "--json"])
     assert json.loads(result.stdout)["verified"]["database"] == "ok"
 
@@ -341,7 +368,7 @@ with Store.open({str(idx)!r}, device="cpu") as s:
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split() == ["file2.txt#1", "3", "6"]
         assert sorted(p.name for p in idx.iterdir()) == sorted(
-            ["chunks.sqlite", "manifest.json", "readers.lock", "vectors-1.faiss", "vectors-1.ids.npy", "write.lock"])
+            ["chunks.sqlite", "manifest.json", "readers.lock", "seg-1-base.faiss", "write.lock"])
     finally:
         for p in [top, *top.rglob("*")]:
             p.chmod(0o755)

@@ -208,10 +208,12 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def build_faiss_index(vectors: np.ndarray, config: IndexConfig, *, seed: int = 0, ids: np.ndarray | None = None):
+def build_faiss_index(vectors: np.ndarray, config: IndexConfig, *, seed: int = 0, ids: np.ndarray | None = None,
+                      centroids: np.ndarray | None = None):
     """A CPU FAISS index over (already normalised) ``vectors`` for inner-product search; returns
     ``(index, kind)`` where ``kind`` is what was actually built (IVF falls back to flat on tiny sets).
-    With ``ids`` the index returns those ids instead of positions (IVF natively, others id-mapped)."""
+    With ``ids`` the index returns those ids instead of positions (IVF natively, others id-mapped).
+    ``centroids``: an IVF quantizer trained before (kept across compactions: no k-means again)."""
     import faiss
 
     n, dim = vectors.shape
@@ -228,6 +230,11 @@ def build_faiss_index(vectors: np.ndarray, config: IndexConfig, *, seed: int = 0
         index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = config.hnsw_ef_construction
         index.hnsw.efSearch = config.hnsw_ef_search
+    elif centroids is not None and len(centroids) >= 2 and n >= 39 * len(centroids):
+        quantizer = faiss.IndexFlatIP(dim)
+        quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        index = faiss.IndexIVFFlat(quantizer, dim, len(centroids), faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = min(config.ivf_nprobe, len(centroids))
     else:
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -287,6 +294,9 @@ CREATE TABLE IF NOT EXISTS owned_files (
     name TEXT PRIMARY KEY, generation INTEGER NOT NULL, size INTEGER, sha256 TEXT, sample TEXT
 );
 CREATE TABLE IF NOT EXISTS tombstones (row_id INTEGER PRIMARY KEY, segment TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ivf_quantizer (
+    epoch INTEGER PRIMARY KEY, nlist INTEGER NOT NULL, dim INTEGER NOT NULL, centroids BLOB NOT NULL
+);
 """
 _TABLES = ("meta", "files", "chunks", "vectors")
 _TEMP_GENERATION = -1  # owned_files rows of temporary files: never part of a generation
@@ -1387,8 +1397,9 @@ class StoreWriter:
         if not incremental:
             conn.execute("DELETE FROM tombstones")
             ids, vectors = self._gather_vectors()
-            index, kind = build_faiss_index(vectors, self.index_config, ids=ids)
+            index, kind = build_faiss_index(vectors, self.index_config, ids=ids, centroids=self._trained_centroids())
             del vectors
+            self._keep_centroids(index)
             _write_faiss_file(to_cpu(index), base_path)
             written.append(base_path)
             lo, hi = (int(ids.min()), int(ids.max())) if len(ids) else (0, 0)
@@ -1412,6 +1423,28 @@ class StoreWriter:
             written.append(delta_path)
             out.append(_SegmentSpec(delta_path.name, "delta", len(new_ids), int(new_ids.min()), int(new_ids.max())))
         return out, kind
+
+    def _trained_centroids(self) -> np.ndarray | None:
+        """The IVF quantizer of this epoch's vectors, when one was trained and the settings still ask for
+        its number of lists (a compaction reuses it instead of running k-means again)."""
+        if self.index_config.kind != "ivf" or self.rebuild:
+            return None
+        row = self._conn.execute("SELECT nlist, dim, centroids FROM ivf_quantizer WHERE epoch=?",
+                                 (self.epoch,)).fetchone()
+        if row is None or row[1] != self.encoder.dim or len(row[2]) != 4 * row[0] * row[1] or (
+                self.index_config.ivf_nlist is not None and self.index_config.ivf_nlist != row[0]):
+            return None
+        return np.frombuffer(row[2], dtype=np.float32).reshape(row[0], row[1])
+
+    def _keep_centroids(self, index) -> None:
+        import faiss
+
+        inner = faiss.downcast_index(index)
+        self._conn.execute("DELETE FROM ivf_quantizer WHERE epoch != ?", (self.epoch,))
+        if isinstance(inner, faiss.IndexIVF):
+            centroids = inner.quantizer.reconstruct_n(0, inner.nlist)
+            self._conn.execute("INSERT OR REPLACE INTO ivf_quantizer(epoch, nlist, dim, centroids) VALUES (?, ?, ?, ?)",
+                               (self.epoch, inner.nlist, inner.d, np.ascontiguousarray(centroids, np.float32).tobytes()))
 
     def _vectors_of(self, rows: list[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray]:
         """``(row ids, vectors)`` of the given ``(row id, content hash)`` rows, read by hash."""

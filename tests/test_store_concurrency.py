@@ -9,7 +9,6 @@ import hashlib
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,24 +32,28 @@ def vec(content_hash: str) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def records(generation: int) -> list[FileRecord]:
-    """Every chunk's text changes each generation, so each commit replaces every row (row ids are reused)."""
-    out = []
-    for f in range(N_FILES):
-        path = f"file{f}.txt"
-        chunks = tuple(Chunk(chunk_id=f"{path}#{p}", path=path, position=p, text=f"text g{generation}_{f}-{p}",
-                             start=p, end=p + 1, content_hash=f"hg{generation}_{f}-{p}") for p in range(PER_FILE))
-        out.append(FileRecord(path, 100, generation, chunks))
-    return out
+def version(f: int, generation: int) -> int:
+    """Generation G >= 2 rewrites file ``G % N_FILES``: the version of file f at G is the last such G."""
+    g = generation - ((generation - f) % N_FILES)
+    return g if g >= 2 else 1
+
+
+def record(f: int, v: int) -> FileRecord:
+    path = f"file{f}.txt"
+    return FileRecord(path, 100, v, tuple(Chunk(chunk_id=f"{path}#{p}", path=path, position=p, text=f"text g{v}_{f}-{p}",
+                                                start=p, end=p + 1, content_hash=f"hg{v}_{f}-{p}") for p in range(PER_FILE)))
 
 
 def commit(index_dir, generation: int) -> None:
+    """Generation 1 writes every file; each later one rewrites one file (deltas, tombstones, merges and
+    compactions all happen within a few dozen commits)."""
     with StoreWriter(index_dir, encoder=ENC, chunking=CHUNKING) as w:
-        recs = records(generation)
+        files = range(N_FILES) if generation == 1 else [generation % N_FILES]
+        recs = [record(f, version(f, generation)) for f in files]
         hashes = sorted(w.missing_vectors(c.content_hash for r in recs for c in r.chunks))
         if hashes:
             w.add_vectors(hashes, np.stack([vec(h) for h in hashes]))
-        w.commit(recs, [r.path for r in recs])
+        w.commit(recs, [f"file{f}.txt" for f in range(N_FILES)])
 
 
 WRITER = """

@@ -334,7 +334,7 @@ def test_a_full_disk_is_reported_as_a_full_disk_not_a_damaged_index(tmp_path, mo
         assert "chunks.sqlite: the disk is full" in _one_line(info.value) and "--rebuild" not in str(info.value)
     assert not (idx / "chunks.sqlite.corrupt").exists()
     with pytest.raises(StoreError, match="the disk is full"):
-        with StoreWriter(idx, encoder=ENC, chunking=CHUNKING) as w:
+        with StoreWriter(idx, encoder=ENC, chunking=CHUNKING):
             pass
     monkeypatch.setattr(store_mod, "_connect", real)
     with Store.open(idx, device="cpu") as store:

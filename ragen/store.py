@@ -189,6 +189,17 @@ def _resolve_search_device(device: str | None, kind: str) -> int | None:
     raise StoreError(f"unknown device {device!r}; expected cpu, cuda or cuda:N")
 
 
+def _to_device(seg, gpu: int):
+    """``(GPU index, position -> row id array or None)`` for a loaded segment. faiss moves id-mapped
+    wrappers to the GPU unevenly across versions, so the inner index goes and the ids are mapped here."""
+    import faiss
+
+    inner = faiss.downcast_index(seg.index)
+    if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return to_gpu(faiss.downcast_index(inner.index), gpu), faiss.vector_to_array(inner.id_map).astype(np.int64)
+    return to_gpu(seg.index, gpu), seg.ids
+
+
 def to_gpu(index, gpu: int):
     import faiss
 
@@ -724,7 +735,8 @@ class _Loaded:
     index: object  # CPU
     ids: np.ndarray | None
     params: object | None = None
-    device_index: object | None = None
+    device_index: object | None = None  # a GPU copy (id-mapped indexes: the inner index, see device_ids)
+    device_ids: np.ndarray | None = None
 
     @property
     def ntotal(self) -> int:
@@ -761,7 +773,7 @@ class Store:
         self._count = sum(s.ntotal - (0 if s.params is None else len(s.params._ragen_refs[1])) for s in segments)
         for s in segments:
             if gpu is not None and s.device_index is None:
-                s.device_index = to_gpu(s.index, gpu)
+                s.device_index, s.device_ids = _to_device(s, gpu)
 
     # --- opening ------------------------------------------------------------------------------------------
     @classmethod
@@ -801,8 +813,9 @@ class Store:
                             else:
                                 index, ids = _load_segment(directory, spec, digests, dim)
                                 _apply_search_params(index, config)
+                            same = old is not None and old.spec == spec
                             segments.append(_Loaded(spec, index, ids, _search_params(index, config, removed.get(spec.name)),
-                                                    old.device_index if old is not None and old.spec == spec else None))
+                                                    old.device_index if same else None, old.device_ids if same else None))
                     except StoreError:
                         # only a reader without the lock can see a writer retire its files: choose again
                         if attempt < 4 and _current_generation(db) not in (None, generation):
@@ -899,11 +912,13 @@ class Store:
                 continue
             if seg.params is not None:  # skip deleted rows inside faiss (CPU)
                 scores, pos = seg.index.search(q, kk, params=seg.params)
+                mapping = seg.ids
             else:
-                index = seg.device_index if (seg.device_index is not None and kk <= GPU_MAX_K) else seg.index
-                scores, pos = index.search(q, kk)  # (n, kk) each
-            if seg.ids is not None:
-                pos = np.where(pos >= 0, seg.ids[np.clip(pos, 0, None)], -1)
+                on_device = seg.device_index is not None and kk <= GPU_MAX_K
+                scores, pos = (seg.device_index if on_device else seg.index).search(q, kk)  # (n, kk) each
+                mapping = seg.device_ids if on_device else seg.ids
+            if mapping is not None:
+                pos = np.where(pos >= 0, mapping[np.clip(pos, 0, None)], -1)
             parts.append((scores, pos))
         if len(parts) == 1:
             scores, ids = parts[0]

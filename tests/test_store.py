@@ -269,7 +269,7 @@ def test_leftover_files_of_killed_writes_are_removed_and_nothing_else(tmp_path):
     script = f"""
 import os, sys, numpy as np
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-import ragen.store as s
+import ragen.store.writer as s
 from tests.test_store import _records, _write
 def killed(path):
     (path.parent / ("." + path.name + ".tmp")).write_bytes(b"partial")

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import ragen.store as store_mod
+import ragen.store.writer as writer_mod
 from ragen.cli import app
 from ragen.errors import StoreError
 from ragen.store import Store, StoreWriter, check_unlocked
@@ -295,14 +296,14 @@ def test_an_io_error_at_commit_is_not_masked(tmp_path):
 def test_a_commit_that_succeeded_is_a_success_even_if_housekeeping_fails(tmp_path, monkeypatch, caplog):
     idx = tmp_path / "idx"
     _write(idx, _records(2, 2))
-    real = store_mod._write_owned
+    real = writer_mod._write_owned
 
     def no_space_for_the_manifest_copy(path, write):
         if path.name == "manifest.json":
             raise OSError(28, "No space left on device", str(path))
         return real(path, write)
 
-    monkeypatch.setattr(store_mod, "_write_owned", no_space_for_the_manifest_copy)
+    monkeypatch.setattr(writer_mod, "_write_owned", no_space_for_the_manifest_copy)
     result = _write(idx, _records(2, 2, tag="new"))
     assert result.generation == 2
     assert "cannot update this copy of the committed manifest" in caplog.text
@@ -320,14 +321,14 @@ def test_a_full_disk_is_reported_as_a_full_disk_not_a_damaged_index(tmp_path, mo
     con.commit()
     con.execute("VACUUM")  # and no free page is left to reuse
     con.close()
-    real = store_mod._connect
+    real = writer_mod._connect
 
     def capped(db):
         conn = real(db)
         conn.execute("PRAGMA max_page_count=1")  # capped at the current size: no page can be added
         return conn
 
-    monkeypatch.setattr(store_mod, "_connect", capped)
+    monkeypatch.setattr(writer_mod, "_connect", capped)
     for rebuild in (False, True):
         with pytest.raises(StoreError) as info:
             StoreWriter(idx, encoder=ENC, chunking=CHUNKING, rebuild=rebuild)
@@ -336,7 +337,7 @@ def test_a_full_disk_is_reported_as_a_full_disk_not_a_damaged_index(tmp_path, mo
     with pytest.raises(StoreError, match="the disk is full"):
         with StoreWriter(idx, encoder=ENC, chunking=CHUNKING):
             pass
-    monkeypatch.setattr(store_mod, "_connect", real)
+    monkeypatch.setattr(writer_mod, "_connect", real)
     with Store.open(idx, device="cpu") as store:
         assert store.count == 4
 

@@ -156,7 +156,7 @@ def test_a_long_lived_reader_reloads_only_the_new_segments(tmp_path):
 KILL = """
 import os, sys
 sys.path.insert(0, {root!r})
-import ragen.store as s
+import ragen.store.writer as s
 from tests.test_store_segments import commit, record
 phase = {phase!r}
 real_write, real_digest = s._write_faiss_file, s._full_digest
@@ -249,8 +249,11 @@ def test_the_gpu_path_maps_segment_positions_to_row_ids(tmp_path, monkeypatch):
     commit(idx, [record(f) for f in range(100)], present)
     commit(idx, [record(5, version=1)], present)  # base + delta + tombstones
     moved = []
-    monkeypatch.setattr(store_mod, "to_gpu", lambda index, gpu: moved.append(type(index).__name__) or index)
-    monkeypatch.setattr(store_mod, "_resolve_search_device", lambda device, kind: 0)
+    import ragen.store.faiss_index as faiss_mod
+    import ragen.store.reader as reader_mod
+
+    monkeypatch.setattr(faiss_mod, "to_gpu", lambda index, gpu: moved.append(type(index).__name__) or index)
+    monkeypatch.setattr(reader_mod, "_resolve_search_device", lambda device, kind: 0)
     queries = normalize_rows(np.random.default_rng(3).standard_normal((10, DIM)).astype(np.float32))
     with Store.open(idx, device="cuda") as store:
         assert store.on_gpu and moved == ["IndexFlatIP", "IndexFlatIP"]

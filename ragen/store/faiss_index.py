@@ -163,7 +163,7 @@ def build_faiss_index(vectors: np.ndarray, config: IndexConfig, *, seed: int = 0
         index.train(sample)  # faiss's Python wrapper keeps `quantizer` referenced by `index`
         index.nprobe = min(config.ivf_nprobe, nlist)
     if ids is not None and kind != "ivf":
-        index = faiss.IndexIDMap2(index)
+        index = faiss.IndexIDMap(index)
     if n:
         if ids is not None:
             index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))

@@ -444,7 +444,7 @@ class StoreWriter:
         if len(new_ids):
             import faiss
 
-            delta = faiss.IndexIDMap2(faiss.IndexFlatIP(self.encoder.dim))
+            delta = faiss.IndexIDMap(faiss.IndexFlatIP(self.encoder.dim))
             delta.add_with_ids(new_vectors, new_ids)
             _write_faiss_file(delta, delta_path)
             written.append(delta_path)

@@ -73,7 +73,7 @@ def _database_errors(method):
 class StoreWriter:
     """Exclusive writer of one index directory (``flock`` on ``write.lock``).
 
-    Use as a context manager. Typical run: :meth:`needs_reading` / :meth:`missing_vectors` to plan,
+    Use as a context manager. Typical run: :meth:`known_files` / :meth:`missing_vectors` to plan,
     :meth:`add_vectors` per embedded batch (each a committed transaction), :meth:`commit` once at the end.
 
     Vectors live in *epochs*: a normal run adds to the committed epoch, so unchanged chunks keep their

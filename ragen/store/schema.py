@@ -206,7 +206,7 @@ def _check_manifest_file(path: Path) -> None:
         return
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, a 5,000-digit number
         raise _corrupt(path, f"not valid JSON ({str(exc)[:120]})") from None
     except OSError as exc:
         raise StoreError(f"{path}: cannot read ({exc.strerror})") from None
@@ -219,9 +219,10 @@ def _parse_generation(meta: dict[str, str], db: Path) -> int:
     try:
         generation = int(meta["generation"])
     except (ValueError, KeyError):
-        raise _corrupt(db, f"the committed generation is {meta.get('generation')!r}, expected an integer") from None
-    if generation < 0:
-        raise _corrupt(db, f"the committed generation is {generation}, expected >= 0")
+        raise _corrupt(db, f"the committed generation is {str(meta.get('generation'))[:40]!r}, expected an "
+                           "integer") from None
+    if not 0 <= generation < 2**62:
+        raise _corrupt(db, f"the committed generation is {str(generation)[:40]}, expected a non-negative integer")
     return generation
 
 
@@ -231,7 +232,7 @@ def _committed(meta: dict[str, str], db: Path) -> tuple[dict, int]:
                          "run `ragen index` again to resume")
     try:
         manifest = json.loads(meta["manifest"])
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise _corrupt(db, f"committed manifest is unreadable ({str(exc)[:120]})") from None
     return _validate_manifest(manifest, db), _parse_generation(meta, db)
 

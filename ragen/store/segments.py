@@ -205,7 +205,7 @@ def _live_segments(meta: dict[str, str], generation: int, db: Path) -> list[_Seg
         return [_SegmentSpec(faiss_path.name, "legacy", -1, 0, 0, ids_path.name)]
     try:
         items = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         raise _corrupt(db, "the committed segment list is not valid JSON") from None
     if not isinstance(items, list):
         raise _corrupt(db, f"the committed segment list is a JSON {type(items).__name__}, expected a list")

@@ -159,12 +159,13 @@ class StoreWriter:
                 # --rebuild is the way out of a damaged manifest: start over, never reusing a file name
                 self.committed = None
                 self.generation = self._max_owned_generation()
-        committed_epoch = _int_or(meta.get("epoch"), 0)
+        strict = not self.rebuild  # --rebuild is the way out of damaged counters: it starts them over
+        committed_epoch = self._meta_int(meta, "epoch", 0, strict)
         self.segments: list[_SegmentSpec] | None = None  # None: layout 1 (or nothing committed)
         if self.committed is not None and meta.get("segments") is not None:
             self.segments = _live_segments(meta, self.generation, db)
         (max_id,) = self._conn.execute("SELECT MAX(id) FROM chunks").fetchone()
-        self.next_row_id = max(_int_or(meta.get("next_row_id"), 1), int(max_id or 0) + 1)
+        self.next_row_id = max(self._meta_int(meta, "next_row_id", 1, strict), int(max_id or 0) + 1)
         if self.committed is not None and not self.rebuild:
             old = self.committed["encoder"]
             if old["fingerprint"] != self.encoder.fingerprint or int(old["dim"]) != self.encoder.dim:
@@ -174,7 +175,7 @@ class StoreWriter:
                     f"{self.encoder.fingerprint}); pass --model {old['spec']} or --rebuild")
             self.epoch = committed_epoch
         else:
-            work_epoch = _int_or(meta.get("work_epoch"), 0)
+            work_epoch = self._meta_int(meta, "work_epoch", 0, strict)
             # A killed run (a --rebuild or a model switch included) left vectors in its epoch: the next run
             # with the same encoder continues it instead of embedding everything again.
             resumable = work_epoch > committed_epoch and meta.get("work_fingerprint") == self.encoder.fingerprint
@@ -191,6 +192,17 @@ class StoreWriter:
             if self.committed is not None:
                 self._claim_legacy_generation()
         self._collect_garbage()  # leftovers of killed runs: temp files, unused generations
+
+    def _meta_int(self, meta: dict[str, str], key: str, default: int, strict: bool) -> int:
+        """A counter of the meta table: a non-negative 63-bit integer, else a one-line error (or, when
+        ``strict`` is off, the default)."""
+        value = _int_or(meta.get(key), -1) if key in meta else default
+        if 0 <= value < 2**62:
+            return value
+        if strict:
+            raise _corrupt(self.index_dir / DB_NAME, f"the recorded {key} is {str(meta.get(key))[:40]!r}, "
+                                                     "expected a non-negative integer")
+        return default
 
     def _max_owned_generation(self) -> int:
         (g,) = self._conn.execute("SELECT MAX(generation) FROM owned_files").fetchone()

@@ -21,8 +21,8 @@ from .faiss_index import IndexConfig, build_faiss_index, normalize_rows, to_cpu
 from .schema import (_SCHEMA, _SQLITE_CORRUPT, _SQLITE_NOTADB, _TABLES, _TEMP_GENERATION, DB_NAME, FORMAT_VERSION,
                      LOCK_NAME, MANIFEST_NAME, READERS_LOCK_NAME, SCHEMA_VERSION, EncoderInfo, _code, _committed,
                      _connect, _corrupt, _db_error, _meta, _tables)
-from .segments import (_OWNED_NAME, _check_index_folder, _full_digest, _generation_paths, _live_segments,
-                       _sample_digest, _SegmentSpec, _write_faiss_file, _write_owned)
+from .segments import (_OWNED_NAME, _check_digest, _check_index_folder, _digests, _full_digest, _generation_paths,
+                       _live_segments, _sample_digest, _SegmentSpec, _write_faiss_file, _write_owned)
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,12 @@ class StoreWriter:
             self._set("schema_version", SCHEMA_VERSION)
             if self.committed is not None:
                 self._claim_legacy_generation()
-        self._collect_garbage()  # leftovers of killed runs: temp files, unused generations
+        # Leftovers of killed runs (temp files, unused segments) go only when the committed state checks out:
+        # a damaged database could otherwise name the wrong files as live.
+        intact = self._live_state_intact()
+        if not intact and self.committed is not None and not self.rebuild:
+            raise _corrupt(db, "the index files it names are missing, replaced or miscounted")
+        self._collect_garbage(temp_only=not intact)
 
     def _meta_int(self, meta: dict[str, str], key: str, default: int, strict: bool) -> int:
         """A counter of the meta table: a non-negative 63-bit integer, else a one-line error (or, when
@@ -221,13 +226,35 @@ class StoreWriter:
         with self._transaction():
             self._conn.executemany("INSERT OR REPLACE INTO owned_files(name, generation) VALUES (?, ?)", list(names))
 
-    def _collect_garbage(self, wait_s: float = 0.5) -> None:
+    def _live_state_intact(self) -> bool:
+        """Whether every file the committed state names exists with its recorded size and sampled digest,
+        and the segments hold the committed number of chunks."""
+        if self.committed is None:
+            return False
+        digests = _digests(self._conn, sorted(self._live_names()))
+        try:
+            for name in self._live_names():
+                path = self.index_dir / name
+                if not path.is_file():
+                    return False
+                _check_digest(path, digests.get(name))
+        except (StoreError, OSError):
+            return False
+        if self.segments is not None:
+            (n_tomb,) = self._conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()
+            if sum(s.n for s in self.segments) - n_tomb != self.committed.get("counts", {}).get("chunks"):
+                return False
+        return True
+
+    def _collect_garbage(self, wait_s: float = 0.5, temp_only: bool = False) -> None:
         """Delete owned files that belong to no live generation, under the exclusive readers' lock; when
-        readers hold it past ``wait_s`` the files stay for a later run (they are still recorded)."""
+        readers hold it past ``wait_s`` the files stay for a later run (they are still recorded).
+        ``temp_only``: only temporary files (the live state is not trusted)."""
         import fcntl
 
         live = self._live_names()
-        rows = [(n,) for (n,) in self._conn.execute("SELECT name FROM owned_files") if n not in live]
+        rows = [(n,) for (n, g) in self._conn.execute("SELECT name, generation FROM owned_files")
+                if n not in live and (g == _TEMP_GENERATION or not temp_only)]
         if not rows:
             return
         try:

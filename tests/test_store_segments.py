@@ -80,7 +80,7 @@ def test_a_one_file_update_writes_a_delta_and_tombstones_not_the_base(tmp_path, 
     base = idx / "seg-1-base.faiss"
     base_bytes = base.read_bytes()
     gathered = []
-    monkeypatch.setattr(StoreWriter, "_gather_vectors", lambda self: gathered.append(1) or (_ for _ in ()).throw(
+    monkeypatch.setattr(StoreWriter, "_build_base", lambda self: gathered.append(1) or (_ for _ in ()).throw(
         AssertionError("an incremental commit must not read every vector")))
     result = commit(idx, [record(3, version=1)], [f"file{f}.txt" for f in range(n_files)])
     assert not gathered and result.chunks == 500 and result.chunks_removed == 5

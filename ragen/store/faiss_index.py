@@ -126,22 +126,25 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def build_faiss_index(vectors: np.ndarray, config: IndexConfig, *, seed: int = 0, ids: np.ndarray | None = None,
-                      centroids: np.ndarray | None = None):
-    """A CPU FAISS index over (already normalised) ``vectors`` for inner-product search; returns
-    ``(index, kind)`` where ``kind`` is what was actually built (IVF falls back to flat on tiny sets).
-    With ``ids`` the index returns those ids instead of positions (IVF natively, others id-mapped).
-    ``centroids``: an IVF quantizer trained before (kept across compactions: no k-means again)."""
+def ivf_lists(n: int, config: IndexConfig) -> int:
+    """The number of IVF lists for ``n`` vectors (``4 * sqrt(n)`` unless set, at least 39 training points
+    per list, as faiss wants); 0 when there are too few vectors for two lists (built flat instead)."""
+    nlist = min(config.ivf_nlist or int(4 * math.sqrt(max(n, 1))), n // 39)
+    return nlist if nlist >= 2 else 0
+
+
+def empty_faiss_index(n: int, dim: int, config: IndexConfig, *, sample: np.ndarray | None = None,
+                      centroids: np.ndarray | None = None, with_ids: bool = False):
+    """An empty CPU index, ready for ``n`` vectors, and the kind actually built (IVF falls back to flat on
+    tiny sets). IVF is trained on ``sample`` unless ``centroids`` (a quantizer trained before) fit.
+    ``with_ids``: the index returns the ids given to ``add_with_ids`` (IVF natively, others id-mapped)."""
     import faiss
 
-    n, dim = vectors.shape
     kind = config.kind
-    if kind == "ivf":
-        nlist = config.ivf_nlist or int(4 * math.sqrt(max(n, 1)))
-        nlist = min(nlist, n // 39)
-        if nlist < 2:
-            logger.info("IVF needs at least 78 vectors; %d vectors are indexed flat (exact)", n)
-            kind = "flat"
+    nlist = ivf_lists(n, config) if kind == "ivf" else 0
+    if kind == "ivf" and not nlist:
+        logger.info("IVF needs at least 78 vectors; %d vectors are indexed flat (exact)", n)
+        kind = "flat"
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
@@ -154,16 +157,36 @@ def build_faiss_index(vectors: np.ndarray, config: IndexConfig, *, seed: int = 0
         index = faiss.IndexIVFFlat(quantizer, dim, len(centroids), faiss.METRIC_INNER_PRODUCT)
         index.nprobe = min(config.ivf_nprobe, len(centroids))
     else:
+        if sample is None or len(sample) < nlist:
+            raise ValueError("an IVF index needs a training sample of at least nlist vectors")
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = vectors
-        if n > 256 * nlist:  # faiss would subsample anyway; doing it here keeps it deterministic and quiet
-            rng = np.random.default_rng(seed)
-            sample = vectors[np.sort(rng.choice(n, 256 * nlist, replace=False))]
-        index.train(sample)  # faiss's Python wrapper keeps `quantizer` referenced by `index`
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))  # the wrapper keeps `quantizer` alive
         index.nprobe = min(config.ivf_nprobe, nlist)
-    if ids is not None and kind != "ivf":
+    if with_ids and kind != "ivf":
         index = faiss.IndexIDMap(index)
+    return index, kind
+
+
+def ivf_sample_size(n: int, config: IndexConfig) -> int:
+    """How many vectors IVF trains on: at most 256 per list (faiss would subsample beyond that)."""
+    return min(n, 256 * ivf_lists(n, config)) if config.kind == "ivf" else 0
+
+
+def build_faiss_index(vectors: np.ndarray, config: IndexConfig, *, seed: int = 0, ids: np.ndarray | None = None,
+                      centroids: np.ndarray | None = None):
+    """A CPU FAISS index over (already normalised) ``vectors`` for inner-product search; returns
+    ``(index, kind)`` where ``kind`` is what was actually built (IVF falls back to flat on tiny sets).
+    With ``ids`` the index returns those ids instead of positions (IVF natively, others id-mapped).
+    ``centroids``: an IVF quantizer trained before (kept across compactions: no k-means again)."""
+    n, dim = vectors.shape
+    sample = None
+    m = ivf_sample_size(n, config)
+    if m:
+        sample = vectors
+        if n > m:  # deterministic and quiet, where faiss would subsample itself
+            sample = vectors[np.sort(np.random.default_rng(seed).choice(n, m, replace=False))]
+    index, kind = empty_faiss_index(n, dim, config, sample=sample, centroids=centroids, with_ids=ids is not None)
     if n:
         if ids is not None:
             index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))

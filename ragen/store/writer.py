@@ -17,7 +17,7 @@ import numpy as np
 from .._io import fsync_dir
 from ..errors import StoreError
 from ..types import Chunk
-from .faiss_index import IndexConfig, build_faiss_index, normalize_rows, to_cpu
+from .faiss_index import IndexConfig, empty_faiss_index, ivf_sample_size, normalize_rows, to_cpu
 from .schema import (_SCHEMA, _SQLITE_CORRUPT, _SQLITE_NOTADB, _TABLES, _TEMP_GENERATION, DB_NAME, FORMAT_VERSION,
                      LOCK_NAME, MANIFEST_NAME, READERS_LOCK_NAME, SCHEMA_VERSION, EncoderInfo, _code, _committed,
                      _connect, _corrupt, _db_error, _meta, _tables)
@@ -462,14 +462,12 @@ class StoreWriter:
                 incremental = False  # compaction: the base is rebuilt from the database
         if not incremental:
             conn.execute("DELETE FROM tombstones")
-            ids, vectors = self._gather_vectors()
-            index, kind = build_faiss_index(vectors, self.index_config, ids=ids, centroids=self._trained_centroids())
-            del vectors
+            index, kind, n, lo, hi = self._build_base()
             self._keep_centroids(index)
             _write_faiss_file(to_cpu(index), base_path)
+            del index
             written.append(base_path)
-            lo, hi = (int(ids.min()), int(ids.max())) if len(ids) else (0, 0)
-            return [_SegmentSpec(base_path.name, "base", len(ids), lo, hi)], kind
+            return [_SegmentSpec(base_path.name, "base", n, lo, hi)], kind
         kind = self.committed.get("index", {}).get("kind", "flat")
         new_ids, new_vectors = self._vectors_of(inserted)
         keep = [s for s in specs if s.kind == "delta"]
@@ -606,41 +604,51 @@ class StoreWriter:
         except (OSError, sqlite3.Error) as exc:
             logger.warning("%s: retired files stay until the next run (%s)", self.index_dir, exc)
 
-    def _gather_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(row ids, vectors)`` of every chunk, read in bulk: one scan of the chunk rows and one of the
-        epoch's vectors (in key order), never one lookup per row. FAISS position ``i`` holds the vector of
-        chunk row ``ids[i]``."""
+    def _build_base(self):
+        """The base segment over every chunk, streamed: one scan of the chunk rows, then the epoch's vectors
+        in key order, added to faiss batch by batch (never one lookup per row, never a second copy of all
+        vectors in memory). Returns ``(index, kind, n, lowest row id, highest row id)``."""
         conn = self._conn
-        row_ids: list[int] = []
-        hashes: list[str] = []
-        for row_id, h in conn.execute("SELECT id, content_hash FROM chunks"):
-            row_ids.append(row_id)
-            hashes.append(h)
-        n = len(row_ids)
         dim = self.encoder.dim
-        slot: dict[str, int] = {}
-        for h in hashes:
-            slot.setdefault(h, len(slot))
-        unique = np.empty((len(slot), dim), dtype=np.float32)
-        filled = np.zeros(len(slot), dtype=bool)
+        rows_of: dict[str, object] = {}  # content hash -> row id, or a list of them for repeated text
+        n, lo, hi = 0, None, None
+        for row_id, h in conn.execute("SELECT id, content_hash FROM chunks"):
+            had = rows_of.get(h)
+            rows_of[h] = row_id if had is None else (had + [row_id] if isinstance(had, list) else [had, row_id])
+            n += 1
+            lo = row_id if lo is None or row_id < lo else lo
+            hi = row_id if hi is None or row_id > hi else hi
+        centroids = self._trained_centroids()
+        sample = None
+        m = ivf_sample_size(len(rows_of), self.index_config) if centroids is None else 0
+        if m:  # IVF trains on a sample of the distinct vectors, read by hash
+            chosen = sorted(rows_of)
+            if len(chosen) > m:
+                picks = np.random.default_rng(0).choice(len(chosen), m, replace=False)
+                chosen = [chosen[i] for i in np.sort(picks)]
+            sample = self._vectors_of([(0, h) for h in chosen])[1]
+        index, kind = empty_faiss_index(n, dim, self.index_config, sample=sample, centroids=centroids, with_ids=True)
+        del sample
+        added = 0
         width = 4 * dim
         cursor = conn.execute("SELECT content_hash, vector FROM vectors WHERE epoch=?", (self.epoch,))
         while batch := cursor.fetchmany(4096):
-            rows = [(slot[h], blob) for h, blob in batch if h in slot and len(blob) == width]
-            if rows:  # one copy per batch of rows, not one numpy call per row
-                where = np.fromiter((i for i, _ in rows), dtype=np.int64, count=len(rows))
-                unique[where] = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(-1, dim)
-                filled[where] = True
-        if not filled.all():
-            raise StoreError(f"{self.index_dir}: {int((~filled).sum())} chunks have no vector; every chunk must be "
-                             "embedded before commit")
-        ids = np.asarray(row_ids, dtype=np.int64)
-        src = np.fromiter((slot[h] for h in hashes), dtype=np.int64, count=n)
-        if len(slot) == n:  # every chunk has its own text: order the ids by vector instead of copying vectors
-            order = np.empty(n, dtype=np.int64)
-            order[src] = np.arange(n, dtype=np.int64)
-            return ids[order], unique
-        return ids, unique[src]
+            blobs, ids = [], []
+            for h, blob in batch:
+                target = rows_of.get(h)
+                if target is None or len(blob) != width:
+                    continue
+                for row_id in (target if isinstance(target, list) else (target,)):
+                    blobs.append(blob)
+                    ids.append(row_id)
+            if ids:  # one copy per batch of rows, not one numpy call per row
+                index.add_with_ids(np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(-1, dim),
+                                   np.asarray(ids, dtype=np.int64))
+                added += len(ids)
+        if added != n:
+            raise StoreError(f"{self.index_dir}: {n - added} chunks have no vector; every chunk must be embedded "
+                             "before commit")
+        return index, kind, n, lo or 0, hi or 0
 
     def _manifest(self, generation: int, kind: str, n_files: int, n_chunks: int, n_segments: int = 1,
                   n_deleted: int = 0) -> dict:

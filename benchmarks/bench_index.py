@@ -6,11 +6,18 @@
 (b) Search latency at 100k and 1M vectors: exact flat inner product against HNSW and IVF, with
     recall@10 measured against the exact results. Vectors are clustered synthetic unit vectors (a
     Gaussian mixture, closer to real embeddings than uniform noise, on which no ANN index does well).
+(c) The store at scale (``--store-sizes``): random vectors through the store API (``StoreWriter``),
+    ``--per-file`` chunks per file. Each phase runs in its own process, so its peak RSS is its own:
+    initial build, a one-file update (one file's chunks replaced), and the search latency of the
+    committed index through ``Store.search`` and ``Store.hits`` against raw faiss on the same file.
+    ``--json`` prints one JSON object per size (n, dim, initial_build_s, one_file_update_s,
+    update_peak_rss_mb, vector_mb, search_ms {ragen, ragen_hits, faiss}).
 
 Usage::
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_index.py            # both parts
     PYTHONPATH=. python benchmarks/bench_index.py --skip-index --sizes 100000  # search only
+    PYTHONPATH=. python benchmarks/bench_index.py --skip-index --skip-search --store-sizes 200000 --json
 
 The index part reads text from ``--corpus`` (a folder, or a BEIR-style corpus.jsonl whose records are
 written out as files) or, by default, generates a folder of prose-like text.
@@ -21,7 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -149,6 +159,104 @@ def bench_search(args) -> None:
         del data
 
 
+# ---------------------------------------------------------------------------------------------- (c) the store
+def _store_phase(args) -> dict:
+    """One phase in this (child) process; returns its figures."""
+    import faiss
+
+    from ragen.store import EncoderInfo, FileRecord, IndexConfig, Store, StoreWriter
+    from ragen.types import Chunk
+
+    n, dim, per_file = args.phase_n, args.dim_store, args.per_file
+    enc = EncoderInfo(spec="bench", fingerprint="bench", dim=dim)
+    chunking = {"method": "bench", "chunk_size": 1000, "chunk_overlap": 0}
+    idx = Path(args.phase_dir)
+
+    def record(f: int, tag: str = "") -> FileRecord:
+        path = f"f{f:07d}.txt"
+        return FileRecord(path, 1, 1, tuple(Chunk(f"{path}#{p}", path, p, f"t{tag}{f}-{p}", 0, 1, f"h{tag}{f}-{p}")
+                                            for p in range(per_file)))
+
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    if args.phase == "build":
+        records = [record(f) for f in range(n // per_file)]
+        with StoreWriter(idx, encoder=enc, chunking=chunking, index_config=IndexConfig(args.store_index)) as w:
+            hashes = [c.content_hash for r in records for c in r.chunks]
+            for s in range(0, len(hashes), 8192):
+                part = hashes[s:s + 8192]
+                w.add_vectors(part, rng.standard_normal((len(part), dim), dtype=np.float32))
+            w.commit(records, [r.path for r in records])
+        out = {"initial_build_s": time.perf_counter() - t0}
+    elif args.phase == "update":
+        changed = record(n // per_file // 2, tag="u")
+        with StoreWriter(idx, encoder=enc, chunking=chunking, index_config=IndexConfig(args.store_index)) as w:
+            present = [f"f{f:07d}.txt" for f in range(n // per_file)]
+            w.add_vectors([c.content_hash for c in changed.chunks], rng.standard_normal((per_file, dim), dtype=np.float32))
+            result = w.commit([changed], present)
+        assert result.chunks == n // per_file * per_file
+        out = {"one_file_update_s": time.perf_counter() - t0}
+    else:
+        queries = rng.standard_normal((args.store_queries, dim), dtype=np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        with Store.open(idx, device="cpu") as store:
+            raws = [faiss.read_index(str(idx / s.spec.name)) for s in store._segments]  # the same files, raw
+
+            def raw_search(q):
+                for raw in raws:
+                    raw.search(q[None, :], 10)
+
+            def per_query(fn) -> float:
+                fn(queries[0])
+                t = time.perf_counter()
+                for q in queries:
+                    fn(q)
+                return 1000 * (time.perf_counter() - t) / len(queries)
+
+            out = {"search_ms": {"ragen": per_query(lambda q: store.search(q, 10)),
+                                 "ragen_hits": per_query(lambda q: store.hits(q, 10)),
+                                 "faiss": per_query(raw_search)}, "segments": len(raws)}
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def bench_store(args) -> None:
+    rows = []
+    for n in args.store_sizes:
+        tmp = Path(tempfile.mkdtemp(prefix="ragen-bench-store-"))
+        try:
+            row = {"n": n, "dim": args.dim_store, "per_file": args.per_file, "index": args.store_index,
+                   "vector_mb": n * args.dim_store * 4 / 2**20}
+            for phase in ("build", "update", "search"):
+                cmd = [sys.executable, __file__, "--phase", phase, "--phase-n", str(n), "--phase-dir", str(tmp / "idx"),
+                       "--dim-store", str(args.dim_store), "--per-file", str(args.per_file),
+                       "--store-index", args.store_index, "--store-queries", str(args.store_queries)]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                figures = json.loads(done.stdout.strip().splitlines()[-1])
+                rss = figures.pop("peak_rss_mb")
+                row.update(figures)
+                row[f"{phase}_peak_rss_mb"] = rss
+            row["update_peak_rss_mb"] = row.pop("update_peak_rss_mb")
+            row["disk_mb"] = sum(p.stat().st_size for p in (tmp / "idx").iterdir()) / 2**20
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+    if args.json:
+        return
+    print(f"\n## the store at scale (random vectors, dim {args.dim_store}, {args.per_file} chunks per file, "
+          f"{args.store_index}, CPU)")
+    print("| vectors | vector MB | initial build s | one-file update s | update peak RSS MB | RSS / vectors | "
+          "search ms: ragen / raw faiss | hits ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        s = r["search_ms"]
+        print(f"| {r['n']:,} | {r['vector_mb']:.0f} | {r['initial_build_s']:.1f} | {r['one_file_update_s']:.2f} | "
+              f"{r['update_peak_rss_mb']:.0f} | {r['update_peak_rss_mb'] / r['vector_mb']:.2f}x | "
+              f"{s['ragen']:.2f} / {s['faiss']:.2f} ({s['ragen'] / s['faiss']:.2f}x) | {s['ragen_hits']:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm")
@@ -166,11 +274,27 @@ def main() -> None:
     p.add_argument("--hnsw-max", type=int, default=100_000, help="largest size to build HNSW for (slow on few cores)")
     p.add_argument("--skip-index", action="store_true")
     p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--store-sizes", type=int, nargs="*", default=[], help="sizes for part (c), e.g. 200000 1000000")
+    p.add_argument("--dim-store", type=int, default=1024)
+    p.add_argument("--per-file", type=int, default=10, help="chunks per file in part (c)")
+    p.add_argument("--store-index", default="flat")
+    p.add_argument("--store-queries", type=int, default=200)
+    p.add_argument("--json", action="store_true", help="part (c) only: one JSON object per size on stdout")
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    p.add_argument("--phase-n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--phase-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.phase:
+        print(json.dumps(_store_phase(args)))
+        return
+    if args.json:
+        args.skip_index = args.skip_search = True
     if not args.skip_index:
         bench_index(args)
     if not args.skip_search:
         bench_search(args)
+    if args.store_sizes:
+        bench_store(args)
 
 
 if __name__ == "__main__":

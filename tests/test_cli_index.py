@@ -125,9 +125,9 @@ def test_bad_input_is_one_line_and_exit_1(runner, docs, tmp_path, minilm, monkey
     # an index built with MiniLM cannot be queried or extended with another encoder
     msg = _one_error_line(runner.invoke(app, ["query", "x", "--index", str(idx), "-m", "mean:" + str(_tiny_backbone(tmp_path))]))
     assert "built with encoder minilm" in msg
-    (idx / "vectors-1.faiss").write_bytes(b"garbage")
+    (idx / "seg-1-base.faiss").write_bytes(b"garbage")
     msg = _one_error_line(runner.invoke(app, ["query", "x", "--index", str(idx)]))
-    assert "vectors-1.faiss: not a readable FAISS index" in msg and "--rebuild" in msg
+    assert "seg-1-base.faiss: is 7 bytes, but" in msg and "--rebuild" in msg  # the recorded size tells
 
 
 def _tiny_backbone(tmp_path: Path) -> Path:

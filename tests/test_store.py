@@ -69,10 +69,10 @@ def test_manifest_records_encoder_chunking_counts(tmp_path):
                                   "document_instruction": "D: ", "base_model": None}
     assert on_disk["chunking"] == CHUNKING and on_disk["normalization"] == "l2"
     assert on_disk["counts"] == {"files": 2, "chunks": 6, "unique_vectors": 6}
-    assert on_disk["format_version"] == 1 and on_disk["ragen_version"] and on_disk["created_at"]
+    assert on_disk["format_version"] == 2 and on_disk["ragen_version"] and on_disk["created_at"]
+    assert on_disk["index"]["segments"] == 1 and on_disk["index"]["deleted_rows"] == 0
     assert not any(p.suffix in (".pkl", ".pickle") for p in (tmp_path / "idx").iterdir())
-    ids = np.load(tmp_path / "idx" / "vectors-1.ids.npy", allow_pickle=False)
-    assert ids.dtype == np.int64 and len(ids) == 6
+    assert (tmp_path / "idx" / "seg-1-base.faiss").exists()
 
 
 def test_incremental_commit_replaces_changed_and_removes_deleted(tmp_path):
@@ -87,7 +87,7 @@ def test_incremental_commit_replaces_changed_and_removes_deleted(tmp_path):
         found = store.chunks(range(1, 100))
         assert sorted(c.text for c in found.values()) == sorted(
             ["text v20-0", "text v20-1", "text v20-2", "text 1-0", "text 1-1"])
-    assert not (tmp_path / "idx" / "vectors-1.faiss").exists()  # the old generation is cleaned up
+    assert not (tmp_path / "idx" / "seg-1-base.faiss").exists()  # compacted (tiny index): the old base is gone
     con = sqlite3.connect(tmp_path / "idx" / "chunks.sqlite")
     assert con.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == 5  # orphaned vectors dropped
 
@@ -221,9 +221,9 @@ def test_missing_and_incomplete_index(tmp_path):
 
 
 @pytest.mark.parametrize("target,damage,message", [
-    ("vectors-1.faiss", "truncate", "vectors-1.faiss: not a readable FAISS index"),
-    ("vectors-1.faiss", "delete", "vectors-1.faiss: missing"),
-    ("vectors-1.ids.npy", "garbage", "vectors-1.ids.npy: not a readable id array"),
+    ("seg-1-base.faiss", "truncate", "seg-1-base.faiss: is 4830 bytes, but 14490 were recorded"),
+    ("seg-1-base.faiss", "delete", "seg-1-base.faiss: missing"),
+    ("seg-1-base.faiss", "garbage", "seg-1-base.faiss: is 400 bytes"),
     ("chunks.sqlite", "garbage", "chunks.sqlite: not a readable ragen index database"),
     ("chunks.sqlite", "truncate", "chunks.sqlite: not a readable ragen index database"),
     ("manifest.json", "truncate", "manifest.json: not valid JSON"),
@@ -257,13 +257,41 @@ def test_a_killed_rebuild_resumes_without_re_embedding(tmp_path):
         assert again.missing_vectors(hashes) == set(hashes[4:])  # the first four survived the kill
 
 
-def test_leftover_temp_files_of_killed_writes_are_removed(tmp_path):
-    _write(tmp_path / "idx", _records(1, 2))
-    junk = [tmp_path / "idx" / ".vectors-9.faiss.abc123.tmp", tmp_path / "idx" / ".manifest.json.x.tmp"]
-    for j in junk:
-        j.write_bytes(b"partial")
-    StoreWriter(tmp_path / "idx", encoder=ENC, chunking=CHUNKING).close()
-    assert not any(j.exists() for j in junk)
+def test_leftover_files_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    """A commit killed between writing its files and the switch leaves recorded names: the next writer
+    deletes exactly those, and keeps every file it did not create (even ones named like its own)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    idx = tmp_path / "idx"
+    _write(idx, _records(1, 2))
+    script = f"""
+import os, sys, numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import ragen.store.writer as s
+from tests.test_store import _records, _write
+def killed(path):
+    (path.parent / ("." + path.name + ".tmp")).write_bytes(b"partial")
+    os._exit(9)  # like kill -9 after the FAISS file is written, before the switch
+s._full_digest = killed
+_write({str(idx)!r}, _records(2, 2, tag="x"))
+"""
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 9
+    assert (idx / "seg-2-base.faiss").exists() and (idx / ".seg-2-base.faiss.tmp").exists()
+    mine = [idx / "vectors-notes.md", idx / ".draft.tmp", idx / "vectors-9.faiss", idx / "seg-9-base.faiss",
+            idx / ".manifest.json.x.tmp"]
+    for j in mine:
+        j.write_bytes(b"user data")
+    with Store.open(idx, device="cpu") as store:  # the killed commit never switched
+        assert store.generation == 1 and store.count == 2
+    StoreWriter(idx, encoder=ENC, chunking=CHUNKING).close()
+    assert not (idx / "seg-2-base.faiss").exists() and not (idx / ".seg-2-base.faiss.tmp").exists()
+    assert all(j.read_bytes() == b"user data" for j in mine)
+    assert (idx / "seg-1-base.faiss").exists()
+    _write(idx, _records(2, 2, tag="y"))  # a later commit retires generation 1 and still keeps the user's files
+    assert not (idx / "seg-1-base.faiss").exists()
+    assert all(j.read_bytes() == b"user data" for j in mine)
 
 
 def test_long_lived_reader_never_mixes_generations(tmp_path):

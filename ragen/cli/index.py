@@ -384,6 +384,7 @@ def query(
 def info(
     index_dir: IndexOpt = DEFAULT_INDEX,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest and file statistics as JSON.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Also check every index file against its recorded SHA-256 and the database's integrity (reads everything).")] = False,
 ) -> None:
     """Show what is in an index and how it was built."""
 
@@ -397,6 +398,7 @@ def info(
             manifest = store.manifest
             files = store.files()
             size = store.disk_bytes()
+            verified = store.verify() if verify else None
         by_type = Counter(Path(p).suffix.lower() or Path(p).name for p, *_ in files)
         busy = index_is_locked(index_dir)
         total_chunks = sum(n for *_, n in files) or 1
@@ -406,7 +408,8 @@ def info(
                                                     for p, s, _, n in largest]}  # in --json too
         if as_json:
             print(json.dumps({**manifest, "index_dir": str(Path(index_dir).resolve()), "disk_bytes": size,
-                              "file_types": dict(by_type.most_common()), "being_written": busy}, indent=2))
+                              "file_types": dict(by_type.most_common()), "being_written": busy,
+                              **({"verified": verified} if verified is not None else {})}, indent=2))
             return
         enc = manifest["encoder"]
         counts = manifest.get("counts", {})
@@ -443,6 +446,8 @@ def info(
                 f".gitignore {'honoured' if fs.gitignore else 'not used'}, max file size {cap_text}"))
         table.add_row("built", f"created {manifest.get('created_at')}, updated {manifest.get('updated_at')} "
                                f"(ragen {manifest.get('ragen_version')}, format {manifest.get('format_version')})")
+        if verified is not None:
+            table.add_row("verified", "SHA-256 of " + ", ".join(sorted(verified["files"])) + "; database integrity ok")
         if busy:
             table.add_row("status", "[yellow]being written by another process right now[/]")
         out.print(table)

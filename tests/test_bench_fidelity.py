@@ -77,7 +77,7 @@ def snapshot(root: Path, rows: list[dict]) -> Path:
     return root
 
 
-def reference_generate_corpus(queries: list[dict], wiki: list[dict], l: int = 100):  # noqa: E741
+def reference_generate_corpus(queries: list[dict], wiki: list[dict], l: int = 100):
     """scripts/advbenchir_eval.py generate_corpus, re-derived: scored chunk passages and ground truth."""
     corpus, truth = [], {}
     for q in queries:

@@ -183,11 +183,11 @@ def _main_scores(result: Any) -> dict[str, dict[str, float]]:
 def render_mteb_markdown(report: Mapping[str, Any]) -> str:
     tasks = report["tasks"]
     lines = ["# mteb benchmark", "", f"- command: `{report.get('command', '')}`",
-             f"- created: {report.get('created', '')}; mteb {report.get('mteb_version')}, ragen "
-             f"{report.get('versions', {}).get('ragen')}",
-             f"- protocol: documents \"{report['protocol']['document_instruction']}\", queries the task's "
-             f"generative.json instruction, joined `{report['protocol']['join']}`, cosine similarity "
-             "(instructions only for encoders that take them)",
+             (f"- created: {report.get('created', '')}; mteb {report.get('mteb_version')}, ragen "
+              f"{report.get('versions', {}).get('ragen')}"),
+             (f"- protocol: documents \"{report['protocol']['document_instruction']}\", queries the task's "
+              f"generative.json instruction, joined `{report['protocol']['join']}`, cosine similarity "
+              "(instructions only for encoders that take them)"),
              f"- mteb's own result files: `{report.get('mteb_results', 'results/')}`", "",
              "| encoder | role | " + " | ".join(f"{t} ({report['main_score'][t]})" for t in tasks) + " |",
              "|---|---|" + "---:|" * len(tasks)]

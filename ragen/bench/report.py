@@ -189,9 +189,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     utility = report.get("utility")
     if utility is not None:
         lines += [f"## Utility: benign retrieval by the same encoders ({utility['metric']}, higher is better)", "",
-                  f"{utility['description']}: {utility['queries']:,} queries, {utility['documents']:,} documents. A "
-                  f"random ranking scores {100 * utility['random']:.2f}%; an encoder closing less than "
-                  f"{100 * utility['near_random_below_skill']:.0f}% of the gap from random to perfect is near random.",
+                  (f"{utility['description']}: {utility['queries']:,} queries, {utility['documents']:,} documents. A "
+                   f"random ranking scores {100 * utility['random']:.2f}%; an encoder closing less than "
+                   f"{100 * utility['near_random_below_skill']:.0f}% of the gap from random to perfect is near random."),
                   "", f"| encoder | {utility['metric']} | skill over random | check |", "|---|---:|---:|---|"]
         for spec, u in utility["encoders"].items():
             lines.append(f"| `{spec}` | {_fmt(u[utility['metric']], True)} | {_fmt(u['skill'], True)} | "

@@ -4,10 +4,10 @@ give the same embeddings.
 The reference needs transformers 4.x and peft, which cannot share an environment with ragen
 (transformers 5.x), so it runs in a second virtual environment:
 
-    python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install torch==2.13.0 \\
-        && /tmp/refvenv/bin/pip install transformers==4.56.2 peft==0.18.0 pyyaml \\
-        && /tmp/refvenv/bin/pip install --no-deps llm2vec-gen==0.1.3
-    python benchmarks/reference_compat.py --reference-python /tmp/refvenv/bin/python
+    python3 -m venv "$REFVENV" && "$REFVENV"/bin/pip install torch==2.13.0 \\
+        && "$REFVENV"/bin/pip install transformers==4.56.2 peft==0.18.0 pyyaml \\
+        && "$REFVENV"/bin/pip install --no-deps llm2vec-gen==0.1.3
+    python benchmarks/reference_compat.py --reference-python "$REFVENV"/bin/python
 
 Checks: (1) the reference-format fixture re-saved by ragen, (2) a fresh model from
 ``LLM2VecGen.initialize`` on a random backbone, (3) the fixture as a bf16 run (``torch_dtype`` and both

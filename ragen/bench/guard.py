@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_path, atomic_write_text, read_jsonl
+from .._io import atomic_path, read_jsonl
 from ..errors import DataError
 from ..guard import GuardConfig, RefusalGuard, calibrate_threshold
+from .report import write_report_files
 
 logger = logging.getLogger(__name__)
 
@@ -291,13 +292,7 @@ def plot_guard_chart(report: dict[str, Any], path: Path) -> Path:
 
 
 def write_guard_report(report: dict[str, Any], out_dir: Path, *, chart: bool = True) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md"}
-    atomic_write_text(paths["json"], json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    atomic_write_text(paths["md"], render_guard_markdown(report) + "\n")
-    if chart:
-        paths["png"] = plot_guard_chart(report, out_dir / "chart.png")
-    return paths
+    return write_report_files(report, out_dir, render_guard_markdown(report), plot_guard_chart if chart else None)
 
 
 def guard_config_from(result: dict[str, Any], base: GuardConfig, threshold: float | None = None) -> GuardConfig:

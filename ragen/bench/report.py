@@ -10,7 +10,7 @@ import hashlib
 import json
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -290,15 +290,22 @@ def plot_chart(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write_report(report: dict[str, Any], out_dir: Path, *, chart: bool = True) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and (unless ``chart=False``) ``chart.png`` into ``out_dir``."""
+def write_report_files(report: dict[str, Any], out_dir: Path, markdown: str,
+                       plot: Callable[[dict[str, Any], Path], Path] | None) -> dict[str, Path]:
+    """``report.json``, ``report.md`` (the given markdown) and, when ``plot`` is given, ``chart.png``, each
+    written atomically into ``out_dir``; every bench report (retrieval, guard) is written this way."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md"}
     atomic_write_text(paths["json"], json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    atomic_write_text(paths["md"], render_markdown(report) + "\n")
-    if chart:
-        paths["png"] = plot_chart(report, out_dir / "chart.png")
+    atomic_write_text(paths["md"], markdown + "\n")
+    if plot is not None:
+        paths["png"] = plot(report, out_dir / "chart.png")
     return paths
+
+
+def write_report(report: dict[str, Any], out_dir: Path, *, chart: bool = True) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and (unless ``chart=False``) ``chart.png`` into ``out_dir``."""
+    return write_report_files(report, out_dir, render_markdown(report), plot_chart if chart else None)
 
 
 __all__ = ["build_report", "render_markdown", "plot_chart", "write_report", "versions", "data_fingerprint",

@@ -1,14 +1,14 @@
 """Walk a folder, read the files ragen understands, and cut their text into overlapping chunks.
 
-Supported: plain text and markup (.txt, .md, .rst, ...), HTML (visible text only), PDF (pypdf), source
-code and config files, and the string fields of .json / .jsonl. Everything else is skipped with a
-counted reason, never silently. Symbolic links are followed only when they stay inside the root, and files
-are opened race-free: never through a symlink, and only when the opened descriptor is the file the scan
-found (:func:`read_bytes_safely`). Which files are taken: :class:`FileSelection` (globs, ``.gitignore``,
+Supported: plain text and markup (.txt, .md, .rst, ...), HTML (main content by trafilatura, code blocks
+verbatim), PDF (pypdfium2), both through :mod:`ragen.extract`; source code and config files, and the string
+fields of .json / .jsonl. Everything else is skipped with a counted reason, never silently. Symbolic links
+are followed only when they stay inside the root, and files are opened race-free: never through a symlink,
+and only when the opened descriptor is the file the scan found (:func:`read_bytes_safely`). Which files are taken: :class:`FileSelection` (globs, ``.gitignore``,
 a size cap).
 
 Offsets (``Chunk.start``/``Chunk.end``) index into the *extracted* text of a file: the decoded file for
-text formats, the visible text for HTML, the page texts joined by blank lines for PDF, the string
+text formats, the extracted main content for HTML, the page texts joined by blank lines for PDF, the string
 fields joined by newlines for JSON. ``text[start:end] == chunk.text`` always holds for that text.
 """
 
@@ -23,10 +23,10 @@ import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 
 from .errors import DataError
+from .extract import ExtractionError, html_to_text, pdf_to_text
 from .types import Chunk
 
 logger = logging.getLogger(__name__)
@@ -474,7 +474,13 @@ def read_document(source: SourceFile, *, max_file_size: int = DEFAULT_MAX_FILE_S
     suffix = source.path.suffix.lower()
     raw = read_bytes_safely(source, max_file_size)
     if suffix in PDF_EXTENSIONS:
-        return Document(source, _read_pdf(raw))
+        try:
+            return Document(source, pdf_to_text(raw))
+        except ExtractionError as exc:  # corrupt, truncated, encrypted: skipped, counted and named
+            why = str(exc).splitlines()[0][:120] if str(exc) else "no reason given"
+            if "password" in why.lower():
+                raise SkipFile("encrypted PDF (needs a password)") from None
+            raise SkipFile(f"unreadable PDF ({why})") from None
     text, replaced = decode_bytes(raw)
     if suffix in HTML_EXTENSIONS:
         text = html_to_text(text)
@@ -513,62 +519,6 @@ def decode_bytes(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
-class _HTMLText(HTMLParser):
-    # not "head": HTML5 lets a page omit </head> (and <body>), and head holds no visible text besides the title
-    _HIDDEN = frozenset({"script", "style", "noscript", "template", "svg"})
-    _BLOCK = frozenset({"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header",
-                        "footer", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "hr", "dt", "dd",
-                        "title", "main", "nav", "aside", "figure", "figcaption"})
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.hidden = 0
-        self.title: list[str] = []
-        self.in_title = False
-
-    def handle_starttag(self, tag: str, attrs) -> None:
-        if tag == "title":
-            self.in_title = True
-        elif tag in self._HIDDEN:
-            self.hidden += 1
-        if tag in self._BLOCK:
-            self.parts.append("\n\n" if tag not in ("br", "li", "tr", "dt", "dd") else "\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "title":
-            self.in_title = False
-        elif tag in self._HIDDEN and self.hidden:
-            self.hidden -= 1
-        if tag in self._BLOCK:
-            self.parts.append("\n\n")
-
-    def handle_data(self, data: str) -> None:
-        if self.in_title:
-            self.title.append(data)
-        elif not self.hidden:
-            self.parts.append(data)
-
-
-def html_to_text(html: str) -> str:
-    """Visible text of an HTML page: title first, scripts/styles dropped, blocks separated by blank lines."""
-    parser = _HTMLText()
-    parser.feed(html)
-    parser.close()
-    lines = [" ".join(line.split()) for line in "".join(parser.parts).splitlines()]
-    body, blank = [], True
-    for line in lines:  # collapse runs of blank lines into one paragraph break
-        if line:
-            body.append(line)
-            blank = False
-        elif not blank:
-            body.append("")
-            blank = True
-    title = " ".join("".join(parser.title).split())
-    text = "\n".join(body).strip()
-    return f"{title}\n\n{text}" if title and not text.startswith(title) else text
-
-
 def json_strings(value: object) -> Iterator[str]:
     """Every non-empty string value in a JSON document, depth first, in document order (keys excluded)."""
     if isinstance(value, str):
@@ -596,27 +546,6 @@ def _jsonl_text(text: str, relpath: str) -> str:
     if bad:
         logger.warning("%s: skipped %d line(s) that are not valid JSON", relpath, bad)
     return "\n\n".join(r for r in records if r)
-
-
-def _read_pdf(raw: bytes) -> str:
-    try:
-        from pypdf import PdfReader
-    except ImportError:  # pragma: no cover - pypdf is a core dependency
-        raise SkipFile("PDF support needs pypdf: pip install pypdf") from None
-    try:
-        import io
-
-        reader = PdfReader(io.BytesIO(raw))
-        if reader.is_encrypted and not reader.decrypt(""):
-            raise SkipFile("encrypted PDF")
-        pages = [(page.extract_text() or "").strip() for page in reader.pages]
-    except SkipFile:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a third-party parser on untrusted bytes fails in many ways
-        # (PdfReadError, LimitReachedError, DependencyError for AES, RecursionError, IndexError ...); the file
-        # is skipped, counted and named with the reason, never silently and never aborting the run.
-        raise SkipFile(f"unreadable PDF ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})") from None
-    return "\n\n".join(p for p in pages if p)
 
 
 # ----------------------------------------------------------------------------------------------------------

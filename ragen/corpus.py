@@ -58,23 +58,52 @@ SUPPORTED = TEXT_EXTENSIONS | SOURCE_EXTENSIONS | HTML_EXTENSIONS | JSON_EXTENSI
 _SNIFF_BYTES = 8192
 
 
+CHUNK_UNITS = ("tokens", "chars")
+
+
+def default_token_overlap(chunk_size: int) -> int:
+    """The overlap for token chunks when none is given: a fifth of the chunk, like 200 of 1000 characters."""
+    return chunk_size // 5
+
+
 @dataclass(frozen=True)
 class ChunkingConfig:
-    """Character windows of ``chunk_size`` that overlap by ``chunk_overlap``, cut at natural boundaries."""
+    """Windows of ``chunk_size`` units that overlap by ``chunk_overlap``, cut at natural boundaries.
+
+    ``unit``: ``"chars"`` (characters; :func:`chunk_spans`' own boundary search) or ``"tokens"`` (the
+    encoder's tokens, by semantic-text-splitter, which needs the encoder's tokenizer: :func:`token_splitter`).
+    """
 
     chunk_size: int = DEFAULT_CHUNK_SIZE
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
+    unit: str = "chars"
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 16:
-            raise DataError(f"chunk size must be at least 16 characters, got {self.chunk_size}")
+        if self.unit not in CHUNK_UNITS:
+            raise DataError(f"chunk unit {self.unit!r}: expected tokens or chars")
+        least = 16 if self.unit == "chars" else 8
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < least:
+            raise DataError(f"chunk size must be at least {least} {'characters' if self.unit == 'chars' else 'tokens'}, "
+                            f"got {self.chunk_size}")
         # a chunk may end as early as half its window, so an overlap of half or more could stall the walk
         if not 0 <= self.chunk_overlap < self.chunk_size // 2:
             raise DataError(f"chunk overlap must be at least 0 and less than half the chunk size "
                             f"({self.chunk_size // 2}), got {self.chunk_overlap}")
 
     def to_dict(self) -> dict:
-        return {"method": "chars/1", "chunk_size": self.chunk_size, "chunk_overlap": self.chunk_overlap}
+        method = "chars/1" if self.unit == "chars" else "tokens/semantic-text-splitter/1"
+        return {"method": method, "unit": self.unit, "chunk_size": self.chunk_size, "chunk_overlap": self.chunk_overlap}
+
+
+def token_splitter(config: ChunkingConfig, tokenizer):
+    """A semantic-text-splitter ``TextSplitter`` cutting at most ``config.chunk_size`` tokens of ``tokenizer``
+    (a ``tokenizers.Tokenizer``) per chunk, ``config.chunk_overlap`` tokens of overlap; pass it to
+    :func:`chunk_spans`/:func:`chunk_document`."""
+    try:
+        from semantic_text_splitter import TextSplitter
+    except ImportError:  # a core dependency; only a broken install gets here
+        raise ImportError("token chunking needs semantic-text-splitter: pip install semantic-text-splitter") from None
+    return TextSplitter.from_huggingface_tokenizer(tokenizer, config.chunk_size, overlap=config.chunk_overlap, trim=True)
 
 
 @dataclass(frozen=True)
@@ -565,13 +594,18 @@ def _cut_point(text: str, start: int, limit: int, min_end: int) -> int:
     return limit
 
 
-def chunk_spans(text: str, config: ChunkingConfig = ChunkingConfig()) -> list[tuple[int, int]]:
+def chunk_spans(text: str, config: ChunkingConfig = ChunkingConfig(), *, splitter=None) -> list[tuple[int, int]]:
     """``(start, end)`` spans of the chunks of ``text``; whitespace at either edge is trimmed off.
 
-    A chunk ends at the last natural boundary in the second half of its window (a hard cut when there
-    is none); the next one starts ``chunk_overlap`` characters before that end, moved forward to a word
-    start, and always strictly after the previous start, so the walk terminates.
+    Characters: a chunk ends at the last natural boundary in the second half of its window (a hard cut
+    when there is none); the next one starts ``chunk_overlap`` characters before that end, moved forward to
+    a word start, and always strictly after the previous start, so the walk terminates. Tokens: the spans
+    semantic-text-splitter's ``splitter`` (:func:`token_splitter`) cuts, with their exact character offsets.
     """
+    if config.unit == "tokens":
+        if splitter is None:
+            raise DataError("token chunking needs the encoder's tokenizer: pass splitter=token_splitter(config, tokenizer)")
+        return _token_spans(text, splitter)
     spans: list[tuple[int, int]] = []
     n = len(text.rstrip())  # trailing whitespace is never chunk content: a window reaching it is the last one
     start = 0
@@ -600,17 +634,32 @@ def chunk_spans(text: str, config: ChunkingConfig = ChunkingConfig()) -> list[tu
     return spans
 
 
-def chunk_document(doc: Document, config: ChunkingConfig = ChunkingConfig()) -> list[Chunk]:
-    """Chunks of one document with ids ``"<relpath>#<position>"`` and sha256 content hashes."""
+def _token_spans(text: str, splitter) -> list[tuple[int, int]]:
+    spans, floor = [], 0
+    for start, piece in splitter.chunk_indices(text):
+        if not piece.strip():
+            continue
+        if text[start:start + len(piece)] != piece:  # offsets are characters; never trust them blindly
+            start = text.find(piece, floor)
+            if start < 0:
+                raise DataError("token splitter returned a chunk that is not in the text")
+        spans.append((start, start + len(piece)))
+        floor = start
+    return spans
+
+
+def chunk_document(doc: Document, config: ChunkingConfig = ChunkingConfig(), *, splitter=None) -> list[Chunk]:
+    """Chunks of one document with ids ``"<relpath>#<position>"`` and sha256 content hashes (``splitter``:
+    :func:`token_splitter`, for token chunking)."""
     out = []
-    for pos, (s, e) in enumerate(chunk_spans(doc.text, config)):
+    for pos, (s, e) in enumerate(chunk_spans(doc.text, config, splitter=splitter)):
         piece = doc.text[s:e]
         out.append(Chunk(chunk_id=f"{doc.source.relpath}#{pos}", path=doc.source.relpath, position=pos,
                          text=piece, start=s, end=e, content_hash=content_hash(piece)))
     return out
 
 
-__all__ = ["ChunkingConfig", "FileSelection", "DEFAULT_MAX_FILE_SIZE", "parse_size", "format_size", "display_name",
+__all__ = ["ChunkingConfig", "CHUNK_UNITS", "token_splitter", "default_token_overlap", "FileSelection", "DEFAULT_MAX_FILE_SIZE", "parse_size", "format_size", "display_name",
            "read_bytes_safely", "SourceFile", "Document", "ScanReport", "SkipFile", "scan", "read_document",
            "decode_bytes", "html_to_text", "json_strings", "chunk_spans", "chunk_document", "content_hash",
            "is_supported", "DEFAULT_CHUNK_SIZE", "DEFAULT_CHUNK_OVERLAP", "SUPPORTED"]

@@ -259,8 +259,32 @@ def build_index(
         updated: list[FileRecord] = []
         present: list[str] = []
         replaced: list[str] = []
+        # documents a framework vector store added are not this folder's files: never removed or re-read here
+        # (a pass that re-commits every file carries them over with their chunks and vectors)
+        framework = framework_documents(index_path) if not writer.created else set()
+        old_encoder = (writer.committed or {}).get("encoder") or {}
+        if framework and old_encoder.get("fingerprint") not in (None, info.fingerprint):
+            raise DataError(f"{index_path}: holds {len(framework)} document(s) a framework vector store added with "
+                            f"encoder {old_encoder.get('spec')}; their vectors cannot move to {info.spec}. Index "
+                            "into another --index, or delete those documents through the framework first")
+        if framework:
+            present.extend(sorted(framework))
+            if writer.full:
+                kept, old_vectors = _framework_records(index_path, framework)
+                updated.extend(kept)
+                missing = writer.missing_vectors(old_vectors)
+                if missing:
+                    hashes = sorted(missing)
+                    writer.add_vectors(hashes, np.stack([np.frombuffer(old_vectors[h], dtype=np.float32)
+                                                         for h in hashes]))
         total_files = len(report.files)
         for n, sf in enumerate(report.files, 1):
+            if sf.relpath in framework:
+                reason = "path held by a document a framework vector store added"
+                skipped[reason] = skipped.get(reason, 0) + 1
+                skipped_files.append((sf.relpath, reason))
+                emit(ProgressEvent("read", n, total_files, sf.relpath))
+                continue
             if known.get(sf.relpath) == (sf.size, sf.mtime_ns):
                 present.append(sf.relpath)  # unchanged since the last committed run: nothing to read
             else:
@@ -281,9 +305,9 @@ def build_index(
                 present.append(sf.relpath)
             emit(ProgressEvent("read", n, total_files, sf.relpath))
 
-        if not present:
+        if len(present) == len(framework):
             raise DataError(f"{source}: no readable files ({_describe_skips(skipped)})")
-        new_chunks = [c for f in updated for c in f.chunks]
+        new_chunks = [c for f in updated if f.path not in framework for c in f.chunks]
         if not new_chunks and not known:
             raise DataError(f"{source}: the {len(present)} readable files hold no text")
 
@@ -320,7 +344,7 @@ def build_index(
     stats = IndexStats(
         files_seen=files_seen, files_indexed=result.files, files_skipped=sum(skipped.values()),
         chunks_total=result.chunks, chunks_embedded=len(order), chunks_removed=result.chunks_removed,
-        seconds=time.perf_counter() - t0, files_changed=len(updated), files_removed=result.files_removed,
+        seconds=time.perf_counter() - t0, files_changed=len([f for f in updated if f.path not in framework]), files_removed=result.files_removed,
         encode_seconds=encode_seconds, index_kind=result.index_kind, generation=result.generation,
         skipped=tuple(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))),
         files_with_replacements=tuple(replaced), skipped_files=tuple(skipped_files),
@@ -331,6 +355,67 @@ def build_index(
                        "(chunk unit %s, size %d)", truncated, len(order), budget.limit, chunking.unit, chunking.chunk_size)
     emit(ProgressEvent("done", 1, 1, ""))
     return stats
+
+
+FRAMEWORK_NODES_DB = "framework_nodes.sqlite"  # ragen.integrations' own table beside the index
+
+
+def framework_documents(index_dir: str | Path) -> set[str]:
+    """The paths in an index that a framework vector store (LlamaIndex/LangChain ``RagenVectorStore``) wrote,
+    not a folder scan: every chunk a framework store commits has a row in its ``framework_nodes.sqlite``
+    with the chunk's id and content hash. ``ragen index`` leaves these documents alone."""
+    import sqlite3
+
+    directory = Path(index_dir).expanduser()
+    nodes_db, db = directory / FRAMEWORK_NODES_DB, directory / "chunks.sqlite"
+    if not nodes_db.is_file() or not db.is_file():
+        return set()
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
+        try:
+            conn.execute("ATTACH DATABASE ? AS fw", (f"file:{nodes_db}?mode=ro",))
+            rows = conn.execute("SELECT DISTINCT c.path FROM chunks c JOIN fw.nodes n "
+                                "ON n.chunk_id = c.chunk_id AND n.content_hash = c.content_hash").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        if "no such table" in str(exc):
+            return set()
+        raise StoreError(f"{directory}: cannot read which documents a framework store added ({exc})") from None
+    return {p for (p,) in rows}
+
+
+def _framework_records(index_path: Path, paths: set[str]) -> tuple[list[FileRecord], dict[str, bytes]]:
+    """The committed file records of ``paths`` with all their chunks, and their vectors by content hash (for
+    a pass that re-commits every file: a framework's vectors cannot be recomputed from the text alone)."""
+    import sqlite3
+
+    from .types import Chunk
+
+    if not paths:
+        return [], {}
+    conn = sqlite3.connect(f"file:{index_path / 'chunks.sqlite'}?mode=ro", uri=True, timeout=30.0)
+    try:
+        records, vectors = [], {}
+        for path in sorted(paths):
+            row = conn.execute("SELECT size, mtime_ns FROM files WHERE path=?", (path,)).fetchone()
+            if row is None:
+                continue
+            chunks = tuple(Chunk(*r) for r in conn.execute(
+                "SELECT chunk_id, path, position, text, start, end, content_hash FROM chunks WHERE path=? "
+                "ORDER BY position", (path,)))
+            records.append(FileRecord(path, int(row[0]), int(row[1]), chunks))
+            for c in chunks:
+                if c.content_hash not in vectors:
+                    got = conn.execute("SELECT vector FROM vectors WHERE content_hash=? LIMIT 1",
+                                       (c.content_hash,)).fetchone()
+                    if got is not None:
+                        vectors[c.content_hash] = bytes(got[0])
+        return records, vectors
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{index_path}: cannot read the documents a framework store added ({exc})") from None
+    finally:
+        conn.close()
 
 
 def _has_vectors(index_path: Path) -> bool:
@@ -457,5 +542,5 @@ def check_compatible(encoder, store: Store) -> None:
             f"query with --model {store.spec} or rebuild the index with this model")
 
 
-__all__ = ["build_index", "resolve_chunking", "encoder_budget", "RecordedEncoder", "recorded_load_options", "Retriever", "Retrieval", "IndexStats", "ProgressEvent", "encoder_info", "check_compatible",
+__all__ = ["build_index", "framework_documents", "FRAMEWORK_NODES_DB", "resolve_chunking", "encoder_budget", "RecordedEncoder", "recorded_load_options", "Retriever", "Retrieval", "IndexStats", "ProgressEvent", "encoder_info", "check_compatible",
            "read_manifest", "IndexConfig"]

@@ -92,12 +92,16 @@ def _up_to_date(target: Path, scanned, selection) -> list[tuple[str, str]] | Non
     from ..corpus import SkipFile, read_document
     from ..store import Store
 
+    from ..retriever import framework_documents
+
     try:
         with Store.open(target, device="cpu") as store:
             indexed = {p: (s, m) for p, s, m, _ in store.files()}
+        framework = framework_documents(target)  # a framework store's documents: not this folder's files
     except RagenError:
         return None  # unreadable or inconsistent: the writer reports it (and a rebuild fixes it)
-    found = {f.relpath: f for f in scanned.files}
+    indexed = {p: sm for p, sm in indexed.items() if p not in framework}
+    found = {f.relpath: f for f in scanned.files if f.relpath not in framework}
     if not indexed or any(found.get(p) is None or (found[p].size, found[p].mtime_ns) != sm
                           for p, sm in indexed.items()):
         return None

@@ -31,8 +31,8 @@ from .types import Chunk
 
 logger = logging.getLogger(__name__)
 
-# ~1000 characters is ~200-300 tokens of English prose: comfortably under LLM2Vec-Gen's 512-token input
-# limit (with the instruction and the K special tokens), small enough that one chunk is about one thing.
+# Character chunking (--chunk-unit chars): ~1000 characters is ~200-300 tokens of English prose, but more for
+# code, numbers or non-Latin scripts. The default unit is the encoder's tokens (ragen.retriever.resolve_chunking).
 DEFAULT_CHUNK_SIZE = 1000
 DEFAULT_CHUNK_OVERLAP = 200
 

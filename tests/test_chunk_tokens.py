@@ -159,3 +159,25 @@ def test_recorded_encoder_round_trips_through_the_manifest(corpus, tmp_path, tin
     assert rec.numerics == "reference" and rec.resolved_revisions == {"checkpoint": None, "base_model": None}
     opts = recorded_load_options(enc)
     assert opts["numerics"] == "reference" and opts["revision"] is None and opts["trust_remote_code"] is False
+
+
+def test_explain_notice_prints_the_encoder_spec_literally(corpus, tmp_path, monkeypatch):
+    import ragen.cli.index as cli_index
+
+    from ._hash_encoder import HashEncoder
+
+    def load(spec, device, base_model=None, **options):
+        enc = HashEncoder()
+        enc.spec, enc.fingerprint = spec, "hash-evil"
+        return enc
+
+    monkeypatch.setattr(cli_index, "_load", load)
+    monkeypatch.delenv("RAGEN_MODEL", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+    idx = str(tmp_path / "idx")
+    spec = "st:[red]evil[/red]"
+    assert runner.invoke(app, ["index", str(corpus), "--index", idx, "--model", spec]).exit_code == 0
+    res = runner.invoke(app, ["query", "leaves", "--index", idx, "--explain", "--json"])
+    assert res.exit_code == 0, res.output
+    assert f"needs an LLM2Vec-Gen model; {spec} embeds" in _flat(res.stderr)

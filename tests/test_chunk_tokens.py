@@ -181,3 +181,26 @@ def test_explain_notice_prints_the_encoder_spec_literally(corpus, tmp_path, monk
     res = runner.invoke(app, ["query", "leaves", "--index", idx, "--explain", "--json"])
     assert res.exit_code == 0, res.output
     assert f"needs an LLM2Vec-Gen model; {spec} embeds" in _flat(res.stderr)
+
+
+@pytest.mark.parametrize("command", ["ask", "query"])
+def test_ask_and_query_load_the_encoder_as_the_index_recorded(corpus, tmp_path, tiny_model, monkeypatch, command):
+    import ragen.encoders
+
+    from ragen.errors import RagenError
+
+    build_index(corpus, tmp_path / "idx", encoder=tiny_model,
+                load_options={"numerics": "reference", "trust_remote_code": True})
+    seen: list[dict] = []
+
+    def load_encoder(spec, **kwargs):
+        seen.append(kwargs)
+        raise RagenError("stop here")
+
+    monkeypatch.setattr(ragen.encoders, "load_encoder", load_encoder)
+    res = CliRunner().invoke(app, [command, "what do leaves do?", "--index", str(tmp_path / "idx")])
+    assert res.exit_code == 1 and "stop here" in res.stderr
+    assert seen[0]["numerics"] == "reference" and seen[0]["trust_remote_code"] is True
+    res = CliRunner().invoke(app, [command, "what do leaves do?", "--index", str(tmp_path / "idx"),
+                                   "--numerics", "fp32", "--no-trust-remote-code"])
+    assert seen[1]["numerics"] == "fp32" and seen[1]["trust_remote_code"] is False  # given explicitly: wins

@@ -154,7 +154,8 @@ def index(
     def body() -> None:
         from rich.table import Table
 
-        from ..corpus import CHUNK_UNITS, ChunkingConfig, FileSelection, default_token_overlap, parse_size
+        from ..corpus import (CHUNK_UNITS, DEFAULT_CHUNK_OVERLAP, ChunkingConfig, FileSelection, default_token_overlap,
+                              parse_size)
         from ..retriever import build_index, encoder_budget, resolve_chunking, scan_source
         from ..store import IndexConfig, check_unlocked
 
@@ -186,7 +187,7 @@ def index(
                            _int(rec_chunking.get("chunk_overlap")) if same_unit else None, None, changes, committed)
         if unit is not None and size is not None:  # validate before loading a model
             ChunkingConfig(size, overlap if overlap is not None else (
-                default_token_overlap(size) if unit == "tokens" else min(200, max(0, size // 2 - 1))), unit)
+                default_token_overlap(size) if unit == "tokens" else DEFAULT_CHUNK_OVERLAP), unit)
         kind = _resolve("index type", index_type, rec_kind, "flat", changes, committed)
         config = IndexConfig(kind=kind)
         default_sel = FileSelection()

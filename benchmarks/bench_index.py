@@ -68,15 +68,17 @@ def make_folder(root: Path, corpus: str | None, n_docs: int, seed: int = 0) -> i
 
 def bench_index(args) -> None:
     from ragen import build_index, load_encoder
-    from ragen.corpus import ChunkingConfig, chunk_document, read_document, scan
+    from ragen.corpus import chunk_document, read_document, scan, token_splitter
+    from ragen.retriever import encoder_budget, resolve_chunking
 
     enc = load_encoder(args.model, device=args.device)
     tmp = Path(tempfile.mkdtemp(prefix="ragen-bench-"))
     try:
         folder = tmp / "docs"
         n = make_folder(folder, args.corpus, args.docs)
-        cfg = ChunkingConfig()
-        texts = [c.text for f in scan(folder).files for c in chunk_document(read_document(f), cfg)]
+        cfg = resolve_chunking(enc)  # what build_index uses by default (the encoder's tokens when it has a tokenizer)
+        splitter = token_splitter(cfg, encoder_budget(enc).tokenizer) if cfg.unit == "tokens" else None
+        texts = [c.text for f in scan(folder).files for c in chunk_document(read_document(f), cfg, splitter=splitter)]
         unique = list(dict.fromkeys(texts))
         enc.encode_documents(unique[:64], batch_size=args.batch_size, normalize=True)  # warm-up
         rows = []

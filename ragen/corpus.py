@@ -1,14 +1,14 @@
 """Walk a folder, read the files ragen understands, and cut their text into overlapping chunks.
 
-Supported: plain text and markup (.txt, .md, .rst, ...), HTML (visible text only), PDF (pypdf), source
-code and config files, and the string fields of .json / .jsonl. Everything else is skipped with a
-counted reason, never silently. Symbolic links are followed only when they stay inside the root, and files
-are opened race-free: never through a symlink, and only when the opened descriptor is the file the scan
-found (:func:`read_bytes_safely`). Which files are taken: :class:`FileSelection` (globs, ``.gitignore``,
+Supported: plain text and markup (.txt, .md, .rst, ...), HTML (main content by trafilatura, code blocks
+verbatim), PDF (pypdfium2), both through :mod:`ragen.extract`; source code and config files, and the string
+fields of .json / .jsonl. Everything else is skipped with a counted reason, never silently. Symbolic links
+are followed only when they stay inside the root, and files are opened race-free: never through a symlink,
+and only when the opened descriptor is the file the scan found (:func:`read_bytes_safely`). Which files are taken: :class:`FileSelection` (globs, ``.gitignore``,
 a size cap).
 
 Offsets (``Chunk.start``/``Chunk.end``) index into the *extracted* text of a file: the decoded file for
-text formats, the visible text for HTML, the page texts joined by blank lines for PDF, the string
+text formats, the extracted main content for HTML, the page texts joined by blank lines for PDF, the string
 fields joined by newlines for JSON. ``text[start:end] == chunk.text`` always holds for that text.
 """
 
@@ -23,16 +23,16 @@ import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 
 from .errors import DataError
+from .extract import ExtractionError, html_to_text, pdf_to_text
 from .types import Chunk
 
 logger = logging.getLogger(__name__)
 
-# ~1000 characters is ~200-300 tokens of English prose: comfortably under LLM2Vec-Gen's 512-token input
-# limit (with the instruction and the K special tokens), small enough that one chunk is about one thing.
+# Character chunking (--chunk-unit chars): ~1000 characters is ~200-300 tokens of English prose, but more for
+# code, numbers or non-Latin scripts. The default unit is the encoder's tokens (ragen.retriever.resolve_chunking).
 DEFAULT_CHUNK_SIZE = 1000
 DEFAULT_CHUNK_OVERLAP = 200
 
@@ -58,23 +58,52 @@ SUPPORTED = TEXT_EXTENSIONS | SOURCE_EXTENSIONS | HTML_EXTENSIONS | JSON_EXTENSI
 _SNIFF_BYTES = 8192
 
 
+CHUNK_UNITS = ("tokens", "chars")
+
+
+def default_token_overlap(chunk_size: int) -> int:
+    """The overlap for token chunks when none is given: a fifth of the chunk, like 200 of 1000 characters."""
+    return chunk_size // 5
+
+
 @dataclass(frozen=True)
 class ChunkingConfig:
-    """Character windows of ``chunk_size`` that overlap by ``chunk_overlap``, cut at natural boundaries."""
+    """Windows of ``chunk_size`` units that overlap by ``chunk_overlap``, cut at natural boundaries.
+
+    ``unit``: ``"chars"`` (characters; :func:`chunk_spans`' own boundary search) or ``"tokens"`` (the
+    encoder's tokens, by semantic-text-splitter, which needs the encoder's tokenizer: :func:`token_splitter`).
+    """
 
     chunk_size: int = DEFAULT_CHUNK_SIZE
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
+    unit: str = "chars"
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 16:
-            raise DataError(f"chunk size must be at least 16 characters, got {self.chunk_size}")
+        if self.unit not in CHUNK_UNITS:
+            raise DataError(f"chunk unit {self.unit!r}: expected tokens or chars")
+        least = 16 if self.unit == "chars" else 8
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < least:
+            raise DataError(f"chunk size must be at least {least} {'characters' if self.unit == 'chars' else 'tokens'}, "
+                            f"got {self.chunk_size}")
         # a chunk may end as early as half its window, so an overlap of half or more could stall the walk
         if not 0 <= self.chunk_overlap < self.chunk_size // 2:
             raise DataError(f"chunk overlap must be at least 0 and less than half the chunk size "
                             f"({self.chunk_size // 2}), got {self.chunk_overlap}")
 
     def to_dict(self) -> dict:
-        return {"method": "chars/1", "chunk_size": self.chunk_size, "chunk_overlap": self.chunk_overlap}
+        method = "chars/1" if self.unit == "chars" else "tokens/semantic-text-splitter/1"
+        return {"method": method, "unit": self.unit, "chunk_size": self.chunk_size, "chunk_overlap": self.chunk_overlap}
+
+
+def token_splitter(config: ChunkingConfig, tokenizer):
+    """A semantic-text-splitter ``TextSplitter`` cutting at most ``config.chunk_size`` tokens of ``tokenizer``
+    (a ``tokenizers.Tokenizer``) per chunk, ``config.chunk_overlap`` tokens of overlap; pass it to
+    :func:`chunk_spans`/:func:`chunk_document`."""
+    try:
+        from semantic_text_splitter import TextSplitter
+    except ImportError:  # a core dependency; only a broken install gets here
+        raise ImportError("token chunking needs semantic-text-splitter: pip install semantic-text-splitter") from None
+    return TextSplitter.from_huggingface_tokenizer(tokenizer, config.chunk_size, overlap=config.chunk_overlap, trim=True)
 
 
 @dataclass(frozen=True)
@@ -474,7 +503,13 @@ def read_document(source: SourceFile, *, max_file_size: int = DEFAULT_MAX_FILE_S
     suffix = source.path.suffix.lower()
     raw = read_bytes_safely(source, max_file_size)
     if suffix in PDF_EXTENSIONS:
-        return Document(source, _read_pdf(raw))
+        try:
+            return Document(source, pdf_to_text(raw))
+        except ExtractionError as exc:  # corrupt, truncated, encrypted: skipped, counted and named
+            why = str(exc).splitlines()[0][:120] if str(exc) else "no reason given"
+            if "password" in why.lower():
+                raise SkipFile("encrypted PDF (needs a password)") from None
+            raise SkipFile(f"unreadable PDF ({why})") from None
     text, replaced = decode_bytes(raw)
     if suffix in HTML_EXTENSIONS:
         text = html_to_text(text)
@@ -513,62 +548,6 @@ def decode_bytes(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
-class _HTMLText(HTMLParser):
-    # not "head": HTML5 lets a page omit </head> (and <body>), and head holds no visible text besides the title
-    _HIDDEN = frozenset({"script", "style", "noscript", "template", "svg"})
-    _BLOCK = frozenset({"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header",
-                        "footer", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "hr", "dt", "dd",
-                        "title", "main", "nav", "aside", "figure", "figcaption"})
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.hidden = 0
-        self.title: list[str] = []
-        self.in_title = False
-
-    def handle_starttag(self, tag: str, attrs) -> None:
-        if tag == "title":
-            self.in_title = True
-        elif tag in self._HIDDEN:
-            self.hidden += 1
-        if tag in self._BLOCK:
-            self.parts.append("\n\n" if tag not in ("br", "li", "tr", "dt", "dd") else "\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "title":
-            self.in_title = False
-        elif tag in self._HIDDEN and self.hidden:
-            self.hidden -= 1
-        if tag in self._BLOCK:
-            self.parts.append("\n\n")
-
-    def handle_data(self, data: str) -> None:
-        if self.in_title:
-            self.title.append(data)
-        elif not self.hidden:
-            self.parts.append(data)
-
-
-def html_to_text(html: str) -> str:
-    """Visible text of an HTML page: title first, scripts/styles dropped, blocks separated by blank lines."""
-    parser = _HTMLText()
-    parser.feed(html)
-    parser.close()
-    lines = [" ".join(line.split()) for line in "".join(parser.parts).splitlines()]
-    body, blank = [], True
-    for line in lines:  # collapse runs of blank lines into one paragraph break
-        if line:
-            body.append(line)
-            blank = False
-        elif not blank:
-            body.append("")
-            blank = True
-    title = " ".join("".join(parser.title).split())
-    text = "\n".join(body).strip()
-    return f"{title}\n\n{text}" if title and not text.startswith(title) else text
-
-
 def json_strings(value: object) -> Iterator[str]:
     """Every non-empty string value in a JSON document, depth first, in document order (keys excluded)."""
     if isinstance(value, str):
@@ -598,27 +577,6 @@ def _jsonl_text(text: str, relpath: str) -> str:
     return "\n\n".join(r for r in records if r)
 
 
-def _read_pdf(raw: bytes) -> str:
-    try:
-        from pypdf import PdfReader
-    except ImportError:  # pragma: no cover - pypdf is a core dependency
-        raise SkipFile("PDF support needs pypdf: pip install pypdf") from None
-    try:
-        import io
-
-        reader = PdfReader(io.BytesIO(raw))
-        if reader.is_encrypted and not reader.decrypt(""):
-            raise SkipFile("encrypted PDF")
-        pages = [(page.extract_text() or "").strip() for page in reader.pages]
-    except SkipFile:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a third-party parser on untrusted bytes fails in many ways
-        # (PdfReadError, LimitReachedError, DependencyError for AES, RecursionError, IndexError ...); the file
-        # is skipped, counted and named with the reason, never silently and never aborting the run.
-        raise SkipFile(f"unreadable PDF ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})") from None
-    return "\n\n".join(p for p in pages if p)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # chunking
 # ----------------------------------------------------------------------------------------------------------
@@ -636,13 +594,18 @@ def _cut_point(text: str, start: int, limit: int, min_end: int) -> int:
     return limit
 
 
-def chunk_spans(text: str, config: ChunkingConfig = ChunkingConfig()) -> list[tuple[int, int]]:
+def chunk_spans(text: str, config: ChunkingConfig = ChunkingConfig(), *, splitter=None) -> list[tuple[int, int]]:
     """``(start, end)`` spans of the chunks of ``text``; whitespace at either edge is trimmed off.
 
-    A chunk ends at the last natural boundary in the second half of its window (a hard cut when there
-    is none); the next one starts ``chunk_overlap`` characters before that end, moved forward to a word
-    start, and always strictly after the previous start, so the walk terminates.
+    Characters: a chunk ends at the last natural boundary in the second half of its window (a hard cut
+    when there is none); the next one starts ``chunk_overlap`` characters before that end, moved forward to
+    a word start, and always strictly after the previous start, so the walk terminates. Tokens: the spans
+    semantic-text-splitter's ``splitter`` (:func:`token_splitter`) cuts, with their exact character offsets.
     """
+    if config.unit == "tokens":
+        if splitter is None:
+            raise DataError("token chunking needs the encoder's tokenizer: pass splitter=token_splitter(config, tokenizer)")
+        return _token_spans(text, splitter)
     spans: list[tuple[int, int]] = []
     n = len(text.rstrip())  # trailing whitespace is never chunk content: a window reaching it is the last one
     start = 0
@@ -671,17 +634,32 @@ def chunk_spans(text: str, config: ChunkingConfig = ChunkingConfig()) -> list[tu
     return spans
 
 
-def chunk_document(doc: Document, config: ChunkingConfig = ChunkingConfig()) -> list[Chunk]:
-    """Chunks of one document with ids ``"<relpath>#<position>"`` and sha256 content hashes."""
+def _token_spans(text: str, splitter) -> list[tuple[int, int]]:
+    spans, floor = [], 0
+    for start, piece in splitter.chunk_indices(text):
+        if not piece.strip():
+            continue
+        if text[start:start + len(piece)] != piece:  # offsets are characters; never trust them blindly
+            start = text.find(piece, floor)
+            if start < 0:
+                raise DataError("token splitter returned a chunk that is not in the text")
+        spans.append((start, start + len(piece)))
+        floor = start
+    return spans
+
+
+def chunk_document(doc: Document, config: ChunkingConfig = ChunkingConfig(), *, splitter=None) -> list[Chunk]:
+    """Chunks of one document with ids ``"<relpath>#<position>"`` and sha256 content hashes (``splitter``:
+    :func:`token_splitter`, for token chunking)."""
     out = []
-    for pos, (s, e) in enumerate(chunk_spans(doc.text, config)):
+    for pos, (s, e) in enumerate(chunk_spans(doc.text, config, splitter=splitter)):
         piece = doc.text[s:e]
         out.append(Chunk(chunk_id=f"{doc.source.relpath}#{pos}", path=doc.source.relpath, position=pos,
                          text=piece, start=s, end=e, content_hash=content_hash(piece)))
     return out
 
 
-__all__ = ["ChunkingConfig", "FileSelection", "DEFAULT_MAX_FILE_SIZE", "parse_size", "format_size", "display_name",
+__all__ = ["ChunkingConfig", "CHUNK_UNITS", "token_splitter", "default_token_overlap", "FileSelection", "DEFAULT_MAX_FILE_SIZE", "parse_size", "format_size", "display_name",
            "read_bytes_safely", "SourceFile", "Document", "ScanReport", "SkipFile", "scan", "read_document",
            "decode_bytes", "html_to_text", "json_strings", "chunk_spans", "chunk_document", "content_hash",
            "is_supported", "DEFAULT_CHUNK_SIZE", "DEFAULT_CHUNK_OVERLAP", "SUPPORTED"]

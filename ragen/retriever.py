@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, ChunkingConfig, FileSelection, ScanReport, SkipFile,
-                     chunk_document, read_document, scan)
+                     chunk_document, default_token_overlap, read_document, scan, token_splitter)
 from .errors import DataError, StoreError
 from .guard import GuardVerdict, RefusalGuard, resolve_guard
 from .store import EncoderInfo, FileRecord, IndexConfig, Store, StoreWriter, read_manifest
@@ -87,11 +87,62 @@ class IndexStats:
     skipped: tuple[tuple[str, int], ...] = ()
     files_with_replacements: tuple[str, ...] = ()
     skipped_files: tuple[tuple[str, str], ...] = ()
+    chunks_truncated: int | None = None
+    token_limit: int | None = None
+    chunking: dict | None = None
 
 
-def encoder_info(encoder) -> EncoderInfo:
+def encoder_budget(encoder):
+    """The encoder's :class:`~ragen.encoders.base.TokenBudget` (its tokenizer and input limit), or None."""
+    method = getattr(encoder, "document_token_budget", None)
+    return method() if callable(method) else None
+
+
+def resolve_chunking(encoder, chunk_unit: str | None = None, chunk_size: int | None = None,
+                     chunk_overlap: int | None = None, budget=None) -> ChunkingConfig:
+    """The chunking for ``encoder``: ``chunk_unit`` (default: ``tokens`` when the encoder exposes its
+    tokenizer, else ``chars``); ``chunk_size`` (tokens: default the encoder's input limit minus the document
+    instruction and special tokens; chars: 1000); ``chunk_overlap`` (tokens: a fifth; chars: 200)."""
+    budget = encoder_budget(encoder) if budget is None else budget
+    unit = chunk_unit or ("tokens" if budget is not None else "chars")
+    if unit == "tokens":
+        if budget is None:
+            raise DataError(f"chunk unit tokens: the encoder {getattr(encoder, 'spec', encoder)} exposes no "
+                            "tokenizer; use --chunk-unit chars")
+        size = budget.max_text_tokens if chunk_size is None else chunk_size
+        overlap = default_token_overlap(size) if chunk_overlap is None else chunk_overlap
+        return ChunkingConfig(chunk_size=size, chunk_overlap=overlap, unit="tokens")
+    return ChunkingConfig(chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
+                          chunk_overlap=DEFAULT_CHUNK_OVERLAP if chunk_overlap is None else chunk_overlap, unit=unit)
+
+
+@dataclass(frozen=True)
+class RecordedEncoder(EncoderInfo):
+    """:class:`~ragen.store.EncoderInfo` plus how the encoder was loaded, so that queries load the same one:
+    the hub ``revision``/``base_revision`` asked for, ``numerics``, ``trust_remote_code``, and
+    ``resolved_revisions`` (the hub commits actually loaded, e.g. ``{"checkpoint": sha, "base_model": sha}``;
+    None for local directories)."""
+
+    revision: str | None = None
+    base_revision: str | None = None
+    numerics: str | None = None
+    trust_remote_code: bool = False
+    resolved_revisions: dict | None = None
+
+    @classmethod
+    def from_manifest(cls, data: object) -> RecordedEncoder:
+        """The encoder section of a manifest (unknown keys ignored)."""
+        data = data if isinstance(data, dict) else {}
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+LOAD_OPTIONS = ("revision", "base_revision", "numerics", "trust_remote_code")
+
+
+def encoder_info(encoder, load_options: dict | None = None) -> RecordedEncoder:
     """What the manifest records about ``encoder``; a local-directory spec is stored as an absolute path
-    so that queries from another working directory load the same model."""
+    so that queries from another working directory load the same model. ``load_options``: the
+    ``revision``/``base_revision``/``numerics``/``trust_remote_code`` it was loaded with."""
     spec = str(encoder.spec)
     local = Path(spec).expanduser()
     if local.exists():
@@ -99,10 +150,34 @@ def encoder_info(encoder) -> EncoderInfo:
     base = getattr(encoder, "base_model", None)
     if base and Path(str(base)).expanduser().exists():
         base = str(Path(str(base)).expanduser().resolve())
-    return EncoderInfo(spec=spec, fingerprint=str(encoder.fingerprint), dim=int(encoder.dim),
-                       query_instruction=getattr(encoder, "query_instruction", None),
-                       document_instruction=getattr(encoder, "document_instruction", None),
-                       base_model=str(base) if base else None)
+    opts = {k: v for k, v in (load_options or {}).items() if k in LOAD_OPTIONS and v is not None}
+    numerics = opts.get("numerics", getattr(encoder, "numerics", None))
+    resolved = getattr(encoder, "resolved_revisions", None)
+    return RecordedEncoder(spec=spec, fingerprint=str(encoder.fingerprint), dim=int(encoder.dim),
+                           query_instruction=getattr(encoder, "query_instruction", None),
+                           document_instruction=getattr(encoder, "document_instruction", None),
+                           base_model=str(base) if base else None,
+                           revision=opts.get("revision"), base_revision=opts.get("base_revision"),
+                           numerics=numerics if isinstance(numerics, str) else None,
+                           trust_remote_code=bool(opts.get("trust_remote_code", False)),
+                           resolved_revisions=dict(resolved) if isinstance(resolved, dict) else None)
+
+
+def recorded_load_options(manifest_encoder: object) -> dict:
+    """``load_encoder`` keyword arguments that load the encoder an index recorded: its backbone, numerics,
+    remote-code opt-in, and the hub commits it resolved to (else the revisions it asked for), so that a
+    checkpoint replaced on the hub later is not silently swapped in."""
+    rec = RecordedEncoder.from_manifest(manifest_encoder)
+    resolved = rec.resolved_revisions if isinstance(rec.resolved_revisions, dict) else {}
+    main = resolved.get("checkpoint") or resolved.get("model")
+    out: dict = {"base_model": rec.base_model,
+                 "revision": main if isinstance(main, str) and main else rec.revision,
+                 "base_revision": resolved.get("base_model") if isinstance(resolved.get("base_model"), str)
+                 else rec.base_revision,
+                 "trust_remote_code": rec.trust_remote_code is True}
+    if isinstance(rec.numerics, str):
+        out["numerics"] = rec.numerics
+    return out
 
 
 def scan_source(source: str | Path, index_dir: str | Path, selection: FileSelection | None = None) -> ScanReport:
@@ -129,8 +204,9 @@ def build_index(
     index_dir: str | Path,
     *,
     encoder,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
+    chunk_size: int | None = None,
+    chunk_overlap: int | None = None,
+    chunk_unit: str | None = None,
     batch_size: int = 32,
     rebuild: bool = False,
     progress: Callable[[ProgressEvent], None] | None = None,
@@ -138,6 +214,7 @@ def build_index(
     index_config: IndexConfig | None = None,
     scanned: ScanReport | None = None,
     selection: FileSelection | None = None,
+    load_options: dict | None = None,
 ) -> IndexStats:
     """Index the supported files under ``source`` into ``index_dir``, incrementally.
 
@@ -147,11 +224,17 @@ def build_index(
     (approximate, for large corpora); ``index_config`` sets their parameters (and wins over ``index_type``).
     ``scanned``: the result of :func:`scan_source` when the caller already checked the folder.
     ``selection``: include/exclude globs, ``.gitignore``, size cap; recorded in the manifest (under
-    ``chunking.files``) so that a plain re-run selects the same files.
+    ``chunking.files``) so that a plain re-run selects the same files. Chunking: see
+    :func:`resolve_chunking` (by default, chunks measured in the encoder's tokens that fit its input);
+    ``IndexStats.chunks_truncated`` counts the chunks embedded now that exceeded the encoder's limit (None
+    when the encoder exposes no tokenizer). ``load_options``: how the encoder was loaded (``revision``,
+    ``base_revision``, ``numerics``, ``trust_remote_code``), recorded with its resolved hub commits.
     """
     t0 = time.perf_counter()
     emit = progress or (lambda event: None)
-    chunking = ChunkingConfig(chunk_size=chunk_size, chunk_overlap=chunk_overlap)
+    budget = encoder_budget(encoder)
+    chunking = resolve_chunking(encoder, chunk_unit, chunk_size, chunk_overlap, budget)
+    splitter = token_splitter(chunking, budget.tokenizer) if chunking.unit == "tokens" else None
     config = index_config or IndexConfig(kind=index_type)
     selection = selection or FileSelection()
     if batch_size < 1:
@@ -164,7 +247,7 @@ def build_index(
     files_seen = len(report.files) + report.files_skipped
     emit(ProgressEvent("scan", len(report.files), len(report.files), f"{len(report.files)} files"))
 
-    info = encoder_info(encoder)
+    info = encoder_info(encoder, load_options)
     writer = StoreWriter(index_path, encoder=info, chunking={**chunking.to_dict(), "files": selection.to_dict()},
                          index_config=config,
                          rebuild=rebuild, source=str(src.resolve()))
@@ -176,8 +259,32 @@ def build_index(
         updated: list[FileRecord] = []
         present: list[str] = []
         replaced: list[str] = []
+        # documents a framework vector store added are not this folder's files: never removed or re-read here
+        # (a pass that re-commits every file carries them over with their chunks and vectors)
+        framework = framework_documents(index_path) if not writer.created else set()
+        old_encoder = (writer.committed or {}).get("encoder") or {}
+        if framework and old_encoder.get("fingerprint") not in (None, info.fingerprint):
+            raise DataError(f"{index_path}: holds {len(framework)} document(s) a framework vector store added with "
+                            f"encoder {old_encoder.get('spec')}; their vectors cannot move to {info.spec}. Index "
+                            "into another --index, or delete those documents through the framework first")
+        if framework:
+            present.extend(sorted(framework))
+            if writer.full:
+                kept, old_vectors = _framework_records(index_path, framework)
+                updated.extend(kept)
+                missing = writer.missing_vectors(old_vectors)
+                if missing:
+                    hashes = sorted(missing)
+                    writer.add_vectors(hashes, np.stack([np.frombuffer(old_vectors[h], dtype=np.float32)
+                                                         for h in hashes]))
         total_files = len(report.files)
         for n, sf in enumerate(report.files, 1):
+            if sf.relpath in framework:
+                reason = "path held by a document a framework vector store added"
+                skipped[reason] = skipped.get(reason, 0) + 1
+                skipped_files.append((sf.relpath, reason))
+                emit(ProgressEvent("read", n, total_files, sf.relpath))
+                continue
             if known.get(sf.relpath) == (sf.size, sf.mtime_ns):
                 present.append(sf.relpath)  # unchanged since the last committed run: nothing to read
             else:
@@ -193,13 +300,14 @@ def build_index(
                 if doc.replaced:
                     replaced.append(sf.relpath)
                     logger.warning("%s: undecodable bytes replaced with U+FFFD", sf.relpath)
-                updated.append(FileRecord(sf.relpath, sf.size, sf.mtime_ns, tuple(chunk_document(doc, chunking))))
+                updated.append(FileRecord(sf.relpath, sf.size, sf.mtime_ns,
+                                          tuple(chunk_document(doc, chunking, splitter=splitter))))
                 present.append(sf.relpath)
             emit(ProgressEvent("read", n, total_files, sf.relpath))
 
-        if not present:
+        if len(present) == len(framework):
             raise DataError(f"{source}: no readable files ({_describe_skips(skipped)})")
-        new_chunks = [c for f in updated for c in f.chunks]
+        new_chunks = [c for f in updated if f.path not in framework for c in f.chunks]
         if not new_chunks and not known:
             raise DataError(f"{source}: the {len(present)} readable files hold no text")
 
@@ -213,8 +321,11 @@ def build_index(
         order = sorted(todo, key=lambda h: -len(todo[h]))
         emit(ProgressEvent("embed", 0, len(order), ""))
         encode_seconds = 0.0
+        truncated = 0 if budget is not None else None
         for start in range(0, len(order), batch_size):
             hashes = order[start:start + batch_size]
+            if budget is not None:
+                truncated += budget.truncated([todo[h] for h in hashes])
             t_enc = time.perf_counter()
             vectors = encoder.encode_documents([todo[h] for h in hashes], batch_size=batch_size, normalize=True)
             encode_seconds += time.perf_counter() - t_enc
@@ -233,12 +344,78 @@ def build_index(
     stats = IndexStats(
         files_seen=files_seen, files_indexed=result.files, files_skipped=sum(skipped.values()),
         chunks_total=result.chunks, chunks_embedded=len(order), chunks_removed=result.chunks_removed,
-        seconds=time.perf_counter() - t0, files_changed=len(updated), files_removed=result.files_removed,
+        seconds=time.perf_counter() - t0, files_changed=len([f for f in updated if f.path not in framework]), files_removed=result.files_removed,
         encode_seconds=encode_seconds, index_kind=result.index_kind, generation=result.generation,
         skipped=tuple(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))),
-        files_with_replacements=tuple(replaced), skipped_files=tuple(skipped_files))
+        files_with_replacements=tuple(replaced), skipped_files=tuple(skipped_files),
+        chunks_truncated=truncated, token_limit=budget.limit if budget is not None else None,
+        chunking=chunking.to_dict())
+    if truncated:
+        logger.warning("%d of %d chunks embedded now exceed the encoder's %d-token input limit and were truncated "
+                       "(chunk unit %s, size %d)", truncated, len(order), budget.limit, chunking.unit, chunking.chunk_size)
     emit(ProgressEvent("done", 1, 1, ""))
     return stats
+
+
+FRAMEWORK_NODES_DB = "framework_nodes.sqlite"  # ragen.integrations' own table beside the index
+
+
+def framework_documents(index_dir: str | Path) -> set[str]:
+    """The paths in an index that a framework vector store (LlamaIndex/LangChain ``RagenVectorStore``) wrote,
+    not a folder scan: every chunk a framework store commits has a row in its ``framework_nodes.sqlite``
+    with the chunk's id and content hash. ``ragen index`` leaves these documents alone."""
+    import sqlite3
+
+    directory = Path(index_dir).expanduser()
+    nodes_db, db = directory / FRAMEWORK_NODES_DB, directory / "chunks.sqlite"
+    if not nodes_db.is_file() or not db.is_file():
+        return set()
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
+        try:
+            conn.execute("ATTACH DATABASE ? AS fw", (f"file:{nodes_db}?mode=ro",))
+            rows = conn.execute("SELECT DISTINCT c.path FROM chunks c JOIN fw.nodes n "
+                                "ON n.chunk_id = c.chunk_id AND n.content_hash = c.content_hash").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        if "no such table" in str(exc):
+            return set()
+        raise StoreError(f"{directory}: cannot read which documents a framework store added ({exc})") from None
+    return {p for (p,) in rows}
+
+
+def _framework_records(index_path: Path, paths: set[str]) -> tuple[list[FileRecord], dict[str, bytes]]:
+    """The committed file records of ``paths`` with all their chunks, and their vectors by content hash (for
+    a pass that re-commits every file: a framework's vectors cannot be recomputed from the text alone)."""
+    import sqlite3
+
+    from .types import Chunk
+
+    if not paths:
+        return [], {}
+    conn = sqlite3.connect(f"file:{index_path / 'chunks.sqlite'}?mode=ro", uri=True, timeout=30.0)
+    try:
+        records, vectors = [], {}
+        for path in sorted(paths):
+            row = conn.execute("SELECT size, mtime_ns FROM files WHERE path=?", (path,)).fetchone()
+            if row is None:
+                continue
+            chunks = tuple(Chunk(*r) for r in conn.execute(
+                "SELECT chunk_id, path, position, text, start, end, content_hash FROM chunks WHERE path=? "
+                "ORDER BY position", (path,)))
+            records.append(FileRecord(path, int(row[0]), int(row[1]), chunks))
+            for c in chunks:
+                if c.content_hash not in vectors:
+                    got = conn.execute("SELECT vector FROM vectors WHERE content_hash=? LIMIT 1",
+                                       (c.content_hash,)).fetchone()
+                    if got is not None:
+                        vectors[c.content_hash] = bytes(got[0])
+        return records, vectors
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{index_path}: cannot read the documents a framework store added ({exc})") from None
+    finally:
+        conn.close()
 
 
 def _has_vectors(index_path: Path) -> bool:
@@ -286,16 +463,18 @@ class Retriever:
     def open(cls, index_dir: str | Path, *, encoder=None, model: str | None = None,
              device: str | None = None, base_model: str | None = None, guard=None) -> Retriever:
         """Open ``index_dir`` for search. ``encoder``: an encoder object to use; else ``model`` (a spec
-        string); else the spec recorded in the index, with the backbone recorded with it (``base_model``
-        overrides). An encoder whose fingerprint or dimension differs from the index's raises
+        string); else the spec recorded in the index, loaded as recorded (backbone, numerics, remote-code
+        opt-in, the hub commits it resolved to; ``base_model`` overrides the backbone). An encoder whose fingerprint or dimension differs from the index's raises
         :class:`~ragen.errors.StoreError`. ``guard``: as for the constructor."""
         store = Store.open(index_dir, device=device)
         try:
             if encoder is None:
                 from .encoders import load_encoder
 
-                base = base_model or (store.base_model if model is None else None)
-                encoder = load_encoder(model or store.spec, device=device, base_model=base)
+                options = recorded_load_options(store.manifest["encoder"]) if model is None else {}
+                if base_model:
+                    options["base_model"] = base_model
+                encoder = load_encoder(model or store.spec, device=device, **options)
             return cls(encoder, store, guard=guard)
         except BaseException:
             store.close()
@@ -363,5 +542,5 @@ def check_compatible(encoder, store: Store) -> None:
             f"query with --model {store.spec} or rebuild the index with this model")
 
 
-__all__ = ["build_index", "Retriever", "Retrieval", "IndexStats", "ProgressEvent", "encoder_info", "check_compatible",
+__all__ = ["build_index", "framework_documents", "FRAMEWORK_NODES_DB", "resolve_chunking", "encoder_budget", "RecordedEncoder", "recorded_load_options", "Retriever", "Retrieval", "IndexStats", "ProgressEvent", "encoder_info", "check_compatible",
            "read_manifest", "IndexConfig"]

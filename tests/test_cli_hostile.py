@@ -37,7 +37,7 @@ def loads(monkeypatch):
 
     seen: list[str] = []
 
-    def load(spec, device, base_model=None):
+    def load(spec, device, base_model=None, **options):
         seen.append(spec)
         enc = HashEncoder()
         enc.spec = spec
@@ -201,7 +201,7 @@ def test_rerun_after_interrupting_a_first_run_needs_no_model_flag(runner, docs, 
                 raise KeyboardInterrupt
             return super().encode_documents(texts, batch_size, normalize)
 
-    def load(spec, device, base_model=None):
+    def load(spec, device, base_model=None, **options):
         seen.append(spec)
         enc = Interrupting() if len(seen) == 1 else HashEncoder()
         enc.spec, enc.fingerprint = spec, f"hash-{spec}"

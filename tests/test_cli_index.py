@@ -51,7 +51,7 @@ def _one_error_line(result) -> str:
 def test_index_query_info_with_minilm(runner, docs, tmp_path, minilm):
     idx = str(tmp_path / "idx")
     result = runner.invoke(app, ["index", str(docs), "--index", idx, "--model", "minilm", "--device", "cpu",
-                                 "--chunk-size", "500", "--chunk-overlap", "100", "--batch-size", "2"])
+                                 "--chunk-unit", "chars", "--chunk-size", "500", "--chunk-overlap", "100", "--batch-size", "2"])
     assert result.exit_code == 0, result.stderr
     assert "3 indexed" in result.stdout and "3 in index (3 embedded now" in result.stdout
     assert "skipped 1 file: unsupported type" in result.stderr

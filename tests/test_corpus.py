@@ -205,7 +205,17 @@ def test_html_keeps_visible_text_only(tmp_path):
     assert doc.text.startswith("Sky colour")
     assert "Rayleigh & Mie scattering." in doc.text and "Why blue?" in doc.text
     assert "secret" not in doc.text and "color:red" not in doc.text and "<p>" not in doc.text
-    assert html_to_text("<p>a</p><p>b</p>") == "a\n\nb"
+    assert html_to_text("<p>a</p><p>b</p>").split() == ["a", "b"]
+
+
+def test_html_is_read_by_the_library_extractor(tmp_path):
+    """Navigation chrome is dropped and code keeps its indentation (the old hand-written parser kept the
+    chrome and flattened <pre>)."""
+    from tests.test_extract import PAGE
+
+    doc = _read(tmp_path, "leaves.html", PAGE.encode())
+    assert "sugar molecule 11" in doc.text and "Quick search" not in doc.text and "Report a Bug" not in doc.text
+    assert "        return light * 2" in doc.text.splitlines()
 
 
 def test_json_and_jsonl_text_fields(tmp_path):
@@ -243,15 +253,57 @@ def test_lone_surrogates_from_json_escapes_are_replaced(tmp_path):
 
 
 def test_any_pdf_parser_failure_skips_the_file(tmp_path, monkeypatch):
-    import pypdf
-    from pypdf.errors import LimitReachedError
+    import pypdfium2
 
     def explode(*args, **kwargs):
-        raise LimitReachedError("decompression limit")
+        raise pypdfium2.PdfiumError("decompression limit")
 
-    monkeypatch.setattr(pypdf, "PdfReader", explode)
-    with pytest.raises(SkipFile, match="LimitReachedError"):
+    monkeypatch.setattr(pypdfium2, "PdfDocument", explode)
+    with pytest.raises(SkipFile, match="unreadable PDF.*decompression limit"):
         _read(tmp_path, "bomb.pdf", make_pdf(["x"]))
+
+
+def encrypt_pdf(data: bytes) -> bytes:
+    """``data`` with a standard-security /Encrypt entry whose user password is not empty (RC4, R2): no reader
+    can open it without the password."""
+    head, _, tail = data.rpartition(b"trailer\n")
+    objs = head.count(b" 0 obj\n")
+    enc_no = objs + 1
+    offset = len(head)
+    body = (f"{enc_no} 0 obj\n<< /Filter /Standard /V 1 /R 2 /O <{'ab' * 32}> /U <{'cd' * 32}> /P -4 >>\nendobj\n"
+            ).encode()
+    xref_at = head.index(b"xref\n")
+    objects, xref = head[:xref_at], head[xref_at:]
+    offset = len(objects)
+    lines = xref.decode().split("\n")
+    lines[1] = f"0 {enc_no + 1}"
+    lines.insert(len(lines) - 1, f"{offset:010d} 00000 n ")
+    new_xref_at = len(objects) + len(body)
+    trailer = (f"trailer\n<< /Size {enc_no + 1} /Root 1 0 R /Encrypt {enc_no} 0 R /ID [<{'01' * 16}> <{'01' * 16}>] >>\n"
+               f"startxref\n{new_xref_at}\n%%EOF\n").encode()
+    return objects + body + "\n".join(lines).encode() + trailer
+
+
+def test_encrypted_pdf_is_skipped_and_counted(tmp_path):
+    import numpy as np
+
+    from ragen.retriever import build_index
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "locked.pdf").write_bytes(encrypt_pdf(make_pdf(["Secret plans"])))
+    (tmp_path / "src" / "note.txt").write_text("Open notes about leaves.")
+    with pytest.raises(SkipFile, match="encrypted PDF"):
+        _read(tmp_path, "locked2.pdf", encrypt_pdf(make_pdf(["Secret plans"])))
+
+    class Tiny:
+        dim, spec, fingerprint = 4, "tiny", "tiny-1"
+
+        def encode_documents(self, texts, *, batch_size=32, normalize=False):
+            return np.ones((len(texts), 4), dtype=np.float32) / 2
+
+    stats = build_index(tmp_path / "src", tmp_path / "idx", encoder=Tiny())
+    assert stats.files_indexed == 1 and dict(stats.skipped).get("encrypted PDF (needs a password)") == 1
+    assert ("locked.pdf", "encrypted PDF (needs a password)") in stats.skipped_files
 
 
 def test_one_bad_file_does_not_stop_an_index_run(tmp_path):

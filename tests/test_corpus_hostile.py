@@ -231,6 +231,7 @@ def test_html5_without_head_end_tag_keeps_its_body():
     text = html_to_text(html)
     assert "Knead the dough." in text and "Bake it." in text and text.startswith("Bread")
     assert "alert" not in html_to_text("<head><script>alert(1)</script><body>visible")
+    assert html_to_text("<head><script>alert(1)</script><body>visible").strip() == "visible"
 
 
 # ---------------------------------------------------------------------------------------------- selection

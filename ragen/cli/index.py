@@ -12,7 +12,8 @@ import typer
 
 from ._common import clean, json_line, shown, verbose
 from ._common import DEFAULT_MODEL, app, err, out, run_command
-from .ask import GuardConfigOpt, GuardOpt, guard_option, safe
+from .ask import (BaseRevisionOpt, GuardConfigOpt, GuardOpt, NumericsOpt, RevisionOpt, TrustOpt, encoder_options,
+                  guard_option, safe)
 from ..errors import RagenError
 
 DEFAULT_INDEX = os.path.join("indexes", "default")
@@ -33,11 +34,11 @@ def _index_model(model: str | None, index_dir: Path) -> str:
     return str(spec) if isinstance(spec, str) and spec else DEFAULT_MODEL
 
 
-def _load(spec: str, device: str | None, base_model: str | None = None):
+def _load(spec: str, device: str | None, base_model: str | None = None, **options):
     from ..encoders import load_encoder
 
     with err.status(f"loading model [bold]{shown(spec)}[/] ...", spinner="dots"):
-        return load_encoder(spec, device=device, base_model=base_model)
+        return load_encoder(spec, device=device, base_model=base_model, **options)
 
 
 def _recorded_base_model(index_dir: Path, spec: str) -> str | None:
@@ -91,12 +92,16 @@ def _up_to_date(target: Path, scanned, selection) -> list[tuple[str, str]] | Non
     from ..corpus import SkipFile, read_document
     from ..store import Store
 
+    from ..retriever import framework_documents
+
     try:
         with Store.open(target, device="cpu") as store:
             indexed = {p: (s, m) for p, s, m, _ in store.files()}
+        framework = framework_documents(target)  # a framework store's documents: not this folder's files
     except RagenError:
         return None  # unreadable or inconsistent: the writer reports it (and a rebuild fixes it)
-    found = {f.relpath: f for f in scanned.files}
+    indexed = {p: sm for p, sm in indexed.items() if p not in framework}
+    found = {f.relpath: f for f in scanned.files if f.relpath not in framework}
     if not indexed or any(found.get(p) is None or (found[p].size, found[p].mtime_ns) != sm
                           for p, sm in indexed.items()):
         return None
@@ -117,8 +122,9 @@ def index(
     path: Annotated[str, typer.Argument(help="Folder (or single file) to index.")],
     index_dir: IndexOpt = DEFAULT_INDEX,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder spec. Default: $RAGEN_MODEL, else the model the index was built with, else McGill-NLP/LLM2Vec-Gen-Qwen3-06B.")] = None,
-    chunk_size: Annotated[Optional[int], typer.Option(help="Characters per chunk. Default: as the index was built, else 1000.")] = None,
-    chunk_overlap: Annotated[Optional[int], typer.Option(help="Characters shared by consecutive chunks. Default: as the index was built, else 200.")] = None,
+    chunk_unit: Annotated[Optional[str], typer.Option(metavar="tokens|chars", help="What --chunk-size counts: the encoder's tokens (chunks that fit its input) or characters. Default: as the index was built, else tokens (chars for an encoder without a tokenizer).")] = None,
+    chunk_size: Annotated[Optional[int], typer.Option(help="Tokens (or characters) per chunk. Default: as the index was built, else the encoder's input limit minus the document instruction and special tokens (chars: 1000).")] = None,
+    chunk_overlap: Annotated[Optional[int], typer.Option(help="Tokens (or characters) shared by consecutive chunks. Default: as the index was built, else a fifth of the chunk (chars: 200).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Chunks per encoder batch (and per committed write).")] = 32,
     device: DeviceOpt = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-embed everything instead of updating.")] = False,
@@ -130,6 +136,10 @@ def index(
     max_file_size: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Skip larger files, e.g. 50MB, 800k; 0: no limit. Default: as the index was built, else 50MB.")] = None,
     list_skipped: Annotated[bool, typer.Option("--list-skipped", help="Name every skipped file and folder with its reason.")] = False,
     verbose_flag: Annotated[bool, typer.Option("--verbose", "-v", help="--list-skipped, plus library warnings and notes.")] = False,
+    revision: RevisionOpt = None,
+    base_revision: BaseRevisionOpt = None,
+    numerics: NumericsOpt = None,
+    trust_remote_code: TrustOpt = None,
 ) -> None:
     """Index a folder: embed new or changed chunks, drop deleted files, write the index atomically.
 
@@ -144,8 +154,9 @@ def index(
     def body() -> None:
         from rich.table import Table
 
-        from ..corpus import ChunkingConfig, FileSelection, parse_size
-        from ..retriever import build_index, scan_source
+        from ..corpus import (CHUNK_UNITS, DEFAULT_CHUNK_OVERLAP, ChunkingConfig, FileSelection, default_token_overlap,
+                              parse_size)
+        from ..retriever import build_index, encoder_budget, resolve_chunking, scan_source
         from ..store import IndexConfig, check_unlocked
 
         src = Path(path).expanduser()
@@ -164,10 +175,19 @@ def index(
         rec_kind = _dict(_dict((recorded or {}).get("index")).get("config")).get("kind")
         rec_kind = rec_kind if isinstance(rec_kind, str) else None
         changes: list[str] = []
-        size = _resolve("chunk size", chunk_size, _int(rec_chunking.get("chunk_size")), 1000, changes, committed)
-        overlap = _resolve("chunk overlap", chunk_overlap, _int(rec_chunking.get("chunk_overlap")), 200, changes,
-                           committed)
-        ChunkingConfig(size, overlap)  # validate before loading a model
+        if chunk_unit is not None and chunk_unit not in CHUNK_UNITS:
+            raise RagenError(f"--chunk-unit {chunk_unit!r}: expected tokens or chars")
+        rec_unit = rec_chunking.get("unit") if rec_chunking.get("unit") in CHUNK_UNITS else (
+            "chars" if "chunk_size" in rec_chunking else None)  # indexes from before token chunking: characters
+        unit = _resolve("chunk unit", chunk_unit, rec_unit, None, changes, committed)
+        same_unit = unit == rec_unit  # sizes recorded in another unit mean nothing in this one
+        size = _resolve("chunk size", chunk_size, _int(rec_chunking.get("chunk_size")) if same_unit else None, None,
+                        changes, committed)
+        overlap = _resolve("chunk overlap", chunk_overlap,
+                           _int(rec_chunking.get("chunk_overlap")) if same_unit else None, None, changes, committed)
+        if unit is not None and size is not None:  # validate before loading a model
+            ChunkingConfig(size, overlap if overlap is not None else (
+                default_token_overlap(size) if unit == "tokens" else DEFAULT_CHUNK_OVERLAP), unit)
         kind = _resolve("index type", index_type, rec_kind, "flat", changes, committed)
         config = IndexConfig(kind=kind)
         default_sel = FileSelection()
@@ -190,6 +210,16 @@ def index(
                 and rec_encoder["base_model"] not in (base_model, _abs(base_model)):
             changes.append(f"base model {rec_encoder['base_model']} -> {base_model}")
             rebuild_now = True
+        same_model = bool(rec_encoder.get("spec")) and rec_encoder["spec"] in (spec, _abs(spec))
+        load_opts, record_opts = encoder_options(_dict((recorded or {}).get("encoder")) if same_model else None,
+                                                 revision=revision, base_revision=base_revision, numerics=numerics,
+                                                 trust_remote_code=trust_remote_code)
+        if committed and same_model and not rebuild_now:
+            for flag, given, key in (("revision", revision, "revision"), ("base revision", base_revision, "base_revision")):
+                old = rec_encoder.get(key)
+                if given is not None and old is not None and given != old:
+                    changes.append(f"{flag} {old} -> {given}")
+                    rebuild_now = True
         scanned = scan_source(src, target, selection)  # an empty or unsupported folder fails before the model loads
 
         if changes:
@@ -212,7 +242,13 @@ def index(
             return
 
         base = base_model or _recorded_base_model(target, spec)
-        encoder = _load(spec, device, base)
+        encoder = _load(spec, device, base, **load_opts)
+        budget = encoder_budget(encoder)
+        chunking = resolve_chunking(encoder, unit, size, overlap, budget)
+        if chunking.unit == "tokens" and chunking.chunk_size > budget.max_text_tokens:
+            err.print(f"[yellow]notice[/] --chunk-size {chunking.chunk_size} tokens is more than the "
+                      f"{budget.max_text_tokens} of document text that fit {shown(encoder.spec)}'s {budget.limit}-token "
+                      "input; longer chunks are truncated when embedded (counted below)", highlight=False)
 
         from ._progress import progress_display
 
@@ -228,9 +264,10 @@ def index(
                     bar.update(tasks[event.stage], event.done, event.total or None,
                                clean(event.detail, oneline=True)[-40:] if event.stage == "read" else "")
 
-            stats = build_index(src, target, encoder=encoder, chunk_size=size, chunk_overlap=overlap,
-                                batch_size=batch_size, rebuild=rebuild_now, progress=on_progress, index_config=config,
-                                scanned=scanned, selection=selection)
+            stats = build_index(src, target, encoder=encoder, chunk_unit=chunking.unit, chunk_size=chunking.chunk_size,
+                                chunk_overlap=chunking.chunk_overlap, batch_size=batch_size, rebuild=rebuild_now,
+                                progress=on_progress, index_config=config, scanned=scanned, selection=selection,
+                                load_options=record_opts)
 
         _print_skips(stats.skipped_files, dict(stats.skipped), scanned, list_skipped or verbose())
         if stats.files_with_replacements:
@@ -244,8 +281,18 @@ def index(
         summary = Table(title=f"index {shown(target)}", show_header=False, title_justify="left")
         summary.add_row("files", f"{stats.files_indexed} indexed ({stats.files_changed} new or changed, "
                                  f"{stats.files_removed} removed, {stats.files_skipped} skipped) of {stats.files_seen} seen")
-        summary.add_row("chunks", f"{stats.chunks_total} in index ({stats.chunks_embedded} embedded now, "
+        truncated = "" if stats.chunks_truncated is None else (
+            f"{stats.chunks_truncated} truncated at the encoder's {stats.token_limit}-token limit, ")
+        summary.add_row("chunks", f"{stats.chunks_total} in index ({stats.chunks_embedded} embedded now, {truncated}"
                                   f"{stats.chunks_removed} removed)")
+        summary.add_row("chunking", f"{chunking.chunk_size} {chunking.unit} per chunk, overlap {chunking.chunk_overlap}")
+        if stats.chunks_truncated:
+            err.print(f"[yellow]notice[/] {stats.chunks_truncated} of the {stats.chunks_embedded} chunks embedded now "
+                      f"were longer than the encoder's {stats.token_limit}-token input and lost their end; use a "
+                      "smaller --chunk-size (or --chunk-unit tokens)", highlight=False)
+        elif stats.chunks_truncated is None and stats.chunks_embedded:
+            err.print("[yellow]notice[/] this encoder exposes no tokenizer: chunks were not checked against its "
+                      "input limit", highlight=False)
         rate = f", {stats.chunks_embedded / stats.encode_seconds:,.1f} vec/s" if stats.encode_seconds > 0 else ""
         summary.add_row("time", f"{stats.seconds:.1f} s (encoding {stats.encode_seconds:.1f} s{rate})")
         summary.add_row("model", f"{shown(encoder.spec)} (dim {encoder.dim})")
@@ -321,6 +368,10 @@ def query(
     guard: GuardOpt = False,
     guard_config: GuardConfigOpt = None,
     server: Annotated[Optional[str], typer.Option("--server", envvar="RAGEN_SERVER", help="URL of a running `ragen serve` (default: $RAGEN_SERVER): search there, with no model loaded here; --index then names a served index (default: its only one); API key from $RAGEN_API_KEY.")] = None,
+    revision: RevisionOpt = None,
+    base_revision: BaseRevisionOpt = None,
+    numerics: NumericsOpt = None,
+    trust_remote_code: TrustOpt = None,
 ) -> None:
     """Search an index; print a ranked table, or JSON with --json."""
     text = _argument_text(text)  # undecodable bytes in the argument: U+FFFD, and a notice
@@ -344,7 +395,11 @@ def query(
 
             store = Store.open(index_dir, device=device)
             try:
-                encoder = _load(model or store.spec, device, base_model or (store.base_model if model is None else None))
+                options, _ = encoder_options(store.manifest["encoder"] if model is None else None, revision=revision,
+                                             base_revision=base_revision, numerics=numerics,
+                                             trust_remote_code=trust_remote_code)
+                encoder = _load(model or store.spec, device, base_model or (store.base_model if model is None else None),
+                                **options)
                 retriever = Retriever(encoder, store, guard=guard_option(guard, guard_config))  # checks the encoder
                 found = retriever.retrieve(text, k=k)
                 hits = found.hits
@@ -353,11 +408,13 @@ def query(
                 explanation = None
                 if explain:
                     if callable(getattr(encoder, "decode", None)):
+                        from ..encoders import decode_instruction
+
                         with err.status("decoding the query embedding ...", spinner="dots"):
-                            explanation = encoder.decode([text], instruction=getattr(encoder, "query_instruction", None))[0]
+                            explanation = encoder.decode([text], instruction=decode_instruction(encoder, kind="query"))[0]
                     else:
-                        err.print(f"[yellow]notice[/] --explain needs an LLM2Vec-Gen model; {encoder.spec} embeds the "
-                                  "input text and has nothing to decode", highlight=False)
+                        err.print(f"[yellow]notice[/] --explain needs an LLM2Vec-Gen model; {shown(encoder.spec)} embeds "
+                                  "the input text and has nothing to decode", highlight=False)
             finally:
                 store.close()
         if as_json:
@@ -430,7 +487,18 @@ def info(
         table.add_row("largest sources", "\n".join(
             f"{shown(p, oneline=True)}: {n} chunk{'s' if n != 1 else ''} ({100 * n / total_chunks:.0f}%), {format_size(s)}"
             for p, s, _, n in largest) or "-")
-        table.add_row("chunking", f"{ch.get('chunk_size')} chars, overlap {ch.get('chunk_overlap')} ({ch.get('method')})")
+        unit = ch.get("unit") if ch.get("unit") in ("tokens", "chars") else "chars"
+        table.add_row("chunking", shown(f"{ch.get('chunk_size')} {unit}, overlap {ch.get('chunk_overlap')} ({ch.get('method')})"))
+        resolved = enc.get("resolved_revisions")
+        if enc.get("revision") or enc.get("base_revision") or isinstance(resolved, dict):
+            asked = ", ".join(f"{name} {enc[key]}" for name, key in (("revision", "revision"),
+                                                                     ("base revision", "base_revision")) if enc.get(key))
+            commits = ", ".join(f"{k} {v if v else 'local directory'}" for k, v in resolved.items()) \
+                if isinstance(resolved, dict) else "not recorded"
+            table.add_row("revisions", shown(f"{asked + '; ' if asked else ''}resolved: {commits}"))
+        if enc.get("numerics") or enc.get("trust_remote_code"):
+            table.add_row("loading", shown(f"numerics {enc.get('numerics') or 'fp32'}, remote code "
+                                           f"{'trusted' if enc.get('trust_remote_code') else 'refused'}"))
         kind = idx.get("kind", "flat")
         params = idx.get("config", {})
         extra = {"hnsw": f" (M {params.get('hnsw_m')}, efSearch {params.get('hnsw_ef_search')})",

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EncoderSpecError
-from .base import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION, Encoder, decode_instruction
+from .base import (DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION, Encoder, TokenBudget, decode_instruction,
+                   token_budget)
 from .llm2vec_gen import LLM2VecGen
 
 SPEC_FORMS = (
@@ -68,4 +69,4 @@ def load_encoder(spec: str, *, device: str | None = None, dtype: str | None = No
 
 
 __all__ = ["Encoder", "LLM2VecGen", "load_encoder", "SPEC_FORMS", "DEFAULT_QUERY_INSTRUCTION",
-           "DEFAULT_DOCUMENT_INSTRUCTION", "decode_instruction"]
+           "DEFAULT_DOCUMENT_INSTRUCTION", "decode_instruction", "TokenBudget", "token_budget"]

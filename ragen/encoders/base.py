@@ -6,7 +6,8 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -39,6 +40,63 @@ class Encoder(Protocol):
     def encode_documents(
         self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False
     ) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """How a document's text meets the encoder's input limit, for token-aware chunking.
+
+    ``tokenizer``: the encoder's own ``tokenizers.Tokenizer`` (a copy; truncation and padding off).
+    ``limit``: input tokens the encoder embeds (longer inputs are truncated). ``overhead``: tokens every
+    document input spends besides its text (the document instruction or prompt, LLM2Vec-Gen's K special
+    tokens, BOS/CLS/SEP). ``prefix``/``suffix``: the text the encoder puts around a document.
+    Optional encoder method ``document_token_budget()`` returns one; :func:`token_budget` asks for it.
+    """
+
+    tokenizer: Any
+    limit: int
+    overhead: int
+    prefix: str = ""
+    suffix: str = ""
+    add_special_tokens: bool = True
+    name: str = ""
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Tokens of document text that fit: the limit minus the overhead (at least 1)."""
+        return max(1, self.limit - self.overhead)
+
+    def input_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Untruncated input length in tokens of each document text, exactly as the encoder builds it."""
+        encs = self.tokenizer.encode_batch([self.prefix + t + self.suffix for t in clean_texts(texts)],
+                                           add_special_tokens=self.add_special_tokens)
+        return [len(e.ids) for e in encs]
+
+    def truncated(self, texts: Sequence[str]) -> int:
+        """How many of ``texts`` exceed the limit, i.e. lose their end when embedded."""
+        return sum(1 for n in self.input_lengths(texts) if n > self.limit) if texts else 0
+
+
+def make_token_budget(hf_tokenizer: Any, limit: int, *, prefix: str = "", suffix: str = "",
+                      add_special_tokens: bool = True, name: str = "") -> TokenBudget | None:
+    """A :class:`TokenBudget` from a transformers tokenizer (None for a slow one with no Rust backend)."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(backend.to_str())  # a copy: the encoder's own tokenizer keeps its settings
+    tok.no_truncation()
+    tok.no_padding()
+    overhead = len(tok.encode(prefix + suffix, add_special_tokens=add_special_tokens).ids)
+    return TokenBudget(tokenizer=tok, limit=int(limit), overhead=overhead, prefix=prefix, suffix=suffix,
+                       add_special_tokens=add_special_tokens, name=name)
+
+
+def token_budget(encoder: object) -> TokenBudget | None:
+    """The encoder's :class:`TokenBudget`, or None when it exposes no tokenizer (``document_token_budget``)."""
+    method = getattr(encoder, "document_token_budget", None)
+    return method() if callable(method) else None
 
 
 def accepts_keyword(method: object, name: str) -> bool:

@@ -92,6 +92,21 @@ class SentenceTransformerEncoder:
                                            _model_digest(self.model))
         return self._fingerprint
 
+    def document_token_budget(self):
+        """A :class:`~ragen.encoders.base.TokenBudget`: ``max_seq_length`` minus the document prompt and
+        [CLS]/[SEP] (None when the model has no fast tokenizer or no length limit)."""
+        if getattr(self, "_budget", None) is None:
+            from .base import make_token_budget
+
+            limit = getattr(self.model, "max_seq_length", None)
+            tokenizer = getattr(self.model, "tokenizer", None)
+            if not isinstance(limit, int) or tokenizer is None:
+                return None
+            prompts = getattr(self.model, "prompts", None) or {}
+            prefix = prompts.get(self._doc_prompt, "") if self._doc_prompt else ""
+            self._budget = make_token_budget(tokenizer, limit, prefix=prefix, name=self._spec)
+        return self._budget
+
     def _encode(self, texts: Sequence[str], prompt_name: str | None, batch_size: int, normalize: bool,
                 show_progress: bool, max_length: int | None = None) -> np.ndarray:
         texts = clean_texts(texts)
@@ -188,6 +203,14 @@ class PooledEncoder:
         return self._fingerprint
 
     @torch.inference_mode()
+    def document_token_budget(self):
+        """A :class:`~ragen.encoders.base.TokenBudget`: ``max_length`` minus the tokenizer's own special tokens."""
+        if getattr(self, "_budget", None) is None:
+            from .base import make_token_budget
+
+            self._budget = make_token_budget(self.tokenizer, self.max_length, name=self.spec)
+        return self._budget
+
     def encode(self, texts: Sequence[str], *, batch_size: int = 32, normalize: bool = False,
                max_length: int | None = None) -> np.ndarray:
         texts = clean_texts(texts)

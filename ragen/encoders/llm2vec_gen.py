@@ -382,6 +382,18 @@ class LLM2VecGen:
     def max_input_length(self) -> int:
         return int(self.run_config.get("max_input_length", 512))
 
+    def document_token_budget(self):
+        """A :class:`~ragen.encoders.base.TokenBudget` for documents: the input limit (``max_input_length``,
+        at most the 512 tokens :meth:`encode` truncates to) minus the document instruction, BOS and the K
+        special tokens."""
+        if getattr(self, "_budget", None) is None:
+            from .base import make_token_budget
+
+            self._budget = make_token_budget(self.tokenizer, min(self.max_input_length, 512),
+                                             prefix=self.document_instruction or "",
+                                             suffix="".join(self.special_tokens), name=self.source)
+        return self._budget
+
     @property
     def fingerprint(self) -> str:
         """Identifies the function this encoder computes, independent of device and dtype."""

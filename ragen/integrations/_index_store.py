@@ -13,11 +13,15 @@ They go into this module's own SQLite file beside the index, ``framework_nodes.s
 after it; a row counts only while its ``(chunk_id, content_hash)`` matches a committed chunk, so a run killed
 between the two writes never attaches stale metadata to a chunk.
 
+Sharing with ``ragen index``. A later ``ragen index FOLDER`` run on the same directory reconciles only the
+files of its folder scan: documents this module wrote (recognised by their rows in ``framework_nodes.sqlite``,
+:func:`ragen.retriever.framework_documents`) are neither removed nor re-read, and a run that re-commits every
+file (new chunking, ``--rebuild``) carries them over with their chunks and vectors. A scanned file whose path
+is a framework document's is skipped and counted. A ``ragen index`` run with another model is refused while
+framework documents are in the index (their vectors cannot be recomputed from the text).
+
 Limits. Each commit rebuilds the FAISS index of the whole store (as every ``ragen index`` run does), so
-add in batches, not node by node. A later ``ragen index FOLDER`` run on the same directory treats the
-framework's documents as files that vanished from FOLDER and removes them (and re-reads everything when
-its chunking settings differ from the ones recorded); search, ``ragen query`` and the retrievers share the
-index without restriction.
+add in batches, not node by node.
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
+from ..retriever import FRAMEWORK_NODES_DB, RecordedEncoder
 from ..store import DB_NAME, EncoderInfo, FileRecord, IndexConfig, Store, StoreWriter, read_manifest
 from ..types import Chunk
 
 logger = logging.getLogger(__name__)
 
-NODES_DB = "framework_nodes.sqlite"
+NODES_DB = FRAMEWORK_NODES_DB
 FRAMEWORK_CHUNKING = {"source": "framework"}  # recorded when a framework store creates the index
 
 _SCHEMA = """
@@ -105,8 +110,8 @@ class IndexStore:
         self._reader: Store | None = None
         self._index_config = index_config
         if (self.index_dir / DB_NAME).is_file():
-            recorded = EncoderInfo(**{k: v for k, v in read_manifest(self.index_dir)["encoder"].items()
-                                      if k in EncoderInfo.__dataclass_fields__})
+            # the whole recorded entry (load options, resolved hub commits), so a framework commit keeps it
+            recorded = RecordedEncoder.from_manifest(read_manifest(self.index_dir)["encoder"])
             if encoder is not None and (encoder.fingerprint != recorded.fingerprint or encoder.dim != recorded.dim):
                 raise StoreError(f"{self.index_dir}: built with encoder {recorded.spec} (dim {recorded.dim}, "
                                  f"fingerprint {recorded.fingerprint}), but the embedding model is {encoder.spec} "

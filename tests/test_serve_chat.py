@@ -342,3 +342,40 @@ def test_a_guard_that_lets_the_query_through_reports_it(fixture_model, gen_index
     with BackgroundServer(create_app(fixture_model, indexes={"docs": gen_index}, guard=lets_all)) as server:
         r = httpx.post(server.url + "/v1/search", json={"query": "tides", "k": 1}, timeout=60).json()
         assert r["blocked"] is False and len(r["data"]) == 1 and r["reason"].startswith("not a refusal")
+
+
+# --- grounded answers ---------------------------------------------------------------------------------------
+
+from tests.test_ask import QA, SYSTEM, taught  # noqa: E402,F401 - the taught backbone fixture of ragen ask
+
+
+@pytest.fixture(scope="module")
+def taught_server(taught):
+    from ragen import load_encoder
+
+    encoder = load_encoder(str(taught.parent / "ckpt"), device="cpu")
+    with BackgroundServer(create_app(encoder, indexes={"kb": taught}, config=ServeConfig(model_name="taught"))) as server:
+        yield server
+
+
+def test_chat_with_an_index_cites_the_right_chunk(taught_server):
+    client = _openai(taught_server.url)
+    for question, (fact, path) in QA.items():
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        got = client.chat.completions.create(model="taught", messages=messages, max_tokens=24,
+                                             extra_body={"index": "kb", "k": 2})
+        body = got.model_dump()
+        numbers = {s["number"]: s["path"] for s in body["sources"]}
+        assert sorted(numbers) == [1, 2] and set(numbers.values()) == {"geo/france.txt", "sky.md"}
+        right = next(n for n, p in numbers.items() if p == path)
+        assert got.choices[0].message.content == f"{fact} [{right}]."
+        assert body["cited"] == [right] and body["blocked"] is False and body["reason"] is None
+        assert got.choices[0].finish_reason == "stop"
+        # streamed: the sources come first, the pieces make the same answer, the last chunk names the citation
+        events = _sse(taught_server.url, {"messages": messages, "max_tokens": 24, "index": "kb", "k": 2})
+        assert [s["number"] for s in events[0]["sources"]] == sorted(numbers)
+        assert {s["number"]: s["path"] for s in events[0]["sources"]} == numbers
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+        assert text == f"{fact} [{right}]."
+        last = events[-2]
+        assert last["choices"][0]["finish_reason"] == "stop" and last["cited"] == [right]

@@ -379,3 +379,19 @@ def test_chat_with_an_index_cites_the_right_chunk(taught_server):
         assert text == f"{fact} [{right}]."
         last = events[-2]
         assert last["choices"][0]["finish_reason"] == "stop" and last["cited"] == [right]
+
+
+def test_grounded_chat_keeps_earlier_turns_and_the_requests_system_prompt(fixture_model, gen_index):
+    with BackgroundServer(create_app(fixture_model, indexes={"docs": gen_index})) as server:
+        q = {"role": "user", "content": "why do tides happen?"}
+        base = _chat(server.url, {"messages": [q], "index": "docs", "k": 1, "max_tokens": 1}).json()
+        history = [{"role": "user", "content": "an earlier question about the sea"},
+                   {"role": "assistant", "content": "an earlier answer about the sea"}]
+        longer = _chat(server.url, {"messages": [*history, q], "index": "docs", "k": 1, "max_tokens": 1}).json()
+        system = _chat(server.url, {"messages": [{"role": "system", "content": "x"}, q], "index": "docs", "k": 1,
+                                    "max_tokens": 1}).json()
+    gen = ChatGenerator.from_encoder(fixture_model)
+    turns = gen.count_tokens(history[0]["content"]) + gen.count_tokens(history[1]["content"])
+    assert longer["usage"]["prompt_tokens"] > base["usage"]["prompt_tokens"] + turns  # both turns, templated
+    assert system["usage"]["prompt_tokens"] < base["usage"]["prompt_tokens"]  # "x" replaced the long default
+    assert [s["path"] for s in base["sources"]] == [s["path"] for s in longer["sources"]] and len(base["sources"]) == 1

@@ -107,6 +107,9 @@ def serve(
                                      guard=guard_option(guard, guard_config))
             served = ", ".join(f"{n}={d}" for n, d in indexes.items()) or "none"
             auth = "API key required" if api_key else "no API key"
+            st = application.state.ragen
+            chat = (f"chat by {st.generator.source}" if st.generator is not None else "no chat (pass --llm DIR)")
+            auth = f"{chat}; {'refusal guard on' if st.guards else 'no guard'}; {auth}"
             err.print(f"ragen serve: listening on {url_of(sock)} (model {application.state.ragen.model_id}, dim "
                       f"{encoder.dim}; indexes: {served}; {auth}); Ctrl-C or SIGTERM stops it", highlight=False)
             run_server(application, sock, log_level=log_level)

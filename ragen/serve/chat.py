@@ -19,6 +19,9 @@ refusal guard even when the server runs without ``--guard``). The answer then ca
 (numbered as in the prompt: ``[1]``, ``[2]``, ...), ``cited`` (the numbers the answer cites),
 ``blocked`` and ``reason`` (the guard's decision); in a stream the first chunk carries ``sources``,
 ``blocked`` and ``reason`` and the chunk with the ``finish_reason`` carries ``cited``.
+
+Decoding is greedy: sampling fields (``temperature``, ``top_p``, ``seed``, ...) are accepted and have no
+effect; ``n`` must be 1.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..rag import AskSettings, Generation, GenerationError, RagPipeline, blocked_message, citations
+from .worker import Overloaded, WorkerStopped
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +135,7 @@ class ChatRun:
             except StopIteration:
                 self.finished = True
         if g.done and not self.finished:  # the last piece may follow the finish reason: collect it now
-            for piece in g:
-                pieces.append(piece)
+            pieces.extend(g)
             self.finished = True
         self.text.extend(pieces)
         return pieces
@@ -185,7 +188,7 @@ def register(state, config, api_error, read_json, endpoint):
         question = messages[-1]["content"]
         if not question.strip():
             raise api_error(400, "the question (the last user message) is empty")
-        verdict, hits, vector, _generation = await state.retrieve(served, question, k, data.get("guard"))
+        verdict, hits, _vector, _generation = await state.retrieve(served, question, k, data.get("guard"))
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
         history = [m for m in messages[:-1] if m["role"] != "system"]
         if verdict is not None and verdict.blocked:
@@ -265,7 +268,7 @@ def register(state, config, api_error, read_json, endpoint):
                     state.metrics.inc("ragen_chat_abandoned_total")
                     try:
                         state.worker.submit_call(lambda enc: run.close(), label="chat")
-                    except Exception:  # noqa: BLE001 - a full or stopped queue: the cache goes with the object
+                    except (Overloaded, WorkerStopped):  # the cache goes with the object instead
                         logger.debug("could not queue the cleanup of an abandoned generation")
 
         if not stream:

@@ -209,10 +209,12 @@ def test_a_baseline_encoder_needs_llm(minilm, tiny_backbone):
         r = _chat(server.url, {"messages": HELLO})
         assert r.status_code == 400 and r.json()["error"]["code"] == "model_cannot_generate"
         assert "--llm" in r.json()["error"]["message"]
+        assert httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["chat"] is None
     llm = ChatGenerator.from_pretrained(tiny_backbone, device="cpu")
     with BackgroundServer(create_app(minilm, generator=llm)) as server:
         got = _openai(server.url).chat.completions.create(model="minilm", messages=HELLO, max_tokens=3)
         assert got.usage.completion_tokens == 3
+        assert httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["chat"] == str(tiny_backbone)
         assert got.choices[0].message.content == llm.stream(HELLO, max_new_tokens=3).read()
 
 
@@ -295,6 +297,7 @@ def gen_index(fixture_model, tmp_path_factory):
 def test_search_and_chat_with_an_index_and_a_blocking_guard(fixture_model, gen_index, tmp_path):
     blocks_all = GuardConfig(threshold=-1.0, decode=False).save(tmp_path / "all.json")
     with BackgroundServer(create_app(fixture_model, indexes={"docs": gen_index}, guard=blocks_all)) as server:
+        assert httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["guard"] == ["docs"]
         r = httpx.post(server.url + "/v1/search", json={"query": "why do tides happen?", "k": 2}, timeout=60).json()
         assert r["data"] == [] and r["blocked"] is True and "cosine" in r["reason"]
         assert r["guard"]["threshold"] == -1.0

@@ -447,6 +447,8 @@ def create_app(encoder, *, indexes: Mapping[str, str | Path] | None = None, conf
         return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "ragen",
                 "spec": str(encoder.spec), "dim": int(encoder.dim), "fingerprint": str(encoder.fingerprint),
                 "encoder": type(encoder).__name__, "decodes": state.decodes,
+                "chat": state.generator.source if state.generator is not None else None,
+                "guard": sorted(state.guards),
                 "query_instruction": getattr(encoder, "query_instruction", None),
                 "document_instruction": getattr(encoder, "document_instruction", None),
                 "max_input_length": state.counter.max_length, "indexes": sorted(state.indexes)}

@@ -382,13 +382,20 @@ def query(
 
         if not text.strip():
             raise RagenError("the query is empty")
-        if server and guard:
-            raise RagenError("--guard runs in this process; it cannot be combined with --server yet")
-        if server:  # a warm `ragen serve` embeds and searches; no model loads here
+        if server and guard_config:
+            raise RagenError("--guard-config is read by the server: start it with `ragen serve --guard-config FILE`, "
+                             "or pass --guard to use the served index's guard.json")
+        found, blocked_remotely = None, False
+        if server:  # a warm `ragen serve` embeds and searches (and runs the guard); no model loads here
             from ..serve.client import query_server
 
+            reasons: list[str] = []
             hits, explanation = query_server(server, text, k=k, index=None if index_dir == DEFAULT_INDEX else index_dir,
-                                             explain=explain, notice=lambda m: err.print(f"[yellow]notice[/] {m}"))
+                                             explain=explain, notice=lambda m: err.print(f"[yellow]notice[/] {m}"),
+                                             guard=guard, blocked=reasons.append)
+            for reason in reasons:
+                err.print(f"[bold yellow]blocked[/] by the refusal guard: {safe(reason)}", highlight=False)
+            blocked_remotely = bool(reasons)
         else:
             from ..retriever import Retriever
             from ..store import Store
@@ -426,7 +433,7 @@ def query(
         if explanation is not None:
             out.print(Panel(shown(explanation) or "(empty)", title="the query embedding decodes to", title_align="left"))
         if not hits:
-            if not found.blocked:
+            if not (blocked_remotely or (found is not None and found.blocked)):
                 err.print("no hits: the index is empty")
             return
         table = Table("rank", "score", "chunk", "snippet", title=shown(text, oneline=True), title_justify="left")

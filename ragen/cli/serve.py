@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._common import DEFAULT_MODEL, app, err, run_command
+from .ask import GuardConfigOpt, GuardOpt, guard_option
 from ..errors import RagenError
 
 
@@ -45,9 +46,14 @@ def serve(
     max_inputs: Annotated[int, typer.Option(min=1, help="Texts per request at most.")] = 2048,
     max_input_tokens: Annotated[int, typer.Option(min=1, help="Tokens per text at most (400 beyond); longer than the model's input length is truncated as `ragen encode` does.")] = 8192,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Return unit-length vectors unless a request says otherwise (OpenAI's convention).")] = True,
+    llm: Annotated[Optional[str], typer.Option("--llm", help="Local causal LM directory (with a chat template) that answers /v1/chat/completions; default: the LLM2Vec-Gen model's own backbone (baseline encoders have none).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one chat answer or decode may generate (400 beyond).")] = 512,
+    chat_step_tokens: Annotated[int, typer.Option(min=1, help="Tokens a chat answer decodes per turn on the model; embedding batches run between turns.")] = 8,
+    guard: GuardOpt = False,
+    guard_config: GuardConfigOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn and ragen log level: debug, info, warning, error.")] = "warning",
 ) -> None:
-    """Serve embeddings (OpenAI-compatible /v1/embeddings), search, decoding and metrics over HTTP."""
+    """Serve embeddings and chat completions (OpenAI-compatible), search, decoding and metrics over HTTP."""
 
     def body() -> None:
         import logging
@@ -61,7 +67,13 @@ def serve(
         config = ServeConfig(api_key=api_key, model_name=model_name, normalize=normalize,
                              max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
                              max_wait_ms=max_wait_ms, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                             max_inputs=max_inputs, max_input_tokens=max_input_tokens)
+                             max_inputs=max_inputs, max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens,
+                             chat_step_tokens=chat_step_tokens)
+        if guard_config and not Path(guard_config).expanduser().is_file():
+            raise RagenError(f"--guard-config {guard_config}: no such file; expected a guard JSON file")
+        if llm is not None and not Path(llm).expanduser().is_dir():
+            raise RagenError(f"--llm {llm}: no such directory; expected a local causal LM (config.json, weights, "
+                             "tokenizer with a chat template)")
         indexes = parse_index_args(index or [])
         from ..store import read_manifest
 
@@ -85,9 +97,19 @@ def serve(
 
             with err.status(f"loading model [bold]{spec}[/] ...", spinner="dots"):
                 encoder = load_encoder(spec, device=device, base_model=base)
-            application = create_app(encoder, indexes=indexes, config=config, device=device)
+            generator = None
+            if llm is not None:
+                from ..rag import ChatGenerator
+
+                with err.status(f"loading the chat model [bold]{llm}[/] ...", spinner="dots"):
+                    generator = ChatGenerator.from_pretrained(llm, device=device)
+            application = create_app(encoder, indexes=indexes, config=config, device=device, generator=generator,
+                                     guard=guard_option(guard, guard_config))
             served = ", ".join(f"{n}={d}" for n, d in indexes.items()) or "none"
             auth = "API key required" if api_key else "no API key"
+            st = application.state.ragen
+            chat = (f"chat by {st.generator.source}" if st.generator is not None else "no chat (pass --llm DIR)")
+            auth = f"{chat}; {'refusal guard on' if st.guards else 'no guard'}; {auth}"
             err.print(f"ragen serve: listening on {url_of(sock)} (model {application.state.ragen.model_id}, dim "
                       f"{encoder.dim}; indexes: {served}; {auth}); Ctrl-C or SIGTERM stops it", highlight=False)
             run_server(application, sock, log_level=log_level)

@@ -1,7 +1,7 @@
 """``ragen serve``: one warm process that embeds, searches and decodes for every client.
 
 - :func:`create_app` (``ragen.serve.app``): the Starlette application, OpenAI-compatible ``/v1/embeddings``
-  plus ``/v1/search``, ``/v1/decode``, ``/v1/top_tokens``, ``/health``, ``/ready``, ``/metrics``.
+  and ``/v1/chat/completions`` plus ``/v1/search``, ``/v1/decode``, ``/v1/top_tokens``, ``/health``, ``/ready``, ``/metrics``.
 - :class:`InferenceWorker` (``ragen.serve.worker``): the one thread that owns the model and batches requests.
 - :func:`run_server` / :class:`BackgroundServer` (``ragen.serve.runner``): uvicorn in front or on a thread.
 - :func:`search_server` (``ragen.serve.client``): the light client ``ragen query --server`` uses.

@@ -4,7 +4,8 @@ Routes (all JSON; errors are ``{"error": {"message", "type", "code"}}`` with a 4
 
     POST /v1/embeddings   OpenAI schema + ragen's input_type / instruction / normalize
     GET  /v1/models       the served model (id, dim, fingerprint, instructions, indexes)
-    POST /v1/search       {index, query, k} -> the hits `ragen query --json` prints
+    POST /v1/search       {index, query, k, guard} -> the hits `ragen query --json` prints (+ blocked, reason)
+    POST /v1/chat/completions  OpenAI chat (stream, stop, usage) + ragen's index / k / guard (see chat.py)
     POST /v1/decode       {input, max_new_tokens} -> what each embedding decodes to (LLM2Vec-Gen)
     POST /v1/top_tokens   {input, k} -> logit lens of each pooled position (LLM2Vec-Gen)
     GET  /health          liveness, never needs the API key
@@ -112,7 +113,7 @@ class ServerState:
     """Everything the handlers share: the encoder, the worker, the indexes, metrics, settings."""
 
     def __init__(self, encoder, indexes: Mapping[str, str | Path], config: ServeConfig,
-                 device: str | None = None) -> None:
+                 device: str | None = None, generator=None, guard=None) -> None:
         self.encoder = encoder
         self.config = config
         self.model_id = config.model_name or str(encoder.spec)
@@ -134,6 +135,21 @@ class ServerState:
             self.close()
             raise
         self.decodes = callable(getattr(encoder, "decode", None)) and callable(getattr(encoder, "top_tokens", None))
+        self.generator = generator if generator is not None else _own_generator(encoder)
+        # The refusal guard of each index: --guard (each index's guard.json, else the defaults) or
+        # --guard-config FILE. Built now, before the worker owns the model (it embeds its prototypes).
+        self.guard_setting = guard
+        self.guards: dict = {}
+        if guard is not None and guard is not False:
+            from ..guard import resolve_guard
+
+            try:
+                for name, served in self.indexes.items():
+                    self.guards[name] = resolve_guard(guard, encoder, served.directory)
+            except BaseException:
+                self.close()
+                raise
+        self._request_guards: dict = {}
         self._key_digest = hashlib.sha256(config.api_key.encode()).digest() if config.api_key else None
 
     # --- checks -----------------------------------------------------------------------------------------
@@ -228,6 +244,54 @@ class ServerState:
             raise
         return await self.run(future)
 
+    async def guard_for(self, served: ServedIndex, requested: object):
+        """The guard a search on ``served`` runs: the server's (always), else the index's own when the request
+        asks for ``guard: true`` (built once, on the worker), else none."""
+        if requested is not None and not isinstance(requested, bool):
+            raise ApiError(400, "'guard' must be true or false")
+        if served.name in self.guards:
+            return self.guards[served.name]
+        if not requested:
+            return None
+        guard = self._request_guards.get(served.name)
+        if guard is None:
+            from ..guard import GuardConfig, RefusalGuard
+
+            config = GuardConfig.for_index(served.directory)
+            guard = await self.call(lambda enc: RefusalGuard(enc, config), "guard")
+            self._request_guards[served.name] = guard
+        return guard
+
+    async def retrieve(self, served: ServedIndex, query: str, k: int, requested_guard: object = None):
+        """(verdict or None, hits, normalised query vector, generation); a blocked query gets no hits."""
+        guard = await self.guard_for(served, requested_guard)
+        counts = await self.count_tokens([query], "query")
+        vector = l2_normalize(await self.embed([query], counts, "query", None))[0]  # as Retriever.search
+        self.metrics.inc("ragen_tokens_total", counts[0], route="/v1/search")
+        verdict = None
+        if guard is not None:
+            verdict = await self.call(lambda enc: guard.check_batch([query], vector[None, :])[0], "guard")
+            if verdict.blocked:
+                self.metrics.inc("ragen_guard_blocked_total", index=served.name)
+                return verdict, [], vector, served.generation
+        hits, generation = await asyncio.to_thread(served.hits, vector, k)
+        self.metrics.set("ragen_index_generation", generation, index=served.name)
+        return verdict, hits, vector, generation
+
+    @staticmethod
+    def describe_error(exc: BaseException) -> tuple[int, str, str]:
+        """(status, one-line message, type) of an error, as the JSON error answers give them."""
+        if isinstance(exc, ApiError):
+            return exc.status, exc.message, exc.type
+        if isinstance(exc, Overloaded):
+            return 429, str(exc), "overloaded_error"
+        if isinstance(exc, WorkerStopped):
+            return 503, str(exc), "unavailable_error"
+        if isinstance(exc, RagenError):
+            return 400, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, "invalid_request_error"
+        logger.error("internal error while streaming", exc_info=exc)
+        return 500, "internal server error (see the server log)", "server_error"
+
     async def call(self, fn, label: str):
         try:
             future = self.worker.submit_call(fn, label=label)
@@ -239,6 +303,20 @@ class ServerState:
     def close(self) -> None:
         for served in self.indexes.values():
             served.close()
+
+
+def _own_generator(encoder):
+    """The chat generator inside an LLM2Vec-Gen encoder (its own ``lm``), or None for encoders without one."""
+    lm, tok = getattr(encoder, "lm", None), getattr(encoder, "tokenizer", None)
+    if lm is None or tok is None or not callable(getattr(lm, "generate", None)):
+        return None
+    from ..rag import ChatGenerator, GenerationError
+
+    try:
+        return ChatGenerator.from_encoder(encoder)
+    except GenerationError as exc:  # e.g. no chat template: chat answers 400, the rest is served
+        logger.warning("no chat completions: %s", exc)
+        return None
 
 
 def _int_field(data: dict, name: str, default: int, low: int, high: int) -> int:
@@ -253,8 +331,13 @@ def _int_field(data: dict, name: str, default: int, low: int, high: int) -> int:
 
 
 def create_app(encoder, *, indexes: Mapping[str, str | Path] | None = None, config: ServeConfig | None = None,
-               device: str | None = None):
+               device: str | None = None, generator=None, guard=None):
     """The Starlette application serving ``encoder`` and ``indexes`` (name -> index directory).
+
+    ``generator``: a :class:`~ragen.rag.ChatGenerator` for ``/v1/chat/completions`` (default: the
+    LLM2Vec-Gen encoder's own backbone; none for baseline encoders). ``guard``: a refusal guard on every
+    search and grounded chat, as ``Retriever(guard=...)`` takes it (``True``: each index's ``guard.json``,
+    else the defaults; a path: that guard file).
 
     Indexes are opened and checked against the encoder here, so a wrong one fails before anything
     listens. The inference worker starts with the application's lifespan and drains on shutdown.
@@ -267,7 +350,7 @@ def create_app(encoder, *, indexes: Mapping[str, str | Path] | None = None, conf
     from starlette.routing import Route
 
     config = config or ServeConfig()
-    state = ServerState(encoder, indexes or {}, config, device=device)
+    state = ServerState(encoder, indexes or {}, config, device=device, generator=generator, guard=guard)
 
     def error_response(status: int, message: str, type: str, code: str | None = None,
                        headers: Mapping[str, str] | None = None) -> Response:
@@ -364,6 +447,8 @@ def create_app(encoder, *, indexes: Mapping[str, str | Path] | None = None, conf
         return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "ragen",
                 "spec": str(encoder.spec), "dim": int(encoder.dim), "fingerprint": str(encoder.fingerprint),
                 "encoder": type(encoder).__name__, "decodes": state.decodes,
+                "chat": state.generator.source if state.generator is not None else None,
+                "guard": sorted(state.guards),
                 "query_instruction": getattr(encoder, "query_instruction", None),
                 "document_instruction": getattr(encoder, "document_instruction", None),
                 "max_input_length": state.counter.max_length, "indexes": sorted(state.indexes)}
@@ -386,13 +471,12 @@ def create_app(encoder, *, indexes: Mapping[str, str | Path] | None = None, conf
         if not isinstance(query, str) or not query.strip():
             raise ApiError(400, "'query' must be a non-empty string")
         k = _int_field(data, "k", 10, 1, config.max_k)
-        counts = await state.count_tokens([query], "query")
-        vector = l2_normalize(await state.embed([query], counts, "query", None))[0]  # as Retriever.search
-        hits, generation = await asyncio.to_thread(served.hits, vector, k)
-        state.metrics.set("ragen_index_generation", generation, index=served.name)
-        state.metrics.inc("ragen_tokens_total", counts[0], route="/v1/search")
-        return JSONResponse({"object": "list", "index": served.name, "generation": generation,
-                             "model": state.model_id, "data": [hit_json(h) for h in hits]})
+        verdict, hits, _vector, generation = await state.retrieve(served, query, k, data.get("guard"))
+        body = {"object": "list", "index": served.name, "generation": generation, "model": state.model_id,
+                "data": [hit_json(h) for h in hits]}
+        if verdict is not None:
+            body.update(blocked=verdict.blocked, reason=verdict.reason, guard=verdict.to_dict())
+        return JSONResponse(body)
 
     def require_decoder(route: str) -> None:
         if not state.decodes:
@@ -441,6 +525,10 @@ def create_app(encoder, *, indexes: Mapping[str, str | Path] | None = None, conf
                                                                   for pos in per_text]}
                                       for i, per_text in enumerate(tops)]})
 
+    from .chat import register as register_chat
+
+    chat_completions = register_chat(state, config, ApiError, read_json, endpoint)
+
     @endpoint("/health", auth=False)
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -484,6 +572,7 @@ def create_app(encoder, *, indexes: Mapping[str, str | Path] | None = None, conf
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", model, methods=["GET"]),
         Route("/v1/search", search, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/decode", decode, methods=["POST"]),
         Route("/v1/top_tokens", top_tokens, methods=["POST"]),
         Route("/health", health, methods=["GET"]),

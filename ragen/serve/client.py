@@ -10,12 +10,19 @@ from ..types import Hit
 
 
 def search_server(url: str, query: str, *, k: int = 10, index: str | None = None, api_key: str | None = None,
-                  timeout: float = 300.0) -> list[Hit]:
-    """The hits of ``query`` in the server's ``index`` (None: its only index), as ``Retriever.search`` gives."""
+                  timeout: float = 300.0, guard: bool = False,
+                  blocked: Callable[[str], None] = lambda reason: None) -> list[Hit]:
+    """The hits of ``query`` in the server's ``index`` (None: its only index), as ``Retriever.search`` gives.
+    ``guard``: ask the server to run the index's refusal guard (a server started with ``--guard`` always
+    does); a blocked query gets no hits and ``blocked`` hears the guard's reason."""
     payload: dict = {"query": query, "k": int(k)}
     if index is not None:
         payload["index"] = index
+    if guard:
+        payload["guard"] = True
     answer = request_json(_base(url), "/v1/search", payload, api_key=api_key, timeout=timeout)
+    if answer.get("blocked"):
+        blocked(str(answer.get("reason") or "the refusal guard blocked the query"))
     try:
         return [Hit(rank=int(h["rank"]), score=float(h["score"]), chunk_id=str(h["chunk_id"]), path=str(h["path"]),
                     text=str(h["text"]), start=int(h["start"]), end=int(h["end"])) for h in answer["data"]]
@@ -35,10 +42,11 @@ def decode_server(url: str, texts: list[str], *, input_type: str | None = None, 
 
 def query_server(url: str, query: str, *, k: int = 10, index: str | None = None, explain: bool = False,
                  notice: Callable[[str], None] = lambda message: None, api_key: str | None = None,
-                 timeout: float = 300.0) -> tuple[list[Hit], str | None]:
+                 timeout: float = 300.0, guard: bool = False,
+                 blocked: Callable[[str], None] = lambda reason: None) -> tuple[list[Hit], str | None]:
     """``ragen query --server``: the hits and, with ``explain``, what the query embedding decodes to
     (``notice`` hears why there is no explanation when the served model cannot decode)."""
-    hits = search_server(url, query, k=k, index=index, api_key=api_key, timeout=timeout)
+    hits = search_server(url, query, k=k, index=index, api_key=api_key, timeout=timeout, guard=guard, blocked=blocked)
     explanation = None
     if explain:
         card = (request_json(_base(url), "/v1/models", api_key=api_key, timeout=timeout).get("data") or [{}])[0]

@@ -16,7 +16,8 @@ class ServeConfig:
     ``/v1/embeddings`` returns L2-normalised vectors when the request does not say (``normalize`` is a
     ragen extension of the OpenAI schema; OpenAI's own vectors are unit length). ``max_input_tokens``
     counts a text's own tokens; texts within it but beyond the model's input length are truncated exactly
-    as ``ragen encode`` truncates them.
+    as ``ragen encode`` truncates them. ``max_new_tokens`` caps decoding and chat answers;
+    ``chat_step_tokens``: tokens a chat completion decodes per worker job (embedding batches run between jobs).
     """
 
     api_key: str | None = None
@@ -31,12 +32,13 @@ class ServeConfig:
     max_input_tokens: int = 8192
     max_k: int = 1000
     max_new_tokens: int = 512
+    chat_step_tokens: int = 8
     request_timeout_s: float = 300.0
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "max_queue", "max_body_bytes", "max_inputs",
-                     "max_input_tokens", "max_k", "max_new_tokens", "retry_after_s"):
+                     "max_input_tokens", "max_k", "max_new_tokens", "chat_step_tokens", "retry_after_s"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise RagenError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")

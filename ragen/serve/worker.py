@@ -7,12 +7,12 @@ Two kinds of job share one FIFO queue:
   first one arrived for more to come), sorts their texts by length and runs them as padded forward batches
   of at most ``max_batch_tokens`` (batch size x longest input) and ``max_batch_size`` texts. Results are
   scattered back to each job in input order.
-- :class:`CallJob` (any function of the encoder: decode, top tokens, and later chat completions). It runs
+- :class:`CallJob` (any function of the encoder: decode, top tokens, the steps of a chat completion). It runs
   alone on the worker thread, in queue order, so it never races a forward batch for the model. A
   streaming endpoint passes a function that pushes its pieces to the event loop
-  (``loop.call_soon_threadsafe``) as it produces them. A call holds the model for its whole run; a long
-  generation that must not stall embeddings can submit itself in steps (one call per chunk of tokens,
-  keeping its KV cache between calls), and embedding batches then run between the steps.
+  (``loop.call_soon_threadsafe``) as it produces them. A call holds the model for its whole run, so a chat
+  completion submits itself in steps (one call per few tokens, keeping its KV cache between calls; see
+  :mod:`ragen.serve.chat`), and embedding batches run between the steps.
 
 The queue is bounded (``max_queue`` jobs); :meth:`InferenceWorker.submit_embed` and
 :meth:`~InferenceWorker.submit_call` raise :class:`Overloaded` when it is full, so the server can answer

@@ -38,8 +38,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "Answer the question using only the numbered sources. Cite each source you use by its number in "
     "square brackets, like [1] or [2]. If the sources do not contain the answer, say that you do not know."
 )
-# Tokens that end a turn in the chat families ragen targets (Qwen, Llama 3, Mistral-style).
-_STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "</s>")
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
 
@@ -192,16 +190,9 @@ class ChatGenerator:
         return int(getattr(cfg, "max_position_embeddings", 0) or 4096)
 
     def _find_stop_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        gen_cfg = getattr(self.lm, "generation_config", None)
-        for src in (self.lm.config.eos_token_id, getattr(gen_cfg, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif isinstance(src, (list, tuple)):
-                ids.update(int(i) for i in src)
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab)
-        return frozenset(ids)
+        from .encoders.llm2vec_gen import stop_token_ids
+
+        return stop_token_ids(self.lm, self.tokenizer)
 
     # ------------------------------------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:

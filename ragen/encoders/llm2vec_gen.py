@@ -60,7 +60,24 @@ logger = logging.getLogger(__name__)
 
 # Tokens that end a response in the backbone families LLM2Vec-Gen was published for. The reference adds
 # <|endoftext|> (Qwen) and <|end_of_text|> (Llama) to the config's EOS; we take whichever exist.
-_STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>", "</s>")
+# Tokens that end a turn in the chat families ragen targets (Qwen, Llama 3, Mistral-style).
+_STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "</s>")
+
+
+def stop_token_ids(lm: Any, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends generation for this LM: its configured EOS ids (model config, generation config,
+    tokenizer) plus the end-of-turn tokens of the chat families ragen targets, where the vocabulary has them.
+    Decoding an embedding and answering a question stop on the same set."""
+    ids: set[int] = set()
+    gen_cfg = getattr(lm, "generation_config", None)
+    for src in (lm.config.eos_token_id, getattr(gen_cfg, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab)
+    return frozenset(ids)
 
 
 def _load_tokenizer(path: Path, *, trust_remote_code: bool = False, what: str = "checkpoint"):
@@ -585,16 +602,7 @@ class LLM2VecGen:
     # decoding: what the embedding "says"
     # ------------------------------------------------------------------------------------------------------
     def _find_stop_ids(self) -> list[int]:
-        ids: set[int] = set()
-        for src in (self.lm.config.eos_token_id, getattr(self.lm.generation_config, "eos_token_id", None),
-                    self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif isinstance(src, (list, tuple)):
-                ids.update(int(i) for i in src)
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab)
-        return sorted(ids)
+        return sorted(stop_token_ids(self.lm, self.tokenizer))
 
     @torch.inference_mode()
     def generate_from_states(self, states: np.ndarray | torch.Tensor, *, max_new_tokens: int = 64,

@@ -3,6 +3,7 @@ building a base or delta index, moving it to a GPU, search parameters that skip 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -61,8 +62,46 @@ class IndexConfig:
 _GPU_RESOURCES = None
 
 
+def faiss_distributions() -> list[tuple[str, str]]:
+    """``(name, version)`` of every installed distribution that ships the ``faiss`` module (faiss-cpu,
+    faiss-gpu, faiss-gpu-cu12, ...), found by the files they install, not by their names."""
+    from importlib import metadata
+
+    found = {}
+    for dist in metadata.distributions():
+        name = (dist.metadata.get("Name") or "").lower().replace("_", "-")
+        if not name.startswith("faiss"):
+            continue
+        top = (dist.read_text("top_level.txt") or "").split()
+        files = dist.files or ()
+        if "faiss" in top or any(str(f).replace("\\", "/").startswith("faiss/") for f in files):
+            found[name] = dist.version
+    return sorted(found.items())
+
+
+@functools.lru_cache(maxsize=1)
+def check_faiss() -> str:
+    """Import faiss once, and refuse an environment where two faiss distributions overwrite each other's
+    ``faiss`` module (faiss-cpu plus a faiss-gpu wheel: ``import faiss`` then breaks in odd ways).
+    Returns the faiss version."""
+    dists = faiss_distributions()
+    if len(dists) > 1:
+        names = ", ".join(f"{n} {v}" for n, v in dists)
+        others = " ".join(n for n, _ in dists if n != "faiss-cpu") or dists[-1][0]
+        raise StoreError(f"{len(dists)} faiss distributions are installed ({names}) and each ships the `faiss` "
+                         f"module; keep exactly one: `pip uninstall -y {others}` (CPU) or "
+                         f"`pip uninstall -y faiss-cpu {others} && pip install faiss-gpu` (GPU)")
+    try:
+        import faiss
+    except ImportError as exc:
+        hint = "pip install faiss-cpu" if not dists else f"reinstall {dists[0][0]}"
+        raise StoreError(f"cannot import faiss ({exc}); {hint}") from None
+    return str(getattr(faiss, "__version__", "unknown"))
+
+
 def gpu_available() -> bool:
     """True when this faiss build has GPU support and sees at least one GPU."""
+    check_faiss()
     import faiss
 
     return hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
@@ -78,22 +117,108 @@ def _gpu_resources():
     return _GPU_RESOURCES
 
 
-def _resolve_search_device(device: str | None, kind: str) -> int | None:
-    """GPU number to search on, or None for CPU. HNSW has no faiss GPU implementation: always CPU."""
+def _torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _torch_device_for(device: str) -> str:
+    """The torch device a ``cuda[:N]`` request searches on (a hook the CPU tests point at ``cpu``)."""
+    return device if ":" in device else "cuda:0"
+
+
+def _resolve_search_device(device: str | None, kind: str):
+    """Where to search: None (faiss on the CPU), a GPU number (faiss-gpu), or ``"torch:<device>"`` (exact
+    search of a flat index on torch's CUDA when faiss has no GPU build). HNSW has no faiss GPU
+    implementation; IVF/IVF-PQ without faiss-gpu stay on the CPU."""
     if device is None or device == "auto":
-        return 0 if kind != "hnsw" and gpu_available() else None
+        if kind == "hnsw":
+            return None
+        if gpu_available():
+            return 0
+        if kind == "flat" and _torch_cuda_available():
+            return "torch:" + _torch_device_for("cuda")
+        return None
     if device == "cpu":
         return None
     if device.startswith("cuda"):
-        if not gpu_available():
-            raise StoreError(f"device {device!r} was requested but faiss has no GPU support or sees no GPU "
-                             "(install faiss-gpu, or use --device cpu)")
+        _, _, num = device.partition(":")
         if kind == "hnsw":
             logger.info("HNSW indexes search on the CPU (faiss has no GPU HNSW)")
             return None
-        _, _, num = device.partition(":")
-        return int(num) if num.isdigit() else 0
+        if gpu_available():
+            return int(num) if num.isdigit() else 0
+        if kind == "flat" and _torch_cuda_available():
+            return "torch:" + _torch_device_for(device)
+        if kind == "flat":
+            raise StoreError(f"device {device!r} was requested but neither torch nor faiss sees a GPU; use --device cpu")
+        raise StoreError(f"device {device!r} was requested for a {kind} index but faiss has no GPU support or sees no "
+                         "GPU (torch searches flat indexes only); use --device cpu, or replace faiss-cpu by the CUDA "
+                         "12 build: `pip uninstall -y faiss-cpu && pip install faiss-gpu`")
     raise StoreError(f"unknown device {device!r}; expected cpu, cuda or cuda:N")
+
+
+class TorchFlat:
+    """Exact inner-product search of one flat segment with torch (on a GPU when faiss has none): the
+    vectors as one tensor, deleted rows masked out, results mapped to row ids like faiss does."""
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray, removed: np.ndarray | None, device: str) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device)
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self._set_removed(removed)
+
+    def with_removed(self, removed: np.ndarray | None) -> TorchFlat:
+        """The same tensor with another set of deleted rows (a later generation's tombstones)."""
+        import copy
+
+        other = copy.copy(self)
+        other._set_removed(removed)
+        return other
+
+    def _set_removed(self, removed: np.ndarray | None) -> None:
+        import torch
+
+        self.mask = None
+        dead = np.zeros(len(self.ids), dtype=bool)
+        if removed is not None and len(removed):
+            dead = np.isin(self.ids, removed)
+            if dead.any():
+                self.mask = torch.from_numpy(dead).to(self.device)
+        self.live = int(len(self.ids) - int(dead.sum()))
+
+    @classmethod
+    def from_index(cls, index, ids: np.ndarray | None, removed: np.ndarray | None, device: str) -> TorchFlat:
+        import faiss
+
+        inner = faiss.downcast_index(index)
+        if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            ids = faiss.vector_to_array(inner.id_map).astype(np.int64)
+            inner = faiss.downcast_index(inner.index)
+        if not isinstance(inner, faiss.IndexFlat):
+            raise StoreError(f"torch searches flat indexes only, not {type(inner).__name__}")
+        vectors = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, inner.d), np.float32)
+        if ids is None:
+            ids = np.arange(inner.ntotal, dtype=np.int64)
+        return cls(vectors, ids, removed, device)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        k = min(k, self.live)
+        if k <= 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        with torch.no_grad():
+            scores = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(self.device) @ self.vectors.T
+            if self.mask is not None:
+                scores.masked_fill_(self.mask, float("-inf"))
+            top, pos = torch.topk(scores, k, dim=1)
+        return top.cpu().numpy(), self.ids[pos.cpu().numpy()]
 
 
 def _to_device(seg, gpu: int):

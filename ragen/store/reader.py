@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..types import Chunk, Hit
-from .faiss_index import GPU_MAX_K, IndexConfig, _apply_search_params, _resolve_search_device, _search_params, _to_device, normalize_rows
+from .faiss_index import GPU_MAX_K, IndexConfig, TorchFlat, check_faiss, _apply_search_params, _resolve_search_device, _search_params, _to_device, normalize_rows
 from .schema import DB_NAME, MANIFEST_NAME, EncoderInfo, _check_manifest_file, _committed, _connect_reader, _corrupt, _current_generation, _db_error, _meta
 from .segments import _digests, _full_digest, _Digest, _live_segments, _Loaded, _load_segment, _readers_lock, _tombstones
 
@@ -34,7 +34,14 @@ class Store:
         self._digests = digests or {}
         self._count = sum(s.ntotal - (0 if s.params is None else len(s.params._ragen_refs[1])) for s in segments)
         for s in segments:
-            if gpu is not None and s.device_index is None:
+            if isinstance(gpu, str):  # torch, no faiss-gpu: a reused segment keeps its tensor, not its mask
+                removed = None if s.params is None else s.params._ragen_refs[1]
+                if isinstance(s.device_index, TorchFlat):
+                    s.device_index = s.device_index.with_removed(removed)
+                else:
+                    s.device_index = TorchFlat.from_index(s.index, s.ids, removed, gpu[len("torch:"):])
+                s.device_ids = None
+            elif gpu is not None and s.device_index is None:
                 s.device_index, s.device_ids = _to_device(s, gpu)
 
     # --- opening ------------------------------------------------------------------------------------------
@@ -49,6 +56,7 @@ class Store:
             raise StoreError(f"{directory}: no ragen index here (expected {DB_NAME}); "
                              f"build one with `ragen index PATH --index {directory}`")
         _check_manifest_file(directory / MANIFEST_NAME)
+        check_faiss()
         reuse = _loaded or {}  # segment files are immutable: a reload keeps the ones it already has
         for attempt in range(5):
             conn = None
@@ -171,6 +179,9 @@ class Store:
         for seg in self._segments:  # each segment's best k, then the best k of those
             kk = min(k, seg.ntotal)
             if kk == 0:
+                continue
+            if isinstance(seg.device_index, TorchFlat):  # exact, deleted rows masked, row ids mapped
+                parts.append(seg.device_index.search(q, kk))
                 continue
             if seg.params is not None:  # skip deleted rows inside faiss (CPU)
                 scores, pos = seg.index.search(q, kk, params=seg.params)

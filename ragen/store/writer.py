@@ -17,7 +17,7 @@ import numpy as np
 from .._io import fsync_dir
 from ..errors import StoreError
 from ..types import Chunk
-from .faiss_index import IndexConfig, empty_faiss_index, ivf_sample_size, normalize_rows, to_cpu
+from .faiss_index import IndexConfig, check_faiss, empty_faiss_index, ivf_sample_size, normalize_rows, to_cpu
 from .schema import (_SCHEMA, _SQLITE_CORRUPT, _SQLITE_NOTADB, _TABLES, _TEMP_GENERATION, DB_NAME, FORMAT_VERSION,
                      LOCK_NAME, MANIFEST_NAME, READERS_LOCK_NAME, SCHEMA_VERSION, EncoderInfo, _code, _committed,
                      _connect, _corrupt, _db_error, _meta, _tables)
@@ -93,6 +93,7 @@ class StoreWriter:
         self._conn = None
         self._lock_fd = None
         self.created = not self.index_dir.exists()
+        check_faiss()
         _check_index_folder(self.index_dir)
         self.index_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _acquire_lock(self.index_dir)

@@ -52,3 +52,83 @@ def test_cuda_for_an_ivf_index_without_faiss_gpu_is_a_clear_error(tmp_path, monk
     assert faiss_index._resolve_search_device("auto", "flat") is None
     with pytest.raises(StoreError, match="neither torch nor faiss sees a GPU"):
         faiss_index._resolve_search_device("cuda:1", "flat")
+
+
+def test_auto_chooses_by_size_and_trains_on_a_sample():
+    auto = IndexConfig("auto")
+    assert faiss_index.resolve_kind(50, auto) == "flat"
+    assert faiss_index.resolve_kind(faiss_index.AUTO_FLAT_MAX, auto) == "flat"
+    assert faiss_index.resolve_kind(faiss_index.AUTO_FLAT_MAX + 1, auto) == "ivf"
+    assert faiss_index.resolve_kind(faiss_index.AUTO_IVF_MAX + 1, auto) == "ivfpq"
+    assert faiss_index.resolve_kind(5000, IndexConfig("ivfpq")) == "ivf"  # too few vectors for PQ codebooks
+    assert faiss_index.resolve_kind(60, IndexConfig("ivfpq")) == "flat"
+    for n in (10_000_000, 2_000_000):
+        sample = faiss_index.ivf_sample_size(n, auto)
+        nlist = faiss_index.ivf_lists(n, auto)
+        assert 39 * nlist <= sample <= 600_000 < n  # enough per list, never k-means on all vectors
+    assert faiss_index.bytes_per_vector("flat", 1024, auto) == 4104
+    assert faiss_index.bytes_per_vector("ivfpq", 1024, auto) == 128 + 8  # dim / 8 bytes of code + the id
+    assert faiss_index.pq_subquantizers(1000, IndexConfig("ivfpq", pq_m=64)) == 50  # a divisor of dim
+
+
+def test_auto_index_is_rechosen_at_each_base_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(faiss_index, "AUTO_FLAT_MAX", 300)
+    idx = tmp_path / "idx"
+    auto = IndexConfig("auto")
+    result = commit(idx, [record(f) for f in range(40)], _files(40), auto)
+    assert result.index_kind == "flat"
+    assert result.manifest["index"]["config"]["kind"] == "auto"
+    assert result.manifest["index"]["bytes_per_vector"] == 4 * DIM + 8
+    # 40 more files: past the compaction ratio, so the base is rebuilt, now over 400 vectors: IVF
+    result = commit(idx, [record(f) for f in range(40, 80)], _files(80), auto)
+    assert result.index_kind == "ivf"
+    with Store.open(idx, device="cpu") as store:
+        assert store.manifest["index"]["kind"] == "ivf" and store.count == 400
+
+
+def _recall(idx, k=10):
+    rows = live_chunks(idx)
+    ids = np.array(sorted(rows), dtype=np.int64)
+    matrix = normalize_rows(np.stack([vec(rows[i]) for i in ids]))
+    queries = normalize_rows(np.random.default_rng(3).standard_normal((30, DIM)).astype(np.float32))
+    truth = ids[np.argsort(-(queries @ matrix.T), axis=1)[:, :k]]
+    with Store.open(idx, device="cpu") as store:
+        _, got = store.search(queries, k)
+    assert set(got.ravel().tolist()) <= set(rows)  # never a deleted or replaced row
+    return np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)])
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_ivfpq_with_deltas_tombstones_and_compaction_without_retraining(tmp_path, monkeypatch, opq):
+    import faiss
+
+    idx = tmp_path / "idx"
+    config = IndexConfig("ivfpq", pq_m=8, ivf_nlist=16, ivf_nprobe=16, opq=opq)
+    files = [record(f, per_file=100) for f in range(110)]  # 11,000 vectors: enough for PQ codebooks
+    result = commit(idx, files, _files(110), config)
+    assert result.index_kind == "ivfpq"
+    assert result.manifest["index"]["bytes_per_vector"] == 8 + 8 and result.manifest["index"]["pq_m"] == 8
+    base = idx / "seg-1-base.faiss"
+    assert base.stat().st_size < 11_000 * 4 * DIM  # codes, not the float32 vectors
+    assert _recall(idx) > 0.7
+    trained = [faiss.IndexIVFPQ.train, faiss.OPQMatrix.train, faiss.Clustering.train]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    for cls in (faiss.IndexIVFPQ, faiss.OPQMatrix, faiss.Clustering):
+        monkeypatch.setattr(cls, "train", refuse)
+    # a one-file update: a flat delta + tombstones, the base untouched
+    commit(idx, [record(5, 1, per_file=100)], [p for p in _files(110) if p != "file9.txt"], config)
+    assert base.exists() and len(list(idx.glob("seg-*-delta.faiss"))) == 1
+    assert _recall(idx) > 0.7
+    # past the compaction ratio: the base is rebuilt from the database with the recorded training
+    result = commit(idx, [record(f, 2, per_file=100) for f in range(40)], [p for p in _files(110) if p != "file9.txt"],
+                    config)
+    assert result.index_kind == "ivfpq"
+    assert not base.exists() and not list(idx.glob("seg-*-delta.faiss"))
+    assert _recall(idx) > 0.7
+    with Store.open(idx, device="cpu") as store:
+        assert store.count == 110 * 100  # file9 came back with the 40 updated files
+    for cls, train in zip((faiss.IndexIVFPQ, faiss.OPQMatrix, faiss.Clustering), trained):
+        monkeypatch.setattr(cls, "train", train)

@@ -17,7 +17,8 @@ import numpy as np
 from .._io import fsync_dir
 from ..errors import StoreError
 from ..types import Chunk
-from .faiss_index import IndexConfig, check_faiss, empty_faiss_index, ivf_sample_size, normalize_rows, to_cpu
+from .faiss_index import (IndexConfig, _train_sample_size, bytes_per_vector, check_faiss, empty_faiss_index,
+                          normalize_rows, pq_subquantizers, resolve_kind, serialize_trained, to_cpu)
 from .schema import (_SCHEMA, _SQLITE_CORRUPT, _SQLITE_NOTADB, _TABLES, _TEMP_GENERATION, DB_NAME, FORMAT_VERSION,
                      LOCK_NAME, MANIFEST_NAME, READERS_LOCK_NAME, SCHEMA_VERSION, EncoderInfo, _code, _committed,
                      _connect, _corrupt, _db_error, _meta, _tables)
@@ -381,8 +382,7 @@ class StoreWriter:
         t0 = time.perf_counter()
         present = set(present)
         conn = self._conn
-        config_same = self.committed is not None and \
-            self.committed.get("index", {}).get("config") == asdict(self.index_config)
+        config_same = self.committed is not None and _same_config(self.committed, self.index_config)
         if not self.full and not updated and config_same:
             old_files = {p for (p,) in conn.execute("SELECT path FROM files")}
             if old_files == present:  # nothing changed: keep the committed generation as it is
@@ -492,10 +492,18 @@ class StoreWriter:
             out.append(_SegmentSpec(delta_path.name, "delta", len(new_ids), int(new_ids.min()), int(new_ids.max())))
         return out, kind
 
-    def _trained_centroids(self) -> np.ndarray | None:
+    def _trained_index(self, n: int) -> bytes | None:
+        """The trained empty IVF-PQ index of this epoch (a compaction reuses it: no k-means, no PQ training)."""
+        if resolve_kind(n, self.index_config) != "ivfpq" or self.rebuild:
+            return None
+        row = self._conn.execute("SELECT data FROM trained_index WHERE epoch=? AND kind='ivfpq'",
+                                 (self.epoch,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def _trained_centroids(self, n: int) -> np.ndarray | None:
         """The IVF quantizer of this epoch's vectors, when one was trained and the settings still ask for
         its number of lists (a compaction reuses it instead of running k-means again)."""
-        if self.index_config.kind != "ivf" or self.rebuild:
+        if resolve_kind(n, self.index_config) != "ivf" or self.rebuild:
             return None
         row = self._conn.execute("SELECT nlist, dim, centroids FROM ivf_quantizer WHERE epoch=?",
                                  (self.epoch,)).fetchone()
@@ -509,7 +517,12 @@ class StoreWriter:
 
         inner = faiss.downcast_index(index)
         self._conn.execute("DELETE FROM ivf_quantizer WHERE epoch != ?", (self.epoch,))
-        if isinstance(inner, faiss.IndexIVF):
+        self._conn.execute("DELETE FROM trained_index WHERE epoch != ?", (self.epoch,))
+        trained, self._trained_bytes = getattr(self, "_trained_bytes", None), None
+        if trained is not None:
+            self._conn.execute("INSERT OR REPLACE INTO trained_index(epoch, kind, data) VALUES (?, 'ivfpq', ?)",
+                               (self.epoch, trained))
+        elif isinstance(inner, faiss.IndexIVF):
             centroids = inner.quantizer.reconstruct_n(0, inner.nlist)
             self._conn.execute("INSERT OR REPLACE INTO ivf_quantizer(epoch, nlist, dim, centroids) VALUES (?, ?, ?, ?)",
                                (self.epoch, inner.nlist, inner.d, np.ascontiguousarray(centroids, np.float32).tobytes()))
@@ -622,17 +635,22 @@ class StoreWriter:
             n += 1
             lo = row_id if lo is None or row_id < lo else lo
             hi = row_id if hi is None or row_id > hi else hi
-        centroids = self._trained_centroids()
+        centroids = self._trained_centroids(n)
+        trained = self._trained_index(n)
         sample = None
-        m = ivf_sample_size(len(rows_of), self.index_config) if centroids is None else 0
+        kind = resolve_kind(n, self.index_config)
+        m = min(len(rows_of), _train_sample_size(n, kind, self.index_config)) \
+            if centroids is None and trained is None else 0
         if m:  # IVF trains on a sample of the distinct vectors, read by hash
             chosen = sorted(rows_of)
             if len(chosen) > m:
                 picks = np.random.default_rng(0).choice(len(chosen), m, replace=False)
                 chosen = [chosen[i] for i in np.sort(picks)]
             sample = self._vectors_of([(0, h) for h in chosen])[1]
-        index, kind = empty_faiss_index(n, dim, self.index_config, sample=sample, centroids=centroids, with_ids=True)
+        index, kind = empty_faiss_index(n, dim, self.index_config, sample=sample, centroids=centroids, trained=trained,
+                                        with_ids=True)
         del sample
+        self._trained_bytes = serialize_trained(index)  # while empty: the training only, kept for compactions
         added = 0
         width = 4 * dim
         cursor = conn.execute("SELECT content_hash, vector FROM vectors WHERE epoch=?", (self.epoch,))
@@ -672,7 +690,9 @@ class StoreWriter:
             "metric": "inner_product",
             "chunking": self.chunking,
             "index": {"kind": kind, "config": asdict(self.index_config), "segments": n_segments,
-                      "deleted_rows": n_deleted},
+                      "deleted_rows": n_deleted,
+                      "bytes_per_vector": bytes_per_vector(kind, self.encoder.dim, self.index_config),
+                      **({"pq_m": pq_subquantizers(self.encoder.dim, self.index_config)} if kind == "ivfpq" else {})},
             "counts": {"files": n_files, "chunks": n_chunks, "unique_vectors": n_vectors},
             "source": self.source,
         }
@@ -696,6 +716,16 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _same_config(manifest: dict, config: IndexConfig) -> bool:
+    """Whether the committed index was built with ``config`` (settings added later take their defaults, so
+    an index written before them is not rebuilt for it)."""
+    recorded = manifest.get("index", {}).get("config")
+    try:
+        return isinstance(recorded, dict) and IndexConfig.from_dict(recorded) == config
+    except (StoreError, TypeError):
+        return False
 
 
 def _segment_of(specs: list[_SegmentSpec], row_id: int, index_dir: Path) -> str:

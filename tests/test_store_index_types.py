@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ragen.store import IndexConfig, Store, faiss_index, normalize_rows
-from tests.test_store_segments import DIM, assert_exact, commit, live_chunks, record, vec
+from tests.test_store_segments import DIM, commit, live_chunks, record, vec
 
 
 def _files(n):

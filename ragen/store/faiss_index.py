@@ -316,7 +316,7 @@ def _train_sample_size(n: int, kind: str, config: IndexConfig) -> int:
     if kind not in ("ivf", "ivfpq"):
         return 0
     nlist = ivf_lists(n, config)
-    size = min(n, 256 * nlist, max(40 * nlist, IVF_TRAIN_MAX))
+    size = min(n, 64 * nlist, max(40 * nlist, IVF_TRAIN_MAX))
     if kind == "ivfpq":
         size = max(size, min(n, 64 * (1 << PQ_NBITS)))  # PQ codebooks want a few thousand points too
     return size
@@ -415,8 +415,8 @@ def _reuse_trained(trained: bytes | None, dim: int, config: IndexConfig, n: int)
 
 
 def ivf_sample_size(n: int, config: IndexConfig) -> int:
-    """How many vectors IVF / IVF-PQ trains on: at most 256 per list (faiss would subsample beyond that)
-    and at most ``IVF_TRAIN_MAX`` beyond 40 per list, so 10M vectors never all go through k-means."""
+    """How many vectors IVF / IVF-PQ trains on: 64 per list (faiss wants at least 39), and at most
+    ``IVF_TRAIN_MAX`` beyond 40 per list, so 10M vectors never all go through k-means."""
     return _train_sample_size(n, resolve_kind(n, config), config)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import numpy as np
 from .._io import fsync_dir
 from ..errors import StoreError
 from ..types import Chunk
+from . import locks
 from .faiss_index import (IndexConfig, _train_sample_size, bytes_per_vector, check_faiss, empty_faiss_index,
                           normalize_rows, pq_subquantizers, resolve_kind, serialize_trained, to_cpu)
 from .schema import (_SCHEMA, _SQLITE_CORRUPT, _SQLITE_NOTADB, _TABLES, _TEMP_GENERATION, DB_NAME, FORMAT_VERSION,
@@ -72,7 +72,7 @@ def _database_errors(method):
 
 
 class StoreWriter:
-    """Exclusive writer of one index directory (``flock`` on ``write.lock``).
+    """Exclusive writer of one index directory (a lock on ``write.lock``, see :mod:`.locks`).
 
     Use as a context manager. Typical run: :meth:`known_files` / :meth:`missing_vectors` to plan,
     :meth:`add_vectors` per embedded batch (each a committed transaction), :meth:`commit` once at the end.
@@ -255,8 +255,6 @@ class StoreWriter:
         """Delete owned files that belong to no live generation, under the exclusive readers' lock; when
         readers hold it past ``wait_s`` the files stay for a later run (they are still recorded).
         ``temp_only``: only temporary files (the live state is not trusted)."""
-        import fcntl
-
         live = self._live_names()
         rows = [(n,) for (n, g) in self._conn.execute("SELECT name, generation FROM owned_files")
                 if n not in live and (g == _TEMP_GENERATION or not temp_only)]
@@ -272,14 +270,16 @@ class StoreWriter:
             deadline = time.monotonic() + wait_s
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
+                    if locks.try_exclusive(fd):
+                        break
+                    busy = True
                 except OSError as exc:
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                        logger.info("readers are loading the index; %d retired files stay until the next run",
-                                    len(rows))
-                        return
-                    time.sleep(0.005)
+                    busy = exc
+                if busy is not True or time.monotonic() > deadline:
+                    logger.info("readers are loading the index; %d retired files stay until the next run (%s)",
+                                len(rows), "busy" if busy is True else busy)
+                    return
+                time.sleep(0.005)
             gone = []
             for (name,) in rows:
                 if not _OWNED_NAME.match(name):  # a damaged or hostile table never names a path of ours
@@ -708,7 +708,7 @@ class StoreWriter:
     def _release(self) -> None:
         fd = getattr(self, "_lock_fd", None)
         if fd is not None:
-            os.close(fd)  # closing the descriptor drops the flock
+            os.close(fd)  # closing the descriptor drops the lock
             self._lock_fd = None
 
     def __enter__(self) -> StoreWriter:
@@ -743,8 +743,6 @@ def _int_or(value: object, default: int) -> int:
 
 
 def _acquire_lock(directory: Path) -> int:
-    import fcntl
-
     path = directory / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -752,19 +750,18 @@ def _acquire_lock(directory: Path) -> int:
         raise StoreError(f"{path}: cannot open the write lock ({exc.strerror}); writing an index needs write "
                          f"access to {directory}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            os.close(fd)
-            raise
+        taken = locks.try_exclusive(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not taken:
         try:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = locks.read_pid(fd)
         finally:
             os.close(fd)
         raise StoreError(f"index {directory} is being written by another process (pid {holder}); "
                          "wait for it to finish") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    locks.write_pid(fd)
     return fd
 
 
@@ -775,30 +772,12 @@ def check_unlocked(index_dir: str | Path) -> None:
     directory = Path(index_dir).expanduser()
     _check_index_folder(directory)
     if index_is_locked(directory):
-        try:
-            holder = (directory / LOCK_NAME).read_text().strip() or "unknown"
-        except OSError:
-            holder = "unknown"
+        holder = locks.read_pid_file(directory / LOCK_NAME)
         raise StoreError(f"index {directory} is being written by another process (pid {holder}); "
                          "wait for it to finish")
 
 
 def index_is_locked(index_dir: str | Path) -> bool:
     """True while some process holds the write lock of ``index_dir``."""
-    import fcntl
-
     path = Path(index_dir).expanduser() / LOCK_NAME
-    if not path.exists():
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
+    return path.exists() and locks.is_locked(path)

@@ -93,12 +93,16 @@ def _recall(idx, k=10):
     queries = normalize_rows(np.random.default_rng(3).standard_normal((30, DIM)).astype(np.float32))
     truth = ids[np.argsort(-(queries @ matrix.T), axis=1)[:, :k]]
     with Store.open(idx, device="cpu") as store:
-        _, got = store.search(queries, k)
+        scores, got = store.search(queries, k)
     assert set(got.ravel().tolist()) <= set(rows)  # never a deleted or replaced row
+    position = {int(r): i for i, r in enumerate(ids)}
+    exact = np.take_along_axis(queries @ matrix.T, np.vectorize(position.get)(got), axis=1)
+    np.testing.assert_allclose(scores, exact, atol=1e-5)  # IVF-PQ candidates are re-ranked exactly
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
     return np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)])
 
 
-@pytest.mark.parametrize("opq", [False, True])
+@pytest.mark.parametrize("opq", [False, pytest.param(True, marks=pytest.mark.slow)])  # OPQ trains ~30 s
 def test_ivfpq_with_deltas_tombstones_and_compaction_without_retraining(tmp_path, monkeypatch, opq):
     import faiss
 
@@ -110,7 +114,7 @@ def test_ivfpq_with_deltas_tombstones_and_compaction_without_retraining(tmp_path
     assert result.manifest["index"]["bytes_per_vector"] == 8 + 8 and result.manifest["index"]["pq_m"] == 8
     base = idx / "seg-1-base.faiss"
     assert base.stat().st_size < 11_000 * 4 * DIM  # codes, not the float32 vectors
-    assert _recall(idx) > 0.7
+    assert _recall(idx) > 0.9
     trained = [faiss.IndexIVFPQ.train, faiss.OPQMatrix.train, faiss.Clustering.train]
 
     def refuse(*args, **kwargs):
@@ -121,13 +125,13 @@ def test_ivfpq_with_deltas_tombstones_and_compaction_without_retraining(tmp_path
     # a one-file update: a flat delta + tombstones, the base untouched
     commit(idx, [record(5, 1, per_file=100)], [p for p in _files(110) if p != "file9.txt"], config)
     assert base.exists() and len(list(idx.glob("seg-*-delta.faiss"))) == 1
-    assert _recall(idx) > 0.7
+    assert _recall(idx) > 0.9
     # past the compaction ratio: the base is rebuilt from the database with the recorded training
     result = commit(idx, [record(f, 2, per_file=100) for f in range(40)], [p for p in _files(110) if p != "file9.txt"],
                     config)
     assert result.index_kind == "ivfpq"
     assert not base.exists() and not list(idx.glob("seg-*-delta.faiss"))
-    assert _recall(idx) > 0.7
+    assert _recall(idx) > 0.9
     with Store.open(idx, device="cpu") as store:
         assert store.count == 110 * 100  # file9 came back with the 40 updated files
     for cls, train in zip((faiss.IndexIVFPQ, faiss.OPQMatrix, faiss.Clustering), trained):

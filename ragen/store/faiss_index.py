@@ -26,6 +26,7 @@ AUTO_IVF_MAX = 1_000_000
 PQ_NBITS = 8
 PQ_MIN_VECTORS = 39 * (1 << PQ_NBITS)  # faiss wants 39 training points per PQ centroid
 IVF_TRAIN_MAX = 500_000  # vectors an IVF/IVF-PQ trains on at most (k-means never sees all 10M)
+PQ_RERANK = 10  # IVF-PQ: fetch k * PQ_RERANK candidates by code, re-rank them by their exact vectors
 
 
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
@@ -412,6 +413,32 @@ def _reuse_trained(trained: bytes | None, dim: int, config: IndexConfig, n: int)
             or n < 39 * ivf.nlist or index.ntotal):
         return None
     return index
+
+
+def is_pq(index) -> bool:
+    """Whether ``index`` scores by compressed codes (IVF-PQ, with or without OPQ): its scores are
+    approximations, so the store re-ranks its candidates exactly (:func:`rerank_exact`)."""
+    import faiss
+
+    return isinstance(_ivf_of(index), faiss.IndexIVFPQ)
+
+
+def rerank_exact(q: np.ndarray, candidates: np.ndarray, vectors: dict[int, np.ndarray],
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of each query's candidate ids (-1 = none) by exact inner product with ``vectors``
+    (id -> normalised vector); candidates without a vector are dropped. Returns ``(scores, ids)``."""
+    n = len(q)
+    scores = np.full((n, k), -np.inf, np.float32)
+    ids = np.full((n, k), -1, np.int64)
+    for i in range(n):
+        row = [int(c) for c in dict.fromkeys(candidates[i].tolist()) if c >= 0 and int(c) in vectors]
+        if not row:
+            continue
+        exact = np.stack([vectors[c] for c in row]) @ q[i]
+        best = np.argsort(-exact, kind="stable")[:k]
+        scores[i, :len(best)] = exact[best]
+        ids[i, :len(best)] = np.asarray(row, np.int64)[best]
+    return scores, ids
 
 
 def ivf_sample_size(n: int, config: IndexConfig) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..types import Chunk, Hit
-from .faiss_index import GPU_MAX_K, IndexConfig, TorchFlat, check_faiss, _apply_search_params, _resolve_search_device, _search_params, _to_device, normalize_rows
+from .faiss_index import GPU_MAX_K, PQ_RERANK, IndexConfig, TorchFlat, check_faiss, is_pq, rerank_exact, _apply_search_params, _resolve_search_device, _search_params, _to_device, normalize_rows
 from .schema import DB_NAME, MANIFEST_NAME, EncoderInfo, _check_manifest_file, _committed, _connect_reader, _corrupt, _current_generation, _db_error, _meta
 from .segments import _digests, _full_digest, _Digest, _live_segments, _Loaded, _load_segment, _readers_lock, _tombstones
 
@@ -183,6 +183,9 @@ class Store:
             if isinstance(seg.device_index, TorchFlat):  # exact, deleted rows masked, row ids mapped
                 parts.append(seg.device_index.search(q, kk))
                 continue
+            pq = is_pq(seg.index)  # compressed codes: k * PQ_RERANK candidates, re-ranked exactly below
+            if pq:
+                kk = min(kk * PQ_RERANK, seg.ntotal)
             if seg.params is not None:  # skip deleted rows inside faiss (CPU)
                 scores, pos = seg.index.search(q, kk, params=seg.params)
                 mapping = seg.ids
@@ -192,6 +195,8 @@ class Store:
                 mapping = seg.device_ids if on_device else seg.ids
             if mapping is not None:
                 pos = np.where(pos >= 0, mapping[np.clip(pos, 0, None)], -1)
+            if pq:
+                scores, pos = rerank_exact(q, pos, self._vectors_of_rows(np.unique(pos[pos >= 0])), min(k, seg.ntotal))
             parts.append((scores, pos))
         if len(parts) == 1:
             scores, ids = parts[0]
@@ -202,6 +207,25 @@ class Store:
             scores = np.take_along_axis(scores, order, axis=1)
             ids = np.take_along_axis(ids, order, axis=1)
         return scores[:, :k], ids[:, :k]
+
+    def _vectors_of_rows(self, row_ids: np.ndarray) -> dict[int, np.ndarray]:
+        """The stored (normalised) vectors of chunk rows, read in bulk from SQLite (for re-ranking)."""
+        dim = self.dim
+        out: dict[int, np.ndarray] = {}
+        wanted = [int(r) for r in row_ids]
+        try:
+            for start in range(0, len(wanted), 500):
+                part = wanted[start:start + 500]
+                marks = ",".join("?" * len(part))
+                for row_id, blob in self._conn.execute(
+                        f"SELECT c.id, v.vector FROM chunks c JOIN vectors v ON v.content_hash = c.content_hash "
+                        f"AND v.epoch = (SELECT CAST(value AS INTEGER) FROM meta WHERE key='epoch') "
+                        f"WHERE c.id IN ({marks})", part):
+                    if len(blob) == 4 * dim:
+                        out[int(row_id)] = np.frombuffer(blob, dtype=np.float32)
+        except sqlite3.Error as exc:
+            raise _db_error(self.index_dir / DB_NAME, exc, writing=False) from None
+        return out
 
     def chunks(self, ids: Iterable[int]) -> dict[int, Chunk]:
         """Chunk metadata for row ids (missing ids are absent from the result)."""

@@ -36,6 +36,7 @@ def test_torch_exact_search_equals_faiss_with_deltas_and_tombstones(tmp_path, mo
         assert not dead & set(got_ids.ravel().tolist())
         commit(idx, [], [p for p in _files(40) if p not in ("file7.txt", "file9.txt")])
         gpu._reload()
+        assert all(isinstance(s.device_index, faiss_index.TorchFlat) for s in gpu._segments)
         _, ids = gpu.search(queries, 200)
         assert set(ids.ravel().tolist()) == set(live_chunks(idx))
 

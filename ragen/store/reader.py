@@ -112,7 +112,9 @@ class Store:
             kind = manifest.get("index", {}).get("kind", "flat")
             try:
                 gpu = _resolve_search_device(device, kind)
-                return cls(directory, conn, manifest, generation, segments, gpu, digests)
+                store = cls(directory, conn, manifest, generation, segments, gpu, digests)
+                store._device = device  # what a reload asks for again
+                return store
             except BaseException:
                 conn.close()
                 raise
@@ -285,8 +287,10 @@ class Store:
             return None
 
     def _reload(self) -> None:
-        fresh = Store.open(self.index_dir, device="cpu" if self._gpu is None else f"cuda:{self._gpu}",
-                           _loaded={s.spec.name: s for s in self._segments})
+        device = getattr(self, "_device", None)
+        if device is None:
+            device = "cpu" if self._gpu is None else f"cuda:{self._gpu}" if isinstance(self._gpu, int) else "auto"
+        fresh = Store.open(self.index_dir, device=device, _loaded={s.spec.name: s for s in self._segments})
         self._conn.close()
         self.__dict__.update(fresh.__dict__)
 

@@ -298,7 +298,7 @@ def main() -> None:
     p.add_argument("--hnsw-max", type=int, default=100_000, help="largest size to build HNSW for (slow on few cores)")
     p.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"], choices=["ivf", "ivfpq", "opq", "hnsw"],
                    help="index types next to the exact flat one (opq: OPQ + IVF-PQ)")
-    p.add_argument("--pq-m", type=int, default=None, help="IVF-PQ bytes per code (default dim / 8, as ragen builds)")
+    p.add_argument("--pq-m", type=int, default=None, help="IVF-PQ bytes per code (default dim / 4, as ragen builds)")
     p.add_argument("--skip-index", action="store_true")
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--store-sizes", type=int, nargs="*", default=[], help="sizes for part (c), e.g. 200000 1000000")

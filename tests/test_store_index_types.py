@@ -68,7 +68,7 @@ def test_auto_chooses_by_size_and_trains_on_a_sample():
         nlist = faiss_index.ivf_lists(n, auto)
         assert 39 * nlist <= sample <= 600_000 < n  # enough per list, never k-means on all vectors
     assert faiss_index.bytes_per_vector("flat", 1024, auto) == 4104
-    assert faiss_index.bytes_per_vector("ivfpq", 1024, auto) == 128 + 8  # dim / 8 bytes of code + the id
+    assert faiss_index.bytes_per_vector("ivfpq", 1024, auto) == 256 + 8  # dim / 4 bytes of code + the id
     assert faiss_index.pq_subquantizers(1000, IndexConfig("ivfpq", pq_m=64)) == 50  # a divisor of dim
 
 

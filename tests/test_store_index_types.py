@@ -137,3 +137,21 @@ def test_ivfpq_with_deltas_tombstones_and_compaction_without_retraining(tmp_path
         assert store.count == 110 * 100  # file9 came back with the 40 updated files
     for cls, train in zip((faiss.IndexIVFPQ, faiss.OPQMatrix, faiss.Clustering), trained):
         monkeypatch.setattr(cls, "train", train)
+
+
+def test_an_ivf_that_outgrew_its_lists_is_trained_again_at_compaction(tmp_path, monkeypatch):
+    import faiss
+
+    idx = tmp_path / "idx"
+    config = IndexConfig("ivf")
+    commit(idx, [record(f) for f in range(80)], _files(80), config)  # 400 vectors: 10 lists
+    nlist = faiss.downcast_index(faiss.read_index(str(idx / "seg-1-base.faiss"))).nlist
+    trained = []
+    real_train = faiss.IndexIVFFlat.train
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", lambda self, x: trained.append(len(x)) or real_train(self, x))
+    commit(idx, [record(f) for f in range(80, 90)], _files(90), config)  # small growth: same lists
+    assert trained == []
+    result = commit(idx, [record(f) for f in range(90, 600)], _files(600), config)  # 3,000 vectors: compaction
+    assert result.index_kind == "ivf" and len(trained) == 1
+    base = next(idx.glob("seg-*-base.faiss"))
+    assert faiss.downcast_index(faiss.read_index(str(base))).nlist >= 2 * nlist

@@ -410,6 +410,7 @@ def _reuse_trained(trained: bytes | None, dim: int, config: IndexConfig, n: int)
     ivf = _ivf_of(index)
     if (index.d != dim or not isinstance(ivf, faiss.IndexIVFPQ) or ivf.pq.M != pq_subquantizers(dim, config)
             or (config.ivf_nlist is not None and ivf.nlist != config.ivf_nlist)
+            or (config.ivf_nlist is None and ivf.nlist < ivf_lists(n, config) // 2)  # the corpus outgrew it
             or isinstance(faiss.downcast_index(index), faiss.IndexPreTransform) != config.opq
             or n < 39 * ivf.nlist or index.ntotal):
         return None

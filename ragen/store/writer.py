@@ -17,7 +17,7 @@ from .._io import fsync_dir
 from ..errors import StoreError
 from ..types import Chunk
 from . import locks
-from .faiss_index import (IndexConfig, _train_sample_size, bytes_per_vector, check_faiss, empty_faiss_index,
+from .faiss_index import (IndexConfig, _train_sample_size, bytes_per_vector, check_faiss, empty_faiss_index, ivf_lists,
                           normalize_rows, pq_subquantizers, resolve_kind, serialize_trained, to_cpu)
 from .schema import (_SCHEMA, _SQLITE_CORRUPT, _SQLITE_NOTADB, _TABLES, _TEMP_GENERATION, DB_NAME, FORMAT_VERSION,
                      LOCK_NAME, MANIFEST_NAME, READERS_LOCK_NAME, SCHEMA_VERSION, EncoderInfo, _code, _committed,
@@ -508,8 +508,9 @@ class StoreWriter:
         row = self._conn.execute("SELECT nlist, dim, centroids FROM ivf_quantizer WHERE epoch=?",
                                  (self.epoch,)).fetchone()
         if row is None or row[1] != self.encoder.dim or len(row[2]) != 4 * row[0] * row[1] or (
-                self.index_config.ivf_nlist is not None and self.index_config.ivf_nlist != row[0]):
-            return None
+                self.index_config.ivf_nlist is not None and self.index_config.ivf_nlist != row[0]) or (
+                self.index_config.ivf_nlist is None and row[0] < ivf_lists(n, self.index_config) // 2):
+            return None  # (the corpus outgrew its lists: train again, on a sample, for the new size)
         return np.frombuffer(row[2], dtype=np.float32).reshape(row[0], row[1])
 
     def _keep_centroids(self, index) -> None:

@@ -3,7 +3,8 @@
 (a) ``ragen index`` overhead: wall time of :func:`ragen.build_index` (walk, read, chunk, SQLite
     writes per batch, FAISS build, atomic switch) against pure ``encode_documents`` of the same chunk
     texts with the same encoder and batch size. Target: overhead <= 10 %.
-(b) Search latency at 100k and 1M vectors: exact flat inner product against HNSW and IVF, with
+(b) Search latency at 100k and 1M vectors: exact flat inner product against HNSW, IVF and IVF-PQ
+    (``--kinds ivf ivfpq opq hnsw``; the memory per vector of each is printed too), with
     recall@10 measured against the exact results. Vectors are clustered synthetic unit vectors (a
     Gaussian mixture, closer to real embeddings than uniform noise, on which no ANN index does well).
 (c) The store at scale (``--store-sizes``): random vectors through the store API (``StoreWriter``),
@@ -127,17 +128,20 @@ def bench_search(args) -> None:
     rng = np.random.default_rng(0)
     print(f"\n## search latency (dim {args.dim}, clustered unit vectors, {args.queries} queries, "
           f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, CPU)")
-    print("| vectors | index | build s | ms/query (1 at a time) | ms/query (batched) | recall@10 |")
-    print("|---:|---|---:|---:|---:|---:|")
+    from ragen.store.faiss_index import bytes_per_vector, pq_subquantizers
+
+    print("| vectors | index | build s | ms/query (1 at a time) | ms/query (batched) | recall@10 | bytes/vector |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for n in args.sizes:
         data, centers = clustered(n, args.dim, max(64, n // 1000), rng)
         queries, _ = clustered(args.queries, args.dim, 0, rng, centers)
         truth = None
-        kinds = ["flat", "ivf"] + (["hnsw"] if n <= args.hnsw_max else [])
-        for kind in kinds:
-            if kind == "ivf":
+        kinds = [k for k in ["flat", *args.kinds] if k != "hnsw" or n <= args.hnsw_max]
+        for kind in dict.fromkeys(kinds):
+            if kind in ("ivf", "ivfpq", "opq"):
                 nlist = args.ivf_nlist or int(4 * np.sqrt(n))
-                config = IndexConfig("ivf", ivf_nlist=nlist, ivf_nprobe=args.nprobe)
+                config = IndexConfig("ivf" if kind == "ivf" else "ivfpq", ivf_nlist=nlist, ivf_nprobe=args.nprobe,
+                                     pq_m=args.pq_m, opq=kind == "opq")
             else:
                 config = IndexConfig(kind, hnsw_m=32, hnsw_ef_construction=80, hnsw_ef_search=args.ef_search)
             t0 = time.perf_counter()
@@ -154,9 +158,29 @@ def bench_search(args) -> None:
             if kind == "flat":
                 truth = got
             recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)])
+            pq = f"{'OPQ+' if config.opq else ''}IVF{config.ivf_nlist}-PQ{pq_subquantizers(args.dim, config)}"
             label = {"flat": "flat (exact)", "ivf": f"IVF{config.ivf_nlist}, nprobe {args.nprobe}",
-                     "hnsw": f"HNSW32, efSearch {args.ef_search}"}[built]
-            print(f"| {n:,} | {label} | {build_s:.1f} | {one_ms:.2f} | {batch_ms:.3f} | {recall:.3f} |", flush=True)
+                     "ivfpq": f"{pq}, nprobe {args.nprobe}", "hnsw": f"HNSW32, efSearch {args.ef_search}"}[built]
+            print(f"| {n:,} | {label} | {build_s:.1f} | {one_ms:.2f} | {batch_ms:.3f} | {recall:.3f} | "
+                  f"{bytes_per_vector(built, args.dim, config)} |", flush=True)
+            if built == "ivfpq":  # what Store.search does: k * PQ_RERANK candidates, re-ranked by exact vectors
+                from ragen.store.faiss_index import PQ_RERANK, rerank_exact
+
+                def reranked(qs, index=index, data=data):
+                    _, cand = index.search(qs, 10 * PQ_RERANK)
+                    return rerank_exact(qs, cand, {int(c): data[c] for c in np.unique(cand[cand >= 0])}, 10)[1]
+
+                t0 = time.perf_counter()
+                for q in single:
+                    reranked(q[None, :])
+                one_ms = 1000 * (time.perf_counter() - t0) / len(single)
+                t0 = time.perf_counter()
+                got = reranked(queries)
+                batch_ms = 1000 * (time.perf_counter() - t0) / len(queries)
+                recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)])
+                print(f"| {n:,} | {pq}, nprobe {args.nprobe}, re-ranked x{PQ_RERANK} (ragen) | {build_s:.1f} | "
+                      f"{one_ms:.2f} | {batch_ms:.3f} | {recall:.3f} | {bytes_per_vector(built, args.dim, config)} |",
+                      flush=True)
             del index
         del data
 
@@ -274,6 +298,9 @@ def main() -> None:
     p.add_argument("--ef-search", type=int, default=128)
     p.add_argument("--ivf-nlist", type=int, default=None, help="IVF lists (default 4*sqrt(n), as ragen builds)")
     p.add_argument("--hnsw-max", type=int, default=100_000, help="largest size to build HNSW for (slow on few cores)")
+    p.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"], choices=["ivf", "ivfpq", "opq", "hnsw"],
+                   help="index types next to the exact flat one (opq: OPQ + IVF-PQ)")
+    p.add_argument("--pq-m", type=int, default=None, help="IVF-PQ bytes per code (default dim / 4, as ragen builds)")
     p.add_argument("--skip-index", action="store_true")
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--store-sizes", type=int, nargs="*", default=[], help="sizes for part (c), e.g. 200000 1000000")

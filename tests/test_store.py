@@ -159,10 +159,12 @@ def test_gpu_search_matches_cpu_exact_search(tmp_path):
 
 
 def test_cuda_device_without_gpu_is_a_clear_error(tmp_path):
-    if gpu_available():
+    import torch
+
+    if gpu_available() or torch.cuda.is_available():
         pytest.skip("a GPU is present")
     _write(tmp_path / "idx", _records(1, 2))
-    with pytest.raises(StoreError, match="no GPU support or sees no GPU"):
+    with pytest.raises(StoreError, match="neither torch nor faiss sees a GPU; use --device cpu"):
         Store.open(tmp_path / "idx", device="cuda")
 
 

@@ -128,7 +128,7 @@ def index(
     batch_size: Annotated[int, typer.Option(min=1, help="Chunks per encoder batch (and per committed write).")] = 32,
     device: DeviceOpt = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-embed everything instead of updating.")] = False,
-    index_type: Annotated[Optional[str], typer.Option(help="flat (exact), hnsw or ivf (approximate, for large corpora). Default: as the index was built, else flat.")] = None,
+    index_type: Annotated[Optional[str], typer.Option(help="auto (by size: flat up to 100k vectors, ivf up to 1M, then ivfpq), flat (exact), hnsw, ivf or ivfpq (approximate, compressed). Default: as the index was built, else auto.")] = None,
     base_model: BaseModelOpt = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="Only files matching this glob (gitignore syntax, relative to PATH; repeatable), e.g. '*.md', 'docs/**'. Remembered; --include '' clears.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="GLOB", help="Skip files and folders matching this glob (repeatable), e.g. 'benchmarks/**/report.json'. Remembered; --exclude '' clears.")] = None,
@@ -188,7 +188,7 @@ def index(
         if unit is not None and size is not None:  # validate before loading a model
             ChunkingConfig(size, overlap if overlap is not None else (
                 default_token_overlap(size) if unit == "tokens" else DEFAULT_CHUNK_OVERLAP), unit)
-        kind = _resolve("index type", index_type, rec_kind, "flat", changes, committed)
+        kind = _resolve("index type", index_type, rec_kind, "auto", changes, committed)
         config = IndexConfig(kind=kind)
         default_sel = FileSelection()
         selection = FileSelection(
@@ -274,7 +274,7 @@ def index(
             names = ", ".join(stats.files_with_replacements[:3])
             more = f" and {len(stats.files_with_replacements) - 3} more" if len(stats.files_with_replacements) > 3 else ""
             err.print(f"[yellow]notice[/] undecodable bytes replaced with U+FFFD in {shown(names)}{more}", highlight=False)
-        if stats.index_kind != config.kind:
+        if config.kind != "auto" and stats.index_kind != config.kind:
             err.print(f"[yellow]notice[/] --index-type {config.kind} needs more vectors than the {stats.chunks_total} "
                       f"in this index (IVF: at least 78); built {stats.index_kind} (exact) instead; the next run "
                       f"with more text builds {config.kind}", highlight=False)
@@ -509,8 +509,16 @@ def info(
         kind = idx.get("kind", "flat")
         params = idx.get("config", {})
         extra = {"hnsw": f" (M {params.get('hnsw_m')}, efSearch {params.get('hnsw_ef_search')})",
-                 "ivf": f" (nprobe {params.get('ivf_nprobe')})"}.get(kind, " (exact)")
-        table.add_row("faiss", f"{kind}{extra}, generation {manifest.get('generation')}, {size / 1e6:.1f} MB on disk")
+                 "ivf": f" (nprobe {params.get('ivf_nprobe')})",
+                 "ivfpq": f" ({idx.get('pq_m')}-byte codes{', OPQ' if params.get('opq') else ''}, nprobe "
+                          f"{params.get('ivf_nprobe')})"}.get(kind, " (exact)")
+        chosen = " (chosen by size: --index-type auto)" if params.get("kind") == "auto" else ""
+        from ..store.faiss_index import IndexConfig as _IndexConfig, bytes_per_vector
+
+        per_vector = idx.get("bytes_per_vector") or bytes_per_vector(kind, int(enc["dim"]), _IndexConfig.from_dict(params))
+        per_vector = f", {per_vector} bytes per vector in memory"
+        table.add_row("faiss", f"{kind}{extra}{chosen}, generation {manifest.get('generation')}, "
+                               f"{size / 1e6:.1f} MB on disk{per_vector}")
         table.add_row("source", shown(manifest.get("source")))
         sel = ch.get("files") if isinstance(ch.get("files"), dict) else None
         if sel:

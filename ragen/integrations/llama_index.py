@@ -157,8 +157,8 @@ def _gpu_available(use_gpu: bool | None) -> bool:
 
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if use_gpu and gpus == 0:
-        raise RagenError("use_gpu=True but this FAISS build sees no GPU; pip install \"ragen-toolkit[gpu]\" "
-                         "or pass use_gpu=None")
+        raise RagenError("use_gpu=True but this FAISS build sees no GPU; replace faiss-cpu by the CUDA 12 build "
+                         "(pip uninstall -y faiss-cpu && pip install faiss-gpu) or pass use_gpu=None")
     return gpus > 0 if use_gpu is None else bool(use_gpu)
 
 

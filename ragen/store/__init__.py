@@ -2,21 +2,24 @@
 
 Modules: :mod:`.schema` (tables, connections, manifest validation and formats), :mod:`.segments` (owned
 files, digests, atomic writes, the readers' lock, loading segments), :mod:`.faiss_index` (building and
-searching FAISS indexes, CPU/GPU), :mod:`.reader` (:class:`Store`) and :mod:`.writer` (:class:`StoreWriter`,
-the commit protocol below, the write lock).
+searching FAISS indexes: flat, HNSW, IVF, IVF-PQ, ``auto`` by size; CPU, faiss-gpu, or torch on a GPU),
+:mod:`.locks` (the file locks: ``flock`` on POSIX, filelock elsewhere), :mod:`.reader` (:class:`Store`) and
+:mod:`.writer` (:class:`StoreWriter`, the commit protocol below, the write lock).
 
 Layout of an index directory (format 2)::
 
     chunks.sqlite           chunk text/path/offsets/hash, file sizes and mtimes, the vectors (float32
                             BLOBs, by content hash), the committed state (generation, manifest, the live
-                            segment list), tombstones (deleted row ids), the IVF quantizer, and the
+                            segment list), tombstones (deleted row ids), the IVF quantizer (or the
+                            trained empty IVF-PQ index, ``trained_index``), and the
                             ``owned_files`` table: every file of the folder the store created, with its
                             size and digests
     seg-<G>-base.faiss      the base segment: every chunk at the last compaction (written at generation G)
     seg-<G>-delta.faiss     a delta segment: the chunks added by the commit of generation G (id-mapped flat)
     manifest.json           a human-readable copy of the committed manifest
-    write.lock              ``flock``-ed (exclusive) by the one process allowed to write
-    readers.lock            ``flock``-ed shared by readers while they load a generation
+    write.lock              locked (exclusive, :mod:`.locks`) by the one process allowed to write; its pid inside
+    readers.lock            locked shared by readers while they load a generation (in turn where only
+                            exclusive locks exist)
 
 Every FAISS segment returns chunk row ids itself; row ids are never reused. A search runs over every live
 segment with its tombstoned ids filtered inside faiss, and merges the best ``k``. Format 1 (one
@@ -25,7 +28,8 @@ segment with its tombstoned ids filtered inside faiss, and merges the best ``k``
 Commits. A first run, ``--rebuild`` or new chunking writes a base segment from all vectors (read in bulk).
 Otherwise a commit costs the change: the removed rows become tombstones, the added rows one small delta
 segment. Past ``MAX_DELTAS`` deltas they are merged into one; once deltas + tombstones pass
-``COMPACT_RATIO`` of the base, the base is rebuilt (IVF keeps its trained quantizer: no k-means again).
+``COMPACT_RATIO`` of the base, the base is rebuilt (IVF keeps its trained quantizer, IVF-PQ its trained
+codebooks: no k-means again; ``auto`` re-chooses the kind for the new size, training on a bounded sample).
 
 Crash safety. Embedded vectors are committed batch by batch, so a killed run loses at most the batch in
 flight and the next run embeds only what is missing (matched by content hash). A commit then

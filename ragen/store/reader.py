@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..types import Chunk, Hit
-from .faiss_index import GPU_MAX_K, IndexConfig, _apply_search_params, _resolve_search_device, _search_params, _to_device, normalize_rows
+from .faiss_index import GPU_MAX_K, PQ_RERANK, IndexConfig, TorchFlat, check_faiss, is_pq, rerank_exact, _apply_search_params, _resolve_search_device, _search_params, _to_device, normalize_rows
 from .schema import DB_NAME, MANIFEST_NAME, EncoderInfo, _check_manifest_file, _committed, _connect_reader, _corrupt, _current_generation, _db_error, _meta
 from .segments import _digests, _full_digest, _Digest, _live_segments, _Loaded, _load_segment, _readers_lock, _tombstones
 
@@ -34,7 +34,14 @@ class Store:
         self._digests = digests or {}
         self._count = sum(s.ntotal - (0 if s.params is None else len(s.params._ragen_refs[1])) for s in segments)
         for s in segments:
-            if gpu is not None and s.device_index is None:
+            if isinstance(gpu, str):  # torch, no faiss-gpu: a reused segment keeps its tensor, not its mask
+                removed = None if s.params is None else s.params._ragen_refs[1]
+                if isinstance(s.device_index, TorchFlat):
+                    s.device_index = s.device_index.with_removed(removed)
+                else:
+                    s.device_index = TorchFlat.from_index(s.index, s.ids, removed, gpu[len("torch:"):])
+                s.device_ids = None
+            elif gpu is not None and s.device_index is None:
                 s.device_index, s.device_ids = _to_device(s, gpu)
 
     # --- opening ------------------------------------------------------------------------------------------
@@ -49,6 +56,7 @@ class Store:
             raise StoreError(f"{directory}: no ragen index here (expected {DB_NAME}); "
                              f"build one with `ragen index PATH --index {directory}`")
         _check_manifest_file(directory / MANIFEST_NAME)
+        check_faiss()
         reuse = _loaded or {}  # segment files are immutable: a reload keeps the ones it already has
         for attempt in range(5):
             conn = None
@@ -104,7 +112,9 @@ class Store:
             kind = manifest.get("index", {}).get("kind", "flat")
             try:
                 gpu = _resolve_search_device(device, kind)
-                return cls(directory, conn, manifest, generation, segments, gpu, digests)
+                store = cls(directory, conn, manifest, generation, segments, gpu, digests)
+                store._device = device  # what a reload asks for again
+                return store
             except BaseException:
                 conn.close()
                 raise
@@ -172,6 +182,12 @@ class Store:
             kk = min(k, seg.ntotal)
             if kk == 0:
                 continue
+            if isinstance(seg.device_index, TorchFlat):  # exact, deleted rows masked, row ids mapped
+                parts.append(seg.device_index.search(q, kk))
+                continue
+            pq = is_pq(seg.index)  # compressed codes: k * PQ_RERANK candidates, re-ranked exactly below
+            if pq:
+                kk = min(kk * PQ_RERANK, seg.ntotal)
             if seg.params is not None:  # skip deleted rows inside faiss (CPU)
                 scores, pos = seg.index.search(q, kk, params=seg.params)
                 mapping = seg.ids
@@ -181,6 +197,8 @@ class Store:
                 mapping = seg.device_ids if on_device else seg.ids
             if mapping is not None:
                 pos = np.where(pos >= 0, mapping[np.clip(pos, 0, None)], -1)
+            if pq:
+                scores, pos = rerank_exact(q, pos, self._vectors_of_rows(np.unique(pos[pos >= 0])), min(k, seg.ntotal))
             parts.append((scores, pos))
         if len(parts) == 1:
             scores, ids = parts[0]
@@ -191,6 +209,25 @@ class Store:
             scores = np.take_along_axis(scores, order, axis=1)
             ids = np.take_along_axis(ids, order, axis=1)
         return scores[:, :k], ids[:, :k]
+
+    def _vectors_of_rows(self, row_ids: np.ndarray) -> dict[int, np.ndarray]:
+        """The stored (normalised) vectors of chunk rows, read in bulk from SQLite (for re-ranking)."""
+        dim = self.dim
+        out: dict[int, np.ndarray] = {}
+        wanted = [int(r) for r in row_ids]
+        try:
+            for start in range(0, len(wanted), 500):
+                part = wanted[start:start + 500]
+                marks = ",".join("?" * len(part))
+                for row_id, blob in self._conn.execute(
+                        f"SELECT c.id, v.vector FROM chunks c JOIN vectors v ON v.content_hash = c.content_hash "
+                        f"AND v.epoch = (SELECT CAST(value AS INTEGER) FROM meta WHERE key='epoch') "
+                        f"WHERE c.id IN ({marks})", part):
+                    if len(blob) == 4 * dim:
+                        out[int(row_id)] = np.frombuffer(blob, dtype=np.float32)
+        except sqlite3.Error as exc:
+            raise _db_error(self.index_dir / DB_NAME, exc, writing=False) from None
+        return out
 
     def chunks(self, ids: Iterable[int]) -> dict[int, Chunk]:
         """Chunk metadata for row ids (missing ids are absent from the result)."""
@@ -250,8 +287,10 @@ class Store:
             return None
 
     def _reload(self) -> None:
-        fresh = Store.open(self.index_dir, device="cpu" if self._gpu is None else f"cuda:{self._gpu}",
-                           _loaded={s.spec.name: s for s in self._segments})
+        device = getattr(self, "_device", None)
+        if device is None:
+            device = "cpu" if self._gpu is None else f"cuda:{self._gpu}" if isinstance(self._gpu, int) else "auto"
+        fresh = Store.open(self.index_dir, device=device, _loaded={s.spec.name: s for s in self._segments})
         self._conn.close()
         self.__dict__.update(fresh.__dict__)
 

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 
 from ..errors import StoreError
-from .faiss_index import INDEX_KINDS, IndexConfig
+from .faiss_index import BUILT_KINDS, IndexConfig
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS tombstones (row_id INTEGER PRIMARY KEY, segment TEXT 
 CREATE TABLE IF NOT EXISTS ivf_quantizer (
     epoch INTEGER PRIMARY KEY, nlist INTEGER NOT NULL, dim INTEGER NOT NULL, centroids BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS trained_index (epoch INTEGER PRIMARY KEY, kind TEXT NOT NULL, data BLOB NOT NULL);
 """
 
 
@@ -188,9 +189,9 @@ def _validate_manifest(manifest: object, where: Path) -> dict:
         if not isinstance(manifest.get(key, {}), dict):
             raise _corrupt(where, f"the manifest's {key} is {manifest.get(key)!r}, expected an object")
     index = manifest.get("index", {})
-    if index.get("kind", "flat") not in INDEX_KINDS:
+    if index.get("kind", "flat") not in BUILT_KINDS:
         raise _corrupt(where, f"the manifest's index kind is {index.get('kind')!r}, expected one of "
-                              f"{', '.join(INDEX_KINDS)}")
+                              f"{', '.join(BUILT_KINDS)}")
     try:
         IndexConfig.from_dict(index.get("config", {}))
     except (StoreError, TypeError) as exc:

@@ -71,18 +71,18 @@ def _readers_lock(directory: Path) -> Iterator[None]:
     generations only under the exclusive lock, so the files a reader chose stay there until it has them.
     An index without the lock file (older ragen) or a filesystem without ``flock`` reads unlocked: the
     reader then retries when the generation it chose disappears."""
-    import fcntl
+    from . import locks
 
     try:
-        fd = os.open(directory / READERS_LOCK_NAME, os.O_RDONLY)
+        fd = os.open(directory / READERS_LOCK_NAME, os.O_RDONLY if locks.HAVE_FLOCK else os.O_RDWR)
     except OSError:
         yield
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # the writer holds it exclusively only while unlinking files
-        except OSError:
-            pass
+            locks.lock_shared(fd)  # the writer holds it exclusively only while unlinking files
+        except OSError as exc:
+            logger.debug("%s: reading unlocked (%s)", directory / READERS_LOCK_NAME, exc)
         yield
     finally:
         os.close(fd)  # closing drops the lock

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -17,7 +16,9 @@ import numpy as np
 from .._io import fsync_dir
 from ..errors import StoreError
 from ..types import Chunk
-from .faiss_index import IndexConfig, empty_faiss_index, ivf_sample_size, normalize_rows, to_cpu
+from . import locks
+from .faiss_index import (IndexConfig, _train_sample_size, bytes_per_vector, check_faiss, empty_faiss_index, ivf_lists,
+                          normalize_rows, pq_subquantizers, resolve_kind, serialize_trained, to_cpu)
 from .schema import (_SCHEMA, _SQLITE_CORRUPT, _SQLITE_NOTADB, _TABLES, _TEMP_GENERATION, DB_NAME, FORMAT_VERSION,
                      LOCK_NAME, MANIFEST_NAME, READERS_LOCK_NAME, SCHEMA_VERSION, EncoderInfo, _code, _committed,
                      _connect, _corrupt, _db_error, _meta, _tables)
@@ -71,7 +72,7 @@ def _database_errors(method):
 
 
 class StoreWriter:
-    """Exclusive writer of one index directory (``flock`` on ``write.lock``).
+    """Exclusive writer of one index directory (a lock on ``write.lock``, see :mod:`.locks`).
 
     Use as a context manager. Typical run: :meth:`known_files` / :meth:`missing_vectors` to plan,
     :meth:`add_vectors` per embedded batch (each a committed transaction), :meth:`commit` once at the end.
@@ -93,6 +94,7 @@ class StoreWriter:
         self._conn = None
         self._lock_fd = None
         self.created = not self.index_dir.exists()
+        check_faiss()
         _check_index_folder(self.index_dir)
         self.index_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _acquire_lock(self.index_dir)
@@ -253,8 +255,6 @@ class StoreWriter:
         """Delete owned files that belong to no live generation, under the exclusive readers' lock; when
         readers hold it past ``wait_s`` the files stay for a later run (they are still recorded).
         ``temp_only``: only temporary files (the live state is not trusted)."""
-        import fcntl
-
         live = self._live_names()
         rows = [(n,) for (n, g) in self._conn.execute("SELECT name, generation FROM owned_files")
                 if n not in live and (g == _TEMP_GENERATION or not temp_only)]
@@ -270,14 +270,16 @@ class StoreWriter:
             deadline = time.monotonic() + wait_s
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
+                    if locks.try_exclusive(fd):
+                        break
+                    busy = True
                 except OSError as exc:
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                        logger.info("readers are loading the index; %d retired files stay until the next run",
-                                    len(rows))
-                        return
-                    time.sleep(0.005)
+                    busy = exc
+                if busy is not True or time.monotonic() > deadline:
+                    logger.info("readers are loading the index; %d retired files stay until the next run (%s)",
+                                len(rows), "busy" if busy is True else busy)
+                    return
+                time.sleep(0.005)
             gone = []
             for (name,) in rows:
                 if not _OWNED_NAME.match(name):  # a damaged or hostile table never names a path of ours
@@ -380,8 +382,7 @@ class StoreWriter:
         t0 = time.perf_counter()
         present = set(present)
         conn = self._conn
-        config_same = self.committed is not None and \
-            self.committed.get("index", {}).get("config") == asdict(self.index_config)
+        config_same = self.committed is not None and _same_config(self.committed, self.index_config)
         if not self.full and not updated and config_same:
             old_files = {p for (p,) in conn.execute("SELECT path FROM files")}
             if old_files == present:  # nothing changed: keep the committed generation as it is
@@ -491,16 +492,25 @@ class StoreWriter:
             out.append(_SegmentSpec(delta_path.name, "delta", len(new_ids), int(new_ids.min()), int(new_ids.max())))
         return out, kind
 
-    def _trained_centroids(self) -> np.ndarray | None:
+    def _trained_index(self, n: int) -> bytes | None:
+        """The trained empty IVF-PQ index of this epoch (a compaction reuses it: no k-means, no PQ training)."""
+        if resolve_kind(n, self.index_config) != "ivfpq" or self.rebuild:
+            return None
+        row = self._conn.execute("SELECT data FROM trained_index WHERE epoch=? AND kind='ivfpq'",
+                                 (self.epoch,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def _trained_centroids(self, n: int) -> np.ndarray | None:
         """The IVF quantizer of this epoch's vectors, when one was trained and the settings still ask for
         its number of lists (a compaction reuses it instead of running k-means again)."""
-        if self.index_config.kind != "ivf" or self.rebuild:
+        if resolve_kind(n, self.index_config) != "ivf" or self.rebuild:
             return None
         row = self._conn.execute("SELECT nlist, dim, centroids FROM ivf_quantizer WHERE epoch=?",
                                  (self.epoch,)).fetchone()
         if row is None or row[1] != self.encoder.dim or len(row[2]) != 4 * row[0] * row[1] or (
-                self.index_config.ivf_nlist is not None and self.index_config.ivf_nlist != row[0]):
-            return None
+                self.index_config.ivf_nlist is not None and self.index_config.ivf_nlist != row[0]) or (
+                self.index_config.ivf_nlist is None and row[0] < ivf_lists(n, self.index_config) // 2):
+            return None  # (the corpus outgrew its lists: train again, on a sample, for the new size)
         return np.frombuffer(row[2], dtype=np.float32).reshape(row[0], row[1])
 
     def _keep_centroids(self, index) -> None:
@@ -508,7 +518,12 @@ class StoreWriter:
 
         inner = faiss.downcast_index(index)
         self._conn.execute("DELETE FROM ivf_quantizer WHERE epoch != ?", (self.epoch,))
-        if isinstance(inner, faiss.IndexIVF):
+        self._conn.execute("DELETE FROM trained_index WHERE epoch != ?", (self.epoch,))
+        trained, self._trained_bytes = getattr(self, "_trained_bytes", None), None
+        if trained is not None:
+            self._conn.execute("INSERT OR REPLACE INTO trained_index(epoch, kind, data) VALUES (?, 'ivfpq', ?)",
+                               (self.epoch, trained))
+        elif isinstance(inner, faiss.IndexIVF):
             centroids = inner.quantizer.reconstruct_n(0, inner.nlist)
             self._conn.execute("INSERT OR REPLACE INTO ivf_quantizer(epoch, nlist, dim, centroids) VALUES (?, ?, ?, ?)",
                                (self.epoch, inner.nlist, inner.d, np.ascontiguousarray(centroids, np.float32).tobytes()))
@@ -621,17 +636,22 @@ class StoreWriter:
             n += 1
             lo = row_id if lo is None or row_id < lo else lo
             hi = row_id if hi is None or row_id > hi else hi
-        centroids = self._trained_centroids()
+        centroids = self._trained_centroids(n)
+        trained = self._trained_index(n)
         sample = None
-        m = ivf_sample_size(len(rows_of), self.index_config) if centroids is None else 0
+        kind = resolve_kind(n, self.index_config)
+        m = min(len(rows_of), _train_sample_size(n, kind, self.index_config)) \
+            if centroids is None and trained is None else 0
         if m:  # IVF trains on a sample of the distinct vectors, read by hash
             chosen = sorted(rows_of)
             if len(chosen) > m:
                 picks = np.random.default_rng(0).choice(len(chosen), m, replace=False)
                 chosen = [chosen[i] for i in np.sort(picks)]
             sample = self._vectors_of([(0, h) for h in chosen])[1]
-        index, kind = empty_faiss_index(n, dim, self.index_config, sample=sample, centroids=centroids, with_ids=True)
+        index, kind = empty_faiss_index(n, dim, self.index_config, sample=sample, centroids=centroids, trained=trained,
+                                        with_ids=True)
         del sample
+        self._trained_bytes = serialize_trained(index)  # while empty: the training only, kept for compactions
         added = 0
         width = 4 * dim
         cursor = conn.execute("SELECT content_hash, vector FROM vectors WHERE epoch=?", (self.epoch,))
@@ -671,7 +691,9 @@ class StoreWriter:
             "metric": "inner_product",
             "chunking": self.chunking,
             "index": {"kind": kind, "config": asdict(self.index_config), "segments": n_segments,
-                      "deleted_rows": n_deleted},
+                      "deleted_rows": n_deleted,
+                      "bytes_per_vector": bytes_per_vector(kind, self.encoder.dim, self.index_config),
+                      **({"pq_m": pq_subquantizers(self.encoder.dim, self.index_config)} if kind == "ivfpq" else {})},
             "counts": {"files": n_files, "chunks": n_chunks, "unique_vectors": n_vectors},
             "source": self.source,
         }
@@ -687,7 +709,7 @@ class StoreWriter:
     def _release(self) -> None:
         fd = getattr(self, "_lock_fd", None)
         if fd is not None:
-            os.close(fd)  # closing the descriptor drops the flock
+            os.close(fd)  # closing the descriptor drops the lock
             self._lock_fd = None
 
     def __enter__(self) -> StoreWriter:
@@ -695,6 +717,16 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _same_config(manifest: dict, config: IndexConfig) -> bool:
+    """Whether the committed index was built with ``config`` (settings added later take their defaults, so
+    an index written before them is not rebuilt for it)."""
+    recorded = manifest.get("index", {}).get("config")
+    try:
+        return isinstance(recorded, dict) and IndexConfig.from_dict(recorded) == config
+    except (StoreError, TypeError):
+        return False
 
 
 def _segment_of(specs: list[_SegmentSpec], row_id: int, index_dir: Path) -> str:
@@ -712,8 +744,6 @@ def _int_or(value: object, default: int) -> int:
 
 
 def _acquire_lock(directory: Path) -> int:
-    import fcntl
-
     path = directory / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -721,19 +751,18 @@ def _acquire_lock(directory: Path) -> int:
         raise StoreError(f"{path}: cannot open the write lock ({exc.strerror}); writing an index needs write "
                          f"access to {directory}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            os.close(fd)
-            raise
+        taken = locks.try_exclusive(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not taken:
         try:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = locks.read_pid(fd)
         finally:
             os.close(fd)
         raise StoreError(f"index {directory} is being written by another process (pid {holder}); "
                          "wait for it to finish") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    locks.write_pid(fd)
     return fd
 
 
@@ -744,30 +773,12 @@ def check_unlocked(index_dir: str | Path) -> None:
     directory = Path(index_dir).expanduser()
     _check_index_folder(directory)
     if index_is_locked(directory):
-        try:
-            holder = (directory / LOCK_NAME).read_text().strip() or "unknown"
-        except OSError:
-            holder = "unknown"
+        holder = locks.read_pid_file(directory / LOCK_NAME)
         raise StoreError(f"index {directory} is being written by another process (pid {holder}); "
                          "wait for it to finish")
 
 
 def index_is_locked(index_dir: str | Path) -> bool:
     """True while some process holds the write lock of ``index_dir``."""
-    import fcntl
-
     path = Path(index_dir).expanduser() / LOCK_NAME
-    if not path.exists():
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
+    return path.exists() and locks.is_locked(path)

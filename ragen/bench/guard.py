@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_path, read_jsonl
+from .._io import read_jsonl
 from ..errors import DataError
 from ..guard import GuardConfig, RefusalGuard, calibrate_threshold
-from .report import write_report_files
+from .report import save_figure, write_report_files
 
 logger = logging.getLogger(__name__)
 
@@ -282,13 +282,7 @@ def plot_guard_chart(report: dict[str, Any], path: Path) -> Path:
         ax.set_ylim(-2, 102)
         ax.set_title(m["spec"][-50:], fontsize=9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_guard_report(report: dict[str, Any], out_dir: Path, *, chart: bool = True) -> dict[str, Path]:

@@ -281,6 +281,13 @@ def plot_chart(report: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel(f"{headline} (%)")
         ax.set_title(f"{report['bench']}: {headline}")
         ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write atomically as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:

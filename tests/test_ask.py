@@ -209,10 +209,10 @@ def test_cli_ask_json_is_one_object(taught):
 
 def test_cli_ask_escapes_markup_and_control_characters(taught, tmp_path):
     # A generator that echoes the user's text would reach the terminal; the CLI must print it inert.
-    from ragen.cli.ask import clean, safe
+    from ragen.cli._common import clean, shown
 
-    assert clean("a\x1b[31mred\x07\u202eb\n\tc") == "a[31mredb\n\tc"
-    assert safe("[bold]x[/]") == "\\[bold]x\\[/]"
+    assert clean("a\x1b[31mred\x07\u202eb\n\tc") == "aredb\n\tc"
+    assert shown("[bold]x[/]") == "\\[bold]x\\[/]"
 
 
 def test_cli_ask_errors_are_one_line(taught, tmp_path, minilm):

@@ -4,78 +4,16 @@ LLM2Vec-Gen backbone (or a local causal LM given with ``--llm``)."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 
-from ._common import app, err, out, run_command
+from ._common import app, clean, err, out, run_command, shown
+from ._options import (BaseRevisionOpt, GuardConfigOpt, GuardOpt, NumericsOpt, RevisionOpt, TrustOpt,
+                       encoder_options, guard_option)
 from ..errors import RagenError
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def clean(text: str) -> str:
-    """``text`` safe for a terminal: control characters (escape sequences, bidi overrides) removed, tabs and
-    newlines kept; callers still print it with markup off or through :func:`rich.markup.escape`."""
-    return _CONTROL.sub("", text)
-
-
-def safe(text: str) -> str:
-    """``text`` for a rich string with markup on: cleaned and escaped."""
-    return escape(clean(text))
-
-
-def guard_option(guard: bool, guard_config: str | None):
-    """The ``guard=`` argument for Retriever from ``--guard`` / ``--guard-config``."""
-    if guard_config:
-        return Path(guard_config)
-    return True if guard else None
-
-
-GuardOpt = Annotated[bool, typer.Option(
-    "--guard", help="Refusal guard: a query whose embedding decodes to (or lies near) a refusal gets no documents "
-                    "(threshold and prototypes from the index's guard.json, else the defaults).")]
-GuardConfigOpt = Annotated[Optional[str], typer.Option(
-    "--guard-config", help="Guard JSON file (written by `ragen bench guard --write-guard`); implies --guard.")]
-
-
-RevisionOpt = Annotated[Optional[str], typer.Option(
-    "--revision", help="Hub revision (branch, tag or commit) of the model. Default: the commit the index recorded.")]
-BaseRevisionOpt = Annotated[Optional[str], typer.Option(
-    "--base-revision", help="Hub revision of an LLM2Vec-Gen checkpoint's backbone. Default: as recorded.")]
-NumericsOpt = Annotated[Optional[str], typer.Option(
-    "--numerics", help="fp32 (heads and mean in float32) or reference (the checkpoint dtype, bit-identical to the "
-                       "reference package). Default: as the index was built, else fp32.")]
-TrustOpt = Annotated[Optional[bool], typer.Option(
-    "--trust-remote-code/--no-trust-remote-code", help="Allow a model that ships its own Python code to run it. "
-                                                       "Default: as the index was built, else off.")]
-
-
-def encoder_options(manifest_encoder: object, *, revision: str | None = None, base_revision: str | None = None,
-                    numerics: str | None = None, trust_remote_code: bool | None = None) -> tuple[dict, dict]:
-    """``(load_kwargs, record)`` for the encoder an index recorded, with options given on the command line
-    winning: ``load_kwargs`` go to ``load_encoder`` (the hub commits the index resolved unless a revision is
-    given), ``record`` is what a build records (the revisions asked for, numerics, remote-code opt-in)."""
-    from ..retriever import RecordedEncoder, recorded_load_options
-
-    rec = RecordedEncoder.from_manifest(manifest_encoder) if manifest_encoder else None
-    pinned = recorded_load_options(manifest_encoder) if manifest_encoder else {}
-    record = {"revision": revision if revision is not None else (rec.revision if rec else None),
-              "base_revision": base_revision if base_revision is not None else (rec.base_revision if rec else None),
-              "numerics": numerics if numerics is not None else (rec.numerics if rec else None),
-              "trust_remote_code": trust_remote_code if trust_remote_code is not None
-              else bool(rec and rec.trust_remote_code is True)}
-    load = {"revision": revision if revision is not None else pinned.get("revision"),
-            "base_revision": base_revision if base_revision is not None else pinned.get("base_revision"),
-            "trust_remote_code": record["trust_remote_code"]}
-    if record["numerics"] is not None:
-        load["numerics"] = record["numerics"]
-    return load, record
-
 
 @app.command()
 def ask(
@@ -125,11 +63,11 @@ def ask(
 
             options, _ = encoder_options(store.manifest["encoder"], revision=revision, base_revision=base_revision,
                                          numerics=numerics, trust_remote_code=trust_remote_code)
-            with err.status(f"loading model [bold]{safe(spec)}[/] ...", spinner="dots"):
+            with err.status(f"loading model [bold]{shown(spec)}[/] ...", spinner="dots"):
                 encoder = load_encoder(spec, device=device, base_model=base_model or store.base_model, **options)
             retriever = Retriever(encoder, store, guard=guard_option(guard, guard_config))
             if llm is not None:
-                with err.status(f"loading generator [bold]{safe(llm)}[/] ...", spinner="dots"):
+                with err.status(f"loading generator [bold]{shown(llm)}[/] ...", spinner="dots"):
                     generator = ChatGenerator.from_pretrained(llm, device=device)
             else:
                 generator = ChatGenerator.from_encoder(encoder)
@@ -169,7 +107,7 @@ def _print_sources(answer) -> None:
     for s in answer.sources:
         mark = "[green]*[/]" if s.number in answer.cited else " "
         cut = " [dim](cut to fit)[/]" if s.truncated else ""
-        out.print(f"{mark} \\[{s.number}] {safe(s.path)} [dim]{safe(s.hit.chunk_id)}, score {s.hit.score:.3f}[/]{cut}",
+        out.print(f"{mark} \\[{s.number}] {shown(s.path)} [dim]{shown(s.hit.chunk_id)}, score {s.hit.score:.3f}[/]{cut}",
                   highlight=False)
     t = answer.timings
     err.print(f"[dim]retrieve {t.get('retrieve', 0):.2f} s, first token {t.get('first_token', 0):.2f} s, "

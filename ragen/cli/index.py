@@ -12,8 +12,8 @@ import typer
 
 from ._common import clean, json_line, shown, verbose
 from ._common import DEFAULT_MODEL, app, err, out, run_command
-from .ask import (BaseRevisionOpt, GuardConfigOpt, GuardOpt, NumericsOpt, RevisionOpt, TrustOpt, encoder_options,
-                  guard_option, safe)
+from ._options import (BaseRevisionOpt, GuardConfigOpt, GuardOpt, NumericsOpt, RevisionOpt, TrustOpt,
+                       encoder_options, guard_option)
 from ..errors import RagenError
 
 DEFAULT_INDEX = os.path.join("indexes", "default")
@@ -394,7 +394,7 @@ def query(
                                              explain=explain, notice=lambda m: err.print(f"[yellow]notice[/] {m}"),
                                              guard=guard, blocked=reasons.append)
             for reason in reasons:
-                err.print(f"[bold yellow]blocked[/] by the refusal guard: {safe(reason)}", highlight=False)
+                err.print(f"[bold yellow]blocked[/] by the refusal guard: {shown(reason)}", highlight=False)
             blocked_remotely = bool(reasons)
         else:
             from ..retriever import Retriever
@@ -411,7 +411,7 @@ def query(
                 found = retriever.retrieve(text, k=k)
                 hits = found.hits
                 if found.blocked:
-                    err.print(f"[bold yellow]blocked[/] by the refusal guard: {safe(found.verdict.reason)}", highlight=False)
+                    err.print(f"[bold yellow]blocked[/] by the refusal guard: {shown(found.verdict.reason)}", highlight=False)
                 explanation = None
                 if explain:
                     if callable(getattr(encoder, "decode", None)):

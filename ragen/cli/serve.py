@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._common import DEFAULT_MODEL, app, err, run_command
-from .ask import GuardConfigOpt, GuardOpt, guard_option
+from ._options import GuardConfigOpt, GuardOpt, guard_option
 from ..errors import RagenError
 
 

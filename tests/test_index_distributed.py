@@ -103,3 +103,64 @@ def test_two_gloo_ranks_build_what_one_process_builds(tmp_path):
     assert failed.returncode != 0
     assert "error:" in failed.stderr and "Traceback" not in failed.stderr.split("error:")[0]
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").glob("*.faiss"))
+
+
+class _Encoder:
+    dim = 3
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    def encode_documents(self, texts, batch_size, normalize):
+        if self.fail:
+            raise RuntimeError("CUDA out of memory (simulated)\nmore lines")
+        return np.array([[len(t), 1.0, 0.0] for t in texts], dtype=np.float32)
+
+
+def _rank(rank: int, port: int, fail_on: int, result_file: str) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from ragen.parallel import Group
+
+    group = Group(detect_launch())
+    try:
+        if rank != 0:
+            done = group.serve(lambda device, **kw: _Encoder(fail=fail_on == rank), "cpu")
+            Path(result_file + ".1").write_text(str(done))
+            return
+        ok, outcome = False, ""
+        try:
+            group.start({"spec": "x"}, _Encoder(fail=fail_on == 0))
+            vecs = group.encode([["a", "bb"], ["ccc"]], 2)
+            outcome = repr([v[:, 0].tolist() for v in vecs])
+            ok = True
+        except RagenError as exc:
+            outcome = f"error: {exc}"
+        finally:
+            group.stop(ok)
+        Path(result_file).write_text(outcome)
+    finally:
+        group.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fail_on", [-1, 1])
+def test_group_gathers_in_batch_order_and_a_failing_rank_ends_all(tmp_path, fail_on):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "result")
+    mp.start_processes(_rank, args=(_free_port(), fail_on, out), nprocs=2, join=True, start_method="spawn")
+    result = Path(out).read_text()
+    if fail_on < 0:
+        assert result == "[[1.0, 2.0], [3.0]]"  # rank 0 encoded batch 0, rank 1 batch 1, in order
+        assert Path(out + ".1").read_text() == "True"
+    else:
+        assert result == "error: rank 1 of 2: encoding failed: RuntimeError: CUDA out of memory (simulated)"
+        assert Path(out + ".1").read_text() == "False"  # rank 1 was told to stop, not left waiting

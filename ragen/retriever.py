@@ -215,6 +215,7 @@ def build_index(
     scanned: ScanReport | None = None,
     selection: FileSelection | None = None,
     load_options: dict | None = None,
+    parallel=None,
 ) -> IndexStats:
     """Index the supported files under ``source`` into ``index_dir``, incrementally.
 
@@ -322,15 +323,20 @@ def build_index(
         emit(ProgressEvent("embed", 0, len(order), ""))
         encode_seconds = 0.0
         truncated = 0 if budget is not None else None
-        for start in range(0, len(order), batch_size):
-            hashes = order[start:start + batch_size]
+        ranks = parallel.world_size if parallel is not None else 1
+        for start in range(0, len(order), batch_size * ranks):
+            group = [order[s:s + batch_size] for s in range(start, min(start + batch_size * ranks, len(order)), batch_size)]
             if budget is not None:
-                truncated += budget.truncated([todo[h] for h in hashes])
+                truncated += sum(budget.truncated([todo[h] for h in hashes]) for hashes in group)
             t_enc = time.perf_counter()
-            vectors = encoder.encode_documents([todo[h] for h in hashes], batch_size=batch_size, normalize=True)
+            if parallel is None:
+                encoded = [encoder.encode_documents([todo[h] for h in group[0]], batch_size=batch_size, normalize=True)]
+            else:
+                encoded = parallel.encode([[todo[h] for h in hashes] for hashes in group], batch_size)
             encode_seconds += time.perf_counter() - t_enc
-            writer.add_vectors(hashes, vectors)
-            emit(ProgressEvent("embed", min(start + batch_size, len(order)), len(order), ""))
+            for hashes, vectors in zip(group, encoded):
+                writer.add_vectors(hashes, vectors)
+            emit(ProgressEvent("embed", min(start + batch_size * ranks, len(order)), len(order), ""))
 
         emit(ProgressEvent("write", 0, 1, config.kind))
         result = writer.commit(updated, present)

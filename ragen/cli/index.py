@@ -151,7 +151,7 @@ def index(
     if verbose_flag:
         _common._state["verbose"] = True
 
-    def body() -> None:
+    def build(group, dev: str | None) -> None:
         from rich.table import Table
 
         from ..corpus import (CHUNK_UNITS, DEFAULT_CHUNK_OVERLAP, ChunkingConfig, FileSelection, default_token_overlap,
@@ -242,7 +242,9 @@ def index(
             return
 
         base = base_model or _recorded_base_model(target, spec)
-        encoder = _load(spec, device, base, **load_opts)
+        encoder = _load(spec, dev, base, **load_opts)
+        if group is not None:  # the other ranks load the same encoder, each on its own device
+            group.start({"spec": spec, "base_model": base, "options": load_opts}, encoder)
         budget = encoder_budget(encoder)
         chunking = resolve_chunking(encoder, unit, size, overlap, budget)
         if chunking.unit == "tokens" and chunking.chunk_size > budget.max_text_tokens:
@@ -267,7 +269,7 @@ def index(
             stats = build_index(src, target, encoder=encoder, chunk_unit=chunking.unit, chunk_size=chunking.chunk_size,
                                 chunk_overlap=chunking.chunk_overlap, batch_size=batch_size, rebuild=rebuild_now,
                                 progress=on_progress, index_config=config, scanned=scanned, selection=selection,
-                                load_options=record_opts)
+                                load_options=record_opts, parallel=group)
 
         _print_skips(stats.skipped_files, dict(stats.skipped), scanned, list_skipped or verbose())
         if stats.files_with_replacements:
@@ -301,6 +303,32 @@ def index(
             summary.add_row("patterns", shown(f"include {_show_setting(selection.include)}, "
                                               f"exclude {_show_setting(selection.exclude)}"))
         out.print(summary)
+
+    def body() -> None:
+        # torchrun / accelerate launch: rank 0 runs the whole command and is the only writer, the others embed
+        from ..parallel import Group, detect_launch, rank_device
+
+        launch = detect_launch()
+        if not launch.active:
+            build(None, device)
+            return
+        group = Group(launch)
+        try:
+            if not launch.is_main:
+                from ..encoders import load_encoder  # no spinner: the other ranks print nothing but errors
+
+                group.serve(lambda device, spec, base_model, options: load_encoder(spec, device=device,
+                                                                                     base_model=base_model, **options),
+                            rank_device(device, launch))
+                return  # rank 0 reports errors (its own and the other ranks') and carries the exit code
+            ok = False
+            try:
+                build(group, rank_device(device, launch))
+                ok = True
+            finally:
+                group.stop(ok)
+        finally:
+            group.close()
 
     run_command(body)
 

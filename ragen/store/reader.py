@@ -220,7 +220,9 @@ class Store:
                 part = wanted[start:start + 500]
                 marks = ",".join("?" * len(part))
                 for row_id, blob in self._conn.execute(
-                        f"SELECT c.id, v.vector FROM chunks c JOIN vectors v ON v.content_hash = c.content_hash "
+                        # CROSS JOIN: chunks first (by row id), then one vector lookup each; with a plain JOIN
+                        # the planner may scan every vector of the epoch for each call
+                        f"SELECT c.id, v.vector FROM chunks c CROSS JOIN vectors v ON v.content_hash = c.content_hash "
                         f"AND v.epoch = (SELECT CAST(value AS INTEGER) FROM meta WHERE key='epoch') "
                         f"WHERE c.id IN ({marks})", part):
                     if len(blob) == 4 * dim:

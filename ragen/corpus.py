@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -125,11 +126,15 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class Document:
-    """The extracted text of one file; ``replaced`` says undecodable bytes were replaced with U+FFFD."""
+    """The extracted text of one file; ``replaced`` says undecodable bytes were replaced with U+FFFD.
+    ``sha256``: of the bytes read; ``read_ns``: the wall-clock time just before they were read (together
+    they let a later run tell an edit that kept the size and mtime, see :func:`stat_verdict`)."""
 
     source: SourceFile
     text: str
     replaced: bool = False
+    sha256: str | None = None
+    read_ns: int | None = None
 
 
 DEFAULT_MAX_FILE_SIZE = 50 * 1024 * 1024  # 50 MiB: a large PDF or log, not a dataset dump
@@ -432,7 +437,48 @@ def scan(root: str | Path, *, exclude: tuple[Path, ...] = (), selection: FileSel
 
 
 class SkipFile(Exception):
-    """Raised by :func:`read_document` for a file that cannot be indexed; the message is the reason."""
+    """Raised by :func:`read_document` for a file that cannot be indexed; the message is the reason.
+
+    ``sha256``/``read_ns`` are set when the reason comes from the file's bytes (binary, invalid JSON, a
+    damaged PDF): such a skip holds until the file changes, so the index remembers it and does not read
+    the file again. Other reasons (permissions, a symlink swap, the size cap) are not remembered: fixing
+    them (``chmod``, a larger ``--max-file-size``) changes neither the size nor the mtime."""
+
+    def __init__(self, reason: str, *, sha256: str | None = None, read_ns: int | None = None) -> None:
+        super().__init__(reason)
+        self.sha256 = sha256
+        self.read_ns = read_ns
+
+    @property
+    def remembered(self) -> bool:
+        return self.sha256 is not None
+
+
+RACY_WINDOW_NS = 2_000_000_000  # coarser than every local filesystem's mtime (FAT: 2 s; ext4/APFS/NTFS: finer)
+
+
+def stat_verdict(size: int, mtime_ns: int, read_ns: int | None, source: SourceFile) -> str:
+    """Whether a file recorded with ``size``/``mtime_ns`` (read at wall-clock ``read_ns``) changed since.
+
+    ``"changed"``: the size or mtime differs. ``"same"``: both equal and the mtime lies well before the
+    read (an edit after the read would carry a later mtime). ``"racy"``: both equal but the mtime is
+    within :data:`RACY_WINDOW_NS` of the read, so an edit in the same clock tick (or on a filesystem with
+    coarse timestamps) could have kept both: only the content hash can tell (git's "racily clean" rule).
+    A record without ``read_ns`` (written before ragen tracked it) trusts the stat."""
+    if (size, mtime_ns) != (source.size, source.mtime_ns):
+        return "changed"
+    if read_ns is None or source.mtime_ns < read_ns - RACY_WINDOW_NS:
+        return "same"
+    return "racy"
+
+
+def file_sha256(source: SourceFile, max_file_size: int = 0) -> tuple[str, int] | None:
+    """``(sha256 of the bytes, wall-clock ns just before reading)``, or None when the file cannot be read."""
+    started = time.time_ns()
+    try:
+        return hashlib.sha256(read_bytes_safely(source, max_file_size)).hexdigest(), started
+    except SkipFile:
+        return None
 
 
 def _fd_path(fd: int) -> str | None:
@@ -501,10 +547,20 @@ def read_document(source: SourceFile, *, max_file_size: int = DEFAULT_MAX_FILE_S
     The file is opened race-free (see :func:`read_bytes_safely`) and read at most ``max_file_size`` bytes.
     """
     suffix = source.path.suffix.lower()
+    started = time.time_ns()
     raw = read_bytes_safely(source, max_file_size)
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        text, replaced = _extract(raw, suffix, source)
+    except SkipFile as why:  # decided by the bytes: holds until the file changes
+        raise SkipFile(str(why), sha256=digest, read_ns=started) from None
+    return Document(source, text, replaced, sha256=digest, read_ns=started)
+
+
+def _extract(raw: bytes, suffix: str, source: SourceFile) -> tuple[str, bool]:
     if suffix in PDF_EXTENSIONS:
         try:
-            return Document(source, pdf_to_text(raw))
+            return pdf_to_text(raw), False
         except ExtractionError as exc:  # corrupt, truncated, encrypted: skipped, counted and named
             why = str(exc).splitlines()[0][:120] if str(exc) else "no reason given"
             if "password" in why.lower():
@@ -527,7 +583,7 @@ def read_document(source: SourceFile, *, max_file_size: int = DEFAULT_MAX_FILE_S
     clean = text.encode("utf-8", "replace").decode("utf-8")
     if clean != text:
         text, replaced = clean, True
-    return Document(source, text, replaced)
+    return text, replaced
 
 
 def decode_bytes(raw: bytes) -> tuple[str, bool]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, ChunkingConfig, FileSelection, ScanReport, SkipFile,
-                     chunk_document, default_token_overlap, read_document, scan, token_splitter)
+from .corpus import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, ChunkingConfig, FileSelection, ScanReport,
+                     default_token_overlap, scan, token_splitter)
 from .errors import DataError, StoreError
 from .guard import GuardVerdict, RefusalGuard, resolve_guard
 from .store import EncoderInfo, FileRecord, IndexConfig, Store, StoreWriter, read_manifest
@@ -33,7 +33,8 @@ class ProgressEvent:
     """A progress report from :func:`build_index`.
 
     ``stage``: ``scan`` (walking the folder), ``read`` (extracting and chunking files; ``done``/``total``
-    count files), ``embed`` (``done``/``total`` count chunks to embed in this run), ``write`` (building
+    count files), ``embed`` (``done``/``total`` count chunks embedded so far / queued so far: files are read
+    and embedded in windows, so ``total`` grows while files are read), ``write`` (building
     and switching to the new FAISS generation), ``done``. ``detail`` is a short human-readable note.
     """
 
@@ -69,7 +70,10 @@ class IndexStats:
     unsupported, binary or unreadable files (per reason in ``skipped``). ``chunks_embedded``: vectors
     computed in this run (chunks already stored, e.g. by an interrupted run, are not embedded again).
     ``files_with_replacements``: files whose undecodable bytes were replaced with U+FFFD.
-    ``skipped_files``: ``(relpath, reason)`` of every skipped file.
+    ``skipped_files``: ``(relpath, reason)`` of every skipped file. ``files_resumed``: changed files an
+    interrupted run had already extracted (taken from its staging, not read again; counted in
+    ``files_changed``). ``files_hashed``: files whose size and mtime matched but whose mtime was too close
+    to their last read to trust, so their bytes were hashed.
     """
 
     files_seen: int
@@ -90,6 +94,8 @@ class IndexStats:
     chunks_truncated: int | None = None
     token_limit: int | None = None
     chunking: dict | None = None
+    files_resumed: int = 0
+    files_hashed: int = 0
 
 
 def encoder_budget(encoder):
@@ -278,68 +284,23 @@ def build_index(
                     hashes = sorted(missing)
                     writer.add_vectors(hashes, np.stack([np.frombuffer(old_vectors[h], dtype=np.float32)
                                                          for h in hashes]))
-        total_files = len(report.files)
-        for n, sf in enumerate(report.files, 1):
-            if sf.relpath in framework:
-                reason = "path held by a document a framework vector store added"
-                skipped[reason] = skipped.get(reason, 0) + 1
-                skipped_files.append((sf.relpath, reason))
-                emit(ProgressEvent("read", n, total_files, sf.relpath))
-                continue
-            if known.get(sf.relpath) == (sf.size, sf.mtime_ns):
-                present.append(sf.relpath)  # unchanged since the last committed run: nothing to read
-            else:
-                try:
-                    doc = read_document(sf, max_file_size=selection.max_file_size)
-                except SkipFile as why:
-                    reason = str(why)
-                    skipped[reason] = skipped.get(reason, 0) + 1
-                    skipped_files.append((sf.relpath, reason))
-                    logger.info("skipping %s: %s", sf.relpath, reason)
-                    emit(ProgressEvent("read", n, total_files, sf.relpath))
-                    continue
-                if doc.replaced:
-                    replaced.append(sf.relpath)
-                    logger.warning("%s: undecodable bytes replaced with U+FFFD", sf.relpath)
-                updated.append(FileRecord(sf.relpath, sf.size, sf.mtime_ns,
-                                          tuple(chunk_document(doc, chunking, splitter=splitter))))
-                present.append(sf.relpath)
-            emit(ProgressEvent("read", n, total_files, sf.relpath))
+        from .ingest import ingest
 
+        got = ingest(report.files, writer, encoder=encoder, parallel=parallel, budget=budget, chunking=chunking,
+                     splitter=splitter, selection=selection, batch_size=batch_size, framework=framework,
+                     emit=lambda stage, done, total, detail="": emit(ProgressEvent(stage, done, total, detail)))
+        present.extend(got.present)
+        for reason, n in got.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        skipped_files.extend(got.skipped_files)
+        replaced.extend(got.replaced)
         if len(present) == len(framework):
             raise DataError(f"{source}: no readable files ({_describe_skips(skipped)})")
-        new_chunks = [c for f in updated if f.path not in framework for c in f.chunks]
-        if not new_chunks and not known:
+        if not got.chunks_new and not known:
             raise DataError(f"{source}: the {len(present)} readable files hold no text")
 
-        # Embed what is missing, longest texts first so each batch pads to similar lengths, and commit
-        # every batch: a killed run keeps all finished batches.
-        missing = writer.missing_vectors(c.content_hash for c in new_chunks)
-        todo: dict[str, str] = {}
-        for c in new_chunks:
-            if c.content_hash in missing and c.content_hash not in todo:
-                todo[c.content_hash] = c.text
-        order = sorted(todo, key=lambda h: -len(todo[h]))
-        emit(ProgressEvent("embed", 0, len(order), ""))
-        encode_seconds = 0.0
-        truncated = 0 if budget is not None else None
-        ranks = parallel.world_size if parallel is not None else 1
-        for start in range(0, len(order), batch_size * ranks):
-            group = [order[s:s + batch_size] for s in range(start, min(start + batch_size * ranks, len(order)), batch_size)]
-            if budget is not None:
-                truncated += sum(budget.truncated([todo[h] for h in hashes]) for hashes in group)
-            t_enc = time.perf_counter()
-            if parallel is None:
-                encoded = [encoder.encode_documents([todo[h] for h in group[0]], batch_size=batch_size, normalize=True)]
-            else:
-                encoded = parallel.encode([[todo[h] for h in hashes] for hashes in group], batch_size)
-            encode_seconds += time.perf_counter() - t_enc
-            for hashes, vectors in zip(group, encoded):
-                writer.add_vectors(hashes, vectors)
-            emit(ProgressEvent("embed", min(start + batch_size * ranks, len(order)), len(order), ""))
-
         emit(ProgressEvent("write", 0, 1, config.kind))
-        result = writer.commit(updated, present)
+        result = writer.commit(updated, present, staged=True, restamp=got.restamp, skipped_paths=got.content_skips)
         committed = True
         emit(ProgressEvent("write", 1, 1, result.index_kind))
     finally:
@@ -349,16 +310,17 @@ def build_index(
             shutil.rmtree(index_path, ignore_errors=True)  # a run that failed before embedding anything
     stats = IndexStats(
         files_seen=files_seen, files_indexed=result.files, files_skipped=sum(skipped.values()),
-        chunks_total=result.chunks, chunks_embedded=len(order), chunks_removed=result.chunks_removed,
-        seconds=time.perf_counter() - t0, files_changed=len([f for f in updated if f.path not in framework]), files_removed=result.files_removed,
-        encode_seconds=encode_seconds, index_kind=result.index_kind, generation=result.generation,
+        chunks_total=result.chunks, chunks_embedded=got.embedded, chunks_removed=result.chunks_removed,
+        seconds=time.perf_counter() - t0, files_changed=got.files_changed, files_removed=result.files_removed,
+        encode_seconds=got.encode_seconds, index_kind=result.index_kind, generation=result.generation,
         skipped=tuple(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))),
         files_with_replacements=tuple(replaced), skipped_files=tuple(skipped_files),
-        chunks_truncated=truncated, token_limit=budget.limit if budget is not None else None,
-        chunking=chunking.to_dict())
-    if truncated:
+        chunks_truncated=got.truncated, token_limit=budget.limit if budget is not None else None,
+        chunking=chunking.to_dict(), files_resumed=got.files_resumed, files_hashed=got.files_hashed)
+    if got.truncated:
         logger.warning("%d of %d chunks embedded now exceed the encoder's %d-token input limit and were truncated "
-                       "(chunk unit %s, size %d)", truncated, len(order), budget.limit, chunking.unit, chunking.chunk_size)
+                       "(chunk unit %s, size %d)", got.truncated, got.embedded, budget.limit, chunking.unit,
+                       chunking.chunk_size)
     emit(ProgressEvent("done", 1, 1, ""))
     return stats
 

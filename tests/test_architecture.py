@@ -9,17 +9,18 @@ ROOT = Path(__file__).resolve().parents[1] / "ragen"
 
 # area -> areas it must never import
 FORBIDDEN = {
-    "types": {"encoders", "corpus", "store", "retriever", "bench", "integrations", "cli", "training"},
-    "errors": {"encoders", "corpus", "store", "retriever", "bench", "integrations", "cli", "training"},
-    "_io": {"types", "encoders", "corpus", "store", "retriever", "bench", "integrations", "cli",
+    "types": {"ingest", "encoders", "corpus", "store", "retriever", "bench", "integrations", "cli", "training"},
+    "errors": {"ingest", "encoders", "corpus", "store", "retriever", "bench", "integrations", "cli", "training"},
+    "_io": {"ingest", "types", "encoders", "corpus", "store", "retriever", "bench", "integrations", "cli",
                 "training"},
-    "encoders": {"store", "corpus", "guard", "retriever", "rag", "bench", "integrations", "cli", "training"},
-    "store": {"encoders", "guard", "retriever", "rag", "bench", "integrations", "cli", "training"},
-    "corpus": {"encoders", "store", "guard", "retriever", "rag", "bench", "integrations", "cli", "training"},
-    "guard": {"encoders", "corpus", "store", "retriever", "rag", "bench", "integrations", "cli", "training"},
+    "encoders": {"ingest", "store", "corpus", "guard", "retriever", "rag", "bench", "integrations", "cli", "training"},
+    "store": {"ingest", "encoders", "guard", "retriever", "rag", "bench", "integrations", "cli", "training"},
+    "corpus": {"ingest", "encoders", "store", "guard", "retriever", "rag", "bench", "integrations", "cli", "training"},
+    "guard": {"ingest", "encoders", "corpus", "store", "retriever", "rag", "bench", "integrations", "cli", "training"},
+    "ingest": {"encoders", "guard", "retriever", "rag", "bench", "integrations", "cli", "training"},
     "retriever": {"rag", "bench", "integrations", "cli", "training"},
     "rag": {"bench", "integrations", "cli", "training"},
-    "training": {"store", "corpus", "guard", "retriever", "rag", "bench", "integrations", "cli"},
+    "training": {"ingest", "store", "corpus", "guard", "retriever", "rag", "bench", "integrations", "cli"},
     "bench": {"cli", "integrations", "training"},
     "integrations": {"cli", "bench", "training"},
 }

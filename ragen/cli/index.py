@@ -86,28 +86,41 @@ def _patterns(values: Optional[list[str]]) -> tuple[str, ...] | None:
 
 def _up_to_date(target: Path, scanned, selection) -> list[tuple[str, str]] | None:
     """Whether a run would change nothing, so the model need not be loaded: every indexed file is still
-    there with the same size and mtime, and every other scanned file still cannot be read (binary, bad
-    JSON, ...; re-checked, which costs no model). Returns those files' ``(relpath, reason)``, or None when
-    something changed."""
-    from ..corpus import SkipFile, read_document
+    there and unchanged (same size and mtime; the bytes' SHA-256 too where the mtime is too close to the
+    last read to trust), no interrupted run left work to commit, and every other scanned file still cannot
+    be read (a remembered skip whose file did not change, else re-checked, which costs no model). Returns
+    those files' ``(relpath, reason)``, or None when something changed."""
+    from ..corpus import SkipFile, file_sha256, read_document, stat_verdict
     from ..store import Store
 
     from ..retriever import framework_documents
 
+    def same(state, sf) -> bool:
+        verdict = stat_verdict(state.size, state.mtime_ns, state.read_ns, sf)
+        if verdict == "racy" and state.sha256 is not None:
+            got = file_sha256(sf, selection.max_file_size)
+            return got is not None and got[0] == state.sha256
+        return verdict == "same"
+
     try:
         with Store.open(target, device="cpu") as store:
-            indexed = {p: (s, m) for p, s, m, _ in store.files()}
+            indexed = store.file_states()
+            remembered = store.remembered_skips()
+            pending = store.staged_count()
         framework = framework_documents(target)  # a framework store's documents: not this folder's files
     except RagenError:
         return None  # unreadable or inconsistent: the writer reports it (and a rebuild fixes it)
-    indexed = {p: sm for p, sm in indexed.items() if p not in framework}
+    indexed = {p: st for p, st in indexed.items() if p not in framework}
     found = {f.relpath: f for f in scanned.files if f.relpath not in framework}
-    if not indexed or any(found.get(p) is None or (found[p].size, found[p].mtime_ns) != sm
-                          for p, sm in indexed.items()):
+    if pending or not indexed or any(found.get(p) is None or not same(st, found[p]) for p, st in indexed.items()):
         return None
     unreadable = []
     for rel, sf in found.items():
         if rel not in indexed:
+            old = remembered.get(rel)
+            if old is not None and same(old.state, sf):
+                unreadable.append((rel, old.reason))
+                continue
             try:
                 read_document(sf, max_file_size=selection.max_file_size)
             except SkipFile as why:
@@ -281,7 +294,8 @@ def index(
                       f"in this index (IVF: at least 78); built {stats.index_kind} (exact) instead; the next run "
                       f"with more text builds {config.kind}", highlight=False)
         summary = Table(title=f"index {shown(target)}", show_header=False, title_justify="left")
-        summary.add_row("files", f"{stats.files_indexed} indexed ({stats.files_changed} new or changed, "
+        resumed = f", {stats.files_resumed} of them extracted by an interrupted run" if stats.files_resumed else ""
+        summary.add_row("files", f"{stats.files_indexed} indexed ({stats.files_changed} new or changed{resumed}, "
                                  f"{stats.files_removed} removed, {stats.files_skipped} skipped) of {stats.files_seen} seen")
         truncated = "" if stats.chunks_truncated is None else (
             f"{stats.chunks_truncated} truncated at the encoder's {stats.token_limit}-token limit, ")

@@ -31,8 +31,17 @@ segment. Past ``MAX_DELTAS`` deltas they are merged into one; once deltas + tomb
 ``COMPACT_RATIO`` of the base, the base is rebuilt (IVF keeps its trained quantizer, IVF-PQ its trained
 codebooks: no k-means again; ``auto`` re-chooses the kind for the new size, training on a bounded sample).
 
-Crash safety. Embedded vectors are committed batch by batch, so a killed run loses at most the batch in
-flight and the next run embeds only what is missing (matched by content hash). A commit then
+Staging. While a run reads and embeds (:mod:`ragen.ingest`), embedded vectors are committed batch by
+batch and the files read so far, with their chunks, are staged (``staged_files``/``staged_chunks``) window
+by window, none of it visible to readers. A killed run loses at most the batch in flight and the files read
+since the last window; the next run with the same encoder, epoch and chunking (``stage_key`` in ``meta``)
+takes the staged files that did not change instead of reading them again, and embeds only what is
+missing (matched by content hash). Files found unindexable by their bytes are kept in ``skipped_files``
+and not read again until they change. Each file row records the SHA-256 of its bytes and when they were
+read, so a file whose mtime lies within the filesystem's resolution of that read is compared by hash, not
+trusted by its stat (:func:`ragen.corpus.stat_verdict`).
+
+Crash safety. A commit then
 
 1. records the names of the files it is about to create in ``owned_files`` (its own committed
    transaction), so that a killed run's leftovers are known to be the store's and nothing else is;

@@ -304,6 +304,37 @@ class Store:
         except sqlite3.Error as exc:
             raise _db_error(self.index_dir / DB_NAME, exc, writing=False) from None
 
+    def file_states(self) -> dict:
+        """``path -> FileState`` (size, mtime_ns, sha256, read_ns) of every indexed file."""
+        from .writer import FileState
+
+        return {p: FileState(sz, m, h, r) for p, sz, m, h, r in self._rows(
+            "SELECT path, size, mtime_ns, sha256, read_ns FROM files", "SELECT path, size, mtime_ns, NULL, NULL FROM files")}
+
+    def remembered_skips(self) -> dict:
+        """``path -> SkippedFile``: files an earlier run found unindexable by their bytes."""
+        from .writer import FileState, SkippedFile
+
+        return {p: SkippedFile(p, FileState(sz, m, h, r), why) for p, sz, m, h, r, why in self._rows(
+            "SELECT path, size, mtime_ns, sha256, read_ns, reason FROM skipped_files", None)}
+
+    def staged_count(self) -> int:
+        """Files an unfinished ``ragen index`` run extracted but did not commit yet."""
+        rows = self._rows("SELECT COUNT(*) FROM staged_files", None)
+        return int(rows[0][0]) if rows else 0
+
+    def _rows(self, sql: str, fallback: str | None) -> list:
+        """Rows of a query on a table or column that an index written by an older ragen may lack
+        (``fallback``: the query without it; None: no rows)."""
+        try:
+            return self._conn.execute(sql).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such" not in str(exc):
+                raise _db_error(self.index_dir / DB_NAME, exc, writing=False) from None
+            return [] if fallback is None else self._conn.execute(fallback).fetchall()
+        except sqlite3.Error as exc:
+            raise _db_error(self.index_dir / DB_NAME, exc, writing=False) from None
+
     def disk_bytes(self) -> int:
         total = 0
         for p in self.index_dir.iterdir():

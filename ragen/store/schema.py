@@ -33,7 +33,9 @@ LOCK_NAME = "write.lock"
 READERS_LOCK_NAME = "readers.lock"
 
 
-SCHEMA_VERSION = 2  # 1: no owned_files table (files named by convention); 2: owned files and digests
+SCHEMA_VERSION = 3  # 1: no owned_files table (files named by convention); 2: owned files and digests;
+# 3: files.sha256/read_ns (content hash and read time of each source file), staged_* (work of an unfinished
+# run: extracted files with their chunks) and skipped_files (files whose bytes cannot be indexed)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ class EncoderInfo:
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
-    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, n_chunks INTEGER NOT NULL
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, n_chunks INTEGER NOT NULL,
+    sha256 TEXT, read_ns INTEGER
 );
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
@@ -77,7 +80,35 @@ CREATE TABLE IF NOT EXISTS ivf_quantizer (
     epoch INTEGER PRIMARY KEY, nlist INTEGER NOT NULL, dim INTEGER NOT NULL, centroids BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS trained_index (epoch INTEGER PRIMARY KEY, kind TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS staged_files (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, n_chunks INTEGER NOT NULL,
+    sha256 TEXT, read_ns INTEGER
+);
+CREATE TABLE IF NOT EXISTS staged_chunks (
+    path TEXT NOT NULL, position INTEGER NOT NULL, chunk_id TEXT NOT NULL, start INTEGER NOT NULL,
+    end INTEGER NOT NULL, content_hash TEXT NOT NULL, text TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS staged_chunks_path ON staged_chunks(path, position);
+CREATE INDEX IF NOT EXISTS staged_chunks_hash ON staged_chunks(content_hash);
+CREATE TABLE IF NOT EXISTS skipped_files (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT, read_ns INTEGER,
+    reason TEXT NOT NULL
+);
 """
+
+
+_MIGRATIONS = (  # columns added since a table was first created: (table, column, declaration)
+    ("files", "sha256", "TEXT"),
+    ("files", "read_ns", "INTEGER"),
+)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns newer versions record to an existing database (older ragen ignores them)."""
+    for table, column, decl in _MIGRATIONS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if have and column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
 _TABLES = ("meta", "files", "chunks", "vectors")

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from .faiss_index import (IndexConfig, _train_sample_size, bytes_per_vector, che
                           normalize_rows, pq_subquantizers, resolve_kind, serialize_trained, to_cpu)
 from .schema import (_SCHEMA, _SQLITE_CORRUPT, _SQLITE_NOTADB, _TABLES, _TEMP_GENERATION, DB_NAME, FORMAT_VERSION,
                      LOCK_NAME, MANIFEST_NAME, READERS_LOCK_NAME, SCHEMA_VERSION, EncoderInfo, _code, _committed,
-                     _connect, _corrupt, _db_error, _meta, _tables)
+                     _connect, _corrupt, _db_error, _meta, _migrate, _tables)
 from .segments import (_OWNED_NAME, _check_digest, _check_index_folder, _digests, _full_digest, _generation_paths,
                        _live_segments, _sample_digest, _SegmentSpec, _write_faiss_file, _write_owned)
 
@@ -36,12 +37,36 @@ MAX_DELTAS = 8  # merge the delta segments into one past this many
 
 @dataclass(frozen=True)
 class FileRecord:
-    """A file's new state, handed to :meth:`StoreWriter.commit`: its stat and all of its chunks."""
+    """A file's new state, handed to :meth:`StoreWriter.commit` (or staged with :meth:`StoreWriter.stage`):
+    its stat, all of its chunks, and optionally the SHA-256 of its bytes and when they were read."""
 
     path: str
     size: int
     mtime_ns: int
     chunks: tuple[Chunk, ...]
+    sha256: str | None = None
+    read_ns: int | None = None
+
+
+class FileState(NamedTuple):
+    """What the index recorded about a source file: enough to tell whether it changed since
+    (:func:`ragen.corpus.stat_verdict`); ``sha256``/``read_ns`` are None for files recorded before they
+    were tracked."""
+
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    read_ns: int | None
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file whose bytes cannot be indexed (binary, invalid JSON, a damaged PDF), remembered with its
+    state so that it is not read again until it changes."""
+
+    path: str
+    state: FileState
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -129,6 +154,7 @@ class StoreWriter:
             if missing:
                 raise _corrupt(db, f"table {missing[0]!r} is missing")
         self._conn.executescript(_SCHEMA)
+        _migrate(self._conn)
         self._prepare()
         try:  # readers take it shared; created here so that readers never need to write the folder
             os.close(os.open(self.index_dir / READERS_LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o644))
@@ -193,6 +219,14 @@ class StoreWriter:
                                                    "index": {"config": asdict(self.index_config)}}, sort_keys=True))
             self._set("work_epoch", self.epoch)
             self._set("work_fingerprint", self.encoder.fingerprint)
+            # Staged files (extracted by a killed run) hold chunks cut with one chunking for one epoch's
+            # vectors: any other run starts its staging over.
+            stage_key = json.dumps({"epoch": self.epoch, "fingerprint": self.encoder.fingerprint,
+                                    "chunking": self.chunking}, sort_keys=True)
+            if meta.get("stage_key") != stage_key:
+                self._conn.execute("DELETE FROM staged_files")
+                self._conn.execute("DELETE FROM staged_chunks")
+                self._set("stage_key", stage_key)
             self._set("schema_version", SCHEMA_VERSION)
             if self.committed is not None:
                 self._claim_legacy_generation()
@@ -339,6 +373,80 @@ class StoreWriter:
         return {p: (s, m) for p, s, m in self._conn.execute("SELECT path, size, mtime_ns FROM files")}
 
     @_database_errors
+    def file_states(self) -> dict[str, FileState]:
+        """``path -> FileState`` of the files in the committed index (empty on a full pass)."""
+        if self.full:
+            return {}
+        return {p: FileState(s, m, h, r) for p, s, m, h, r in
+                self._conn.execute("SELECT path, size, mtime_ns, sha256, read_ns FROM files")}
+
+    @_database_errors
+    def staged_files(self) -> dict[str, FileState]:
+        """``path -> FileState`` of the files an unfinished run of these settings already extracted and
+        staged (:meth:`stage`); a resumed run takes those that did not change since instead of reading them."""
+        return {p: FileState(s, m, h, r) for p, s, m, h, r in
+                self._conn.execute("SELECT path, size, mtime_ns, sha256, read_ns FROM staged_files")}
+
+    @_database_errors
+    def staged_chunk_count(self, paths: Iterable[str]) -> int:
+        total = 0
+        for path in paths:
+            (n,) = self._conn.execute("SELECT n_chunks FROM staged_files WHERE path=?", (path,)).fetchone() or (0,)
+            total += int(n)
+        return total
+
+    @_database_errors
+    def remembered_skips(self) -> dict[str, SkippedFile]:
+        """The files an earlier run found unindexable by their bytes (see :class:`SkippedFile`); empty on
+        ``--rebuild``, which reads everything again."""
+        if self.rebuild:
+            return {}
+        return {p: SkippedFile(p, FileState(s, m, h, r), why) for p, s, m, h, r, why in self._conn.execute(
+            "SELECT path, size, mtime_ns, sha256, read_ns, reason FROM skipped_files")}
+
+    @_database_errors
+    def stage(self, files: Sequence[FileRecord] = (), hashes: Sequence[str] = (), vectors: np.ndarray | None = None,
+              skipped: Sequence[SkippedFile] = ()) -> None:
+        """Keep the work of a run so far, in one committed transaction: extracted files with their chunks
+        (applied by :meth:`commit` with ``staged=True``), embedded vectors (as :meth:`add_vectors`) and files
+        found unindexable. A killed run loses nothing staged; the next run with the same settings resumes."""
+        rows = self._vector_rows(hashes, vectors) if len(hashes) else []
+        with self._transaction():
+            if rows:
+                self._conn.executemany("INSERT OR REPLACE INTO vectors(epoch, content_hash, vector) VALUES (?, ?, ?)",
+                                       rows)
+            for f in files:
+                self._conn.execute("DELETE FROM staged_chunks WHERE path=?", (f.path,))
+                self._conn.execute("INSERT OR REPLACE INTO staged_files(path, size, mtime_ns, n_chunks, sha256, "
+                                   "read_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                                   (f.path, f.size, f.mtime_ns, len(f.chunks), f.sha256, f.read_ns))
+                self._conn.executemany(
+                    "INSERT INTO staged_chunks(path, position, chunk_id, start, end, content_hash, text) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(c.path, c.position, c.chunk_id, c.start, c.end, c.content_hash, c.text) for c in f.chunks])
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO skipped_files(path, size, mtime_ns, sha256, read_ns, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?)", [(k.path, *k.state, k.reason) for k in skipped])
+
+    @_database_errors
+    def unstage(self, paths: Iterable[str]) -> None:
+        """Drop staged files (changed again since they were staged, or no longer wanted)."""
+        paths = sorted(set(paths))
+        if not paths:
+            return
+        with self._transaction():
+            for path in paths:
+                self._conn.execute("DELETE FROM staged_chunks WHERE path=?", (path,))
+                self._conn.execute("DELETE FROM staged_files WHERE path=?", (path,))
+
+    @_database_errors
+    def staged_missing_vectors(self) -> dict[str, str]:
+        """``content hash -> text`` of staged chunks that have no vector in this run's epoch yet."""
+        return dict(self._conn.execute(
+            "SELECT s.content_hash, MIN(s.text) FROM staged_chunks s WHERE NOT EXISTS (SELECT 1 FROM vectors v "
+            "WHERE v.epoch=? AND v.content_hash=s.content_hash) GROUP BY s.content_hash", (self.epoch,)))
+
+    @_database_errors
     def missing_vectors(self, hashes: Iterable[str]) -> set[str]:
         """The content hashes among ``hashes`` that have no vector in this run's epoch yet."""
         wanted = set(hashes)
@@ -354,6 +462,11 @@ class StoreWriter:
     @_database_errors
     def add_vectors(self, hashes: Sequence[str], vectors: np.ndarray) -> None:
         """Store one embedded batch, normalised, in its own committed transaction."""
+        rows = self._vector_rows(hashes, vectors)
+        with self._transaction():
+            self._conn.executemany("INSERT OR REPLACE INTO vectors(epoch, content_hash, vector) VALUES (?, ?, ?)", rows)
+
+    def _vector_rows(self, hashes: Sequence[str], vectors: np.ndarray | None) -> list[tuple[int, str, bytes]]:
         vecs = np.asarray(vectors, dtype=np.float32)
         if vecs.ndim != 2 or vecs.shape != (len(hashes), self.encoder.dim):
             raise StoreError(f"got vectors of shape {vecs.shape} for {len(hashes)} chunks; the index expects "
@@ -361,18 +474,21 @@ class StoreWriter:
         if not np.isfinite(vecs).all():
             raise StoreError("the encoder produced NaN or infinite values; check the model and its dtype")
         vecs = normalize_rows(vecs)
-        with self._transaction():
-            self._conn.executemany("INSERT OR REPLACE INTO vectors(epoch, content_hash, vector) VALUES (?, ?, ?)",
-                                   [(self.epoch, h, v.tobytes()) for h, v in zip(hashes, vecs)])
+        return [(self.epoch, h, v.tobytes()) for h, v in zip(hashes, vecs)]
 
     # --- the switch ---------------------------------------------------------------------------------------
     @_database_errors
-    def commit(self, updated: Sequence[FileRecord], present: Iterable[str]) -> CommitResult:
+    def commit(self, updated: Sequence[FileRecord], present: Iterable[str], *, staged: bool = False,
+               restamp: Sequence[tuple[str, str, int]] = (), skipped_paths: Iterable[str] | None = None) -> CommitResult:
         """Make the new state the committed one, atomically.
 
         ``updated``: files that are new or changed (all files on a full pass), with all their chunks.
+        ``staged``: the files staged with :meth:`stage` are new or changed too (and leave the staging).
         ``present``: every file that belongs in the index now (updated and unchanged); other files of the
         committed index are removed. Every chunk's vector must have been added (:meth:`add_vectors`).
+        ``restamp``: ``(path, sha256, read_ns)`` of unchanged files whose content was hashed now (their
+        new read time). ``skipped_paths``: the files this run skipped by their content; other remembered
+        skips are forgotten (None: leave them).
 
         An incremental commit writes only the changed rows' vectors (a delta segment) and marks the removed
         rows deleted (tombstones); past ``COMPACT_RATIO`` of the base it rebuilds the base instead. Once
@@ -381,11 +497,15 @@ class StoreWriter:
         """
         t0 = time.perf_counter()
         present = set(present)
+        skipped_paths = None if skipped_paths is None else set(skipped_paths)
         conn = self._conn
         config_same = self.committed is not None and _same_config(self.committed, self.index_config)
-        if not self.full and not updated and config_same:
+        n_staged = conn.execute("SELECT COUNT(*) FROM staged_files").fetchone()[0] if staged else 0
+        if not self.full and not updated and not n_staged and config_same:
             old_files = {p for (p,) in conn.execute("SELECT path FROM files")}
             if old_files == present:  # nothing changed: keep the committed generation as it is
+                with self._transaction():
+                    self._record_file_facts(restamp, skipped_paths)
                 counts = self.committed.get("counts", {})
                 return CommitResult(generation=self.generation, files=int(counts.get("files", len(present))),
                                     chunks=int(counts.get("chunks", 0)), chunks_removed=0, files_removed=0,
@@ -404,7 +524,12 @@ class StoreWriter:
         try:
             conn.execute("BEGIN IMMEDIATE")
             old_files = {p for (p,) in conn.execute("SELECT path FROM files")}
-            chunks_removed, removed_rows, inserted = self._replace_rows(updated, present, old_files)
+            src = "staged" if staged else "temp.commit"
+            self._load_source(src, updated)
+            chunks_removed, removed_rows, inserted = self._replace_rows(src, present, old_files)
+            self._record_file_facts(restamp, skipped_paths)
+            conn.execute(f"DELETE FROM {src}_files")
+            conn.execute(f"DELETE FROM {src}_chunks")
             specs, kind = self._write_segments(config_same, removed_rows, inserted, base_path, delta_path, written)
             fsync_dir(self.index_dir)
             for path in written:
@@ -559,42 +684,44 @@ class StoreWriter:
         keep = ~np.isin(ids, removed)
         return ids[keep], vectors[keep]
 
-    def _replace_rows(self, updated: Sequence[FileRecord], present: set[str],
+    def _replace_rows(self, src: str, present: set[str],
                       old_files: set[str]) -> tuple[int, list[int], list[tuple[int, str]]]:
         """Inside the commit's transaction: drop the rows of changed and deleted files (all rows on a full
-        pass), insert the updated files' rows under new row ids (never reused), drop vectors no chunk refers
-        to. Returns the number of chunks removed (an old chunk whose text is gone from its file), the
-        removed row ids and the inserted ``(row id, content hash)`` rows."""
+        pass), insert the new files' rows (tables ``{src}_files``/``{src}_chunks``) under new row ids (never
+        reused), drop vectors no chunk refers to. All in SQL, so a full pass never holds the corpus in
+        memory. Returns the number of chunks removed (an old chunk whose text is gone from its file), the
+        removed row ids and (incremental commits only) the inserted ``(row id, content hash)`` rows."""
         conn = self._conn
-        new_hashes_by_path = {f.path: {c.content_hash for c in f.chunks} for f in updated}
-        chunks_removed = 0
         removed_rows: list[int] = []
         removed_hashes: set[str] = set()
         if self.full:
-            for path, h in conn.execute("SELECT path, content_hash FROM chunks"):
-                chunks_removed += h not in new_hashes_by_path.get(path, ())
+            (chunks_removed,) = conn.execute(
+                f"SELECT COUNT(*) FROM chunks c WHERE NOT EXISTS (SELECT 1 FROM {src}_chunks s "
+                "WHERE s.content_hash = c.content_hash AND s.path = c.path)").fetchone()
             conn.execute("DELETE FROM chunks")
             conn.execute("DELETE FROM files")
         else:
-            for path in sorted((old_files - present) | set(new_hashes_by_path)):
-                keep = new_hashes_by_path.get(path, set())
+            chunks_removed = 0
+            changed = {p for (p,) in conn.execute(f"SELECT path FROM {src}_files")}
+            for path in sorted((old_files - present) | changed):
+                keep = {h for (h,) in conn.execute(f"SELECT content_hash FROM {src}_chunks WHERE path=?", (path,))}
                 for row_id, h in conn.execute("SELECT id, content_hash FROM chunks WHERE path=?", (path,)).fetchall():
                     chunks_removed += h not in keep
                     removed_rows.append(row_id)
                     removed_hashes.add(h)
                 conn.execute("DELETE FROM chunks WHERE path=?", (path,))
                 conn.execute("DELETE FROM files WHERE path=?", (path,))
-        inserted: list[tuple[int, str]] = []
-        for f in updated:
-            conn.execute("INSERT INTO files(path, size, mtime_ns, n_chunks) VALUES (?, ?, ?, ?)",
-                         (f.path, f.size, f.mtime_ns, len(f.chunks)))
-            rows = []
-            for c in f.chunks:
-                rows.append((self.next_row_id, c.chunk_id, c.path, c.position, c.start, c.end, c.content_hash, c.text))
-                inserted.append((self.next_row_id, c.content_hash))
-                self.next_row_id += 1
-            conn.executemany("INSERT INTO chunks(id, chunk_id, path, position, start, end, content_hash, text) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.execute(f"INSERT INTO files(path, size, mtime_ns, n_chunks, sha256, read_ns) "
+                     f"SELECT path, size, mtime_ns, n_chunks, sha256, read_ns FROM {src}_files")
+        first = self.next_row_id
+        cur = conn.execute(
+            f"INSERT INTO chunks(id, chunk_id, path, position, start, end, content_hash, text) "
+            f"SELECT ? + ROW_NUMBER() OVER (ORDER BY f.rowid, c.position) - 1, c.chunk_id, c.path, c.position, "
+            f"c.start, c.end, c.content_hash, c.text FROM {src}_chunks c JOIN {src}_files f ON f.path = c.path",
+            (first,))  # row ids in the order the files were given (staged), then by position
+        self.next_row_id = first + max(cur.rowcount, 0)
+        inserted = [] if self.full else [(int(r), h) for r, h in conn.execute(
+            "SELECT id, content_hash FROM chunks WHERE id >= ? ORDER BY id", (first,))]
         # vectors no chunk refers to any more (deleted or edited text, the previous epoch of a rebuild)
         conn.execute("DELETE FROM vectors WHERE epoch != ?", (self.epoch,))
         if self.full:
@@ -605,6 +732,35 @@ class StoreWriter:
                              "(SELECT 1 FROM chunks WHERE content_hash = ?)",
                              [(self.epoch, h, h) for h in sorted(removed_hashes)])
         return chunks_removed, removed_rows, inserted
+
+    def _load_source(self, src: str, updated: Sequence[FileRecord]) -> None:
+        """Inside the commit's transaction: put the in-memory ``updated`` files into the tables the commit
+        reads (``staged_*`` itself, or the connection's temporary ``commit_*`` tables)."""
+        conn = self._conn
+        if src == "temp.commit":
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS commit_files AS SELECT * FROM staged_files WHERE 0")
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS commit_chunks AS SELECT * FROM staged_chunks WHERE 0")
+            conn.execute("CREATE INDEX IF NOT EXISTS temp.commit_chunks_path ON commit_chunks(path, position)")
+            conn.execute("CREATE INDEX IF NOT EXISTS temp.commit_chunks_hash ON commit_chunks(content_hash)")
+            conn.execute("DELETE FROM temp.commit_files")
+            conn.execute("DELETE FROM temp.commit_chunks")
+        for f in updated:
+            conn.execute(f"DELETE FROM {src}_chunks WHERE path=?", (f.path,))
+            conn.execute(f"INSERT OR REPLACE INTO {src}_files(path, size, mtime_ns, n_chunks, sha256, read_ns) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", (f.path, f.size, f.mtime_ns, len(f.chunks), f.sha256, f.read_ns))
+            conn.executemany(f"INSERT INTO {src}_chunks(path, position, chunk_id, start, end, content_hash, text) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             [(c.path, c.position, c.chunk_id, c.start, c.end, c.content_hash, c.text)
+                              for c in f.chunks])
+
+    def _record_file_facts(self, restamp: Sequence[tuple[str, str, int]], skipped_paths: set[str] | None) -> None:
+        """Inside a transaction: new read times of files found unchanged by their hash, and the remembered
+        skips reduced to the files this run still skipped."""
+        self._conn.executemany("UPDATE files SET sha256=?, read_ns=? WHERE path=?",
+                               [(h, r, p) for p, h, r in restamp])
+        if skipped_paths is not None:
+            gone = [(p,) for (p,) in self._conn.execute("SELECT path FROM skipped_files") if p not in skipped_paths]
+            self._conn.executemany("DELETE FROM skipped_files WHERE path=?", gone)
 
     def _after_commit(self, manifest: dict) -> None:
         """Housekeeping once the switch is durable: failures are logged, never reported as a failed commit."""

@@ -324,6 +324,23 @@ def _train_sample_size(n: int, kind: str, config: IndexConfig) -> int:
     return size
 
 
+def reserve(index, n: int) -> None:
+    """Give an empty id-mapped flat index room for ``n`` vectors up front, so that adding them batch by batch
+    never reallocates (a growing buffer briefly holds the old and the new copy: 1.57x the vectors at
+    100k x 384 against 1.17x with the room reserved). Other kinds keep their own storage; a no-op there."""
+    import faiss
+
+    if n <= 0 or not isinstance(index, faiss.IndexIDMap) or index.ntotal:
+        return
+    inner = faiss.downcast_index(index.index)
+    if not isinstance(inner, faiss.IndexFlatCodes):
+        return
+    inner.codes.resize(n * inner.code_size)  # std::vector: shrinking back keeps the capacity
+    inner.codes.resize(0)
+    index.id_map.resize(n)
+    index.id_map.resize(0)
+
+
 def empty_faiss_index(n: int, dim: int, config: IndexConfig, *, sample: np.ndarray | None = None,
                       centroids: np.ndarray | None = None, trained: bytes | None = None, with_ids: bool = False):
     """An empty CPU index, ready for ``n`` vectors, and the kind actually built (:func:`resolve_kind`).

@@ -19,7 +19,7 @@ from ..errors import StoreError
 from ..types import Chunk
 from . import locks
 from .faiss_index import (IndexConfig, _train_sample_size, bytes_per_vector, check_faiss, empty_faiss_index, ivf_lists,
-                          normalize_rows, pq_subquantizers, resolve_kind, serialize_trained, to_cpu)
+                          normalize_rows, pq_subquantizers, reserve, resolve_kind, serialize_trained, to_cpu)
 from .schema import (_SCHEMA, _SQLITE_CORRUPT, _SQLITE_NOTADB, _TABLES, _TEMP_GENERATION, DB_NAME, FORMAT_VERSION,
                      LOCK_NAME, MANIFEST_NAME, READERS_LOCK_NAME, SCHEMA_VERSION, EncoderInfo, _code, _committed,
                      _connect, _corrupt, _db_error, _meta, _migrate, _tables)
@@ -808,6 +808,7 @@ class StoreWriter:
                                         with_ids=True)
         del sample
         self._trained_bytes = serialize_trained(index)  # while empty: the training only, kept for compactions
+        reserve(index, n)
         added = 0
         width = 4 * dim
         cursor = conn.execute("SELECT content_hash, vector FROM vectors WHERE epoch=?", (self.epoch,))

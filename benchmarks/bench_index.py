@@ -27,7 +27,7 @@ Usage::
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_index.py            # both parts
     PYTHONPATH=. python benchmarks/bench_index.py --skip-index --sizes 100000  # search only
     PYTHONPATH=. python benchmarks/bench_index.py --skip-index --skip-search --store-sizes 200000 --json
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_index.py --json --two-process --procs-docs 150
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_index.py --json --two-process
 
 The index part reads text from ``--corpus`` (a folder, or a BEIR-style corpus.jsonl whose records are
 written out as files) or, by default, generates a folder of prose-like text.
@@ -395,7 +395,7 @@ def main() -> None:
                    help="parts (c) and (d) only: one JSON object per size (and one for --two-process) on stdout")
     p.add_argument("--two-process", action="store_true",
                    help="part (d): `ragen index` in 2 torchrun processes (gloo, CPU) against 1, same folder")
-    p.add_argument("--procs-docs", type=int, default=150, help="files of the folder part (d) indexes")
+    p.add_argument("--procs-docs", type=int, default=300, help="files of the folder part (d) indexes")
     p.add_argument("--procs-threads", type=int, default=1, help="OMP threads per process in part (d)")
     p.add_argument("--procs-timeout", type=int, default=600, help="seconds each part (d) command may take")
     p.add_argument("--phase", help=argparse.SUPPRESS)

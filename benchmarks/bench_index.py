@@ -13,12 +13,21 @@
     committed index through ``Store.search`` and ``Store.hits`` against raw faiss on the same file.
     ``--json`` prints one JSON object per size (n, dim, initial_build_s, one_file_update_s,
     update_peak_rss_mb, vector_mb, search_ms {ragen, ragen_hits, faiss}).
+(d) ``--two-process``: the 2-process index build against one process, side by side in one run. The same
+    generated folder (``--procs-docs`` files) is indexed by ``python -m ragen index`` and by
+    ``python -m torch.distributed.run --standalone --nproc_per_node 2 -m ragen index`` (gloo, ``--device
+    cpu``, ``--procs-threads`` threads per process) with the same encoder (``--model``); both indexes must
+    hold the same chunk ids and vectors (to 1e-5). Prints the wall time of each whole command, the
+    encoding time each reports, and the ratios (one process / two: above 1 means two are faster); with
+    ``--json`` one more JSON object (procs_1_s, procs_2_s, ratio, encode_1_s, encode_2_s, encode_ratio,
+    chunks, equal, max_abs_diff).
 
 Usage::
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_index.py            # both parts
     PYTHONPATH=. python benchmarks/bench_index.py --skip-index --sizes 100000  # search only
     PYTHONPATH=. python benchmarks/bench_index.py --skip-index --skip-search --store-sizes 200000 --json
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_index.py --json --two-process
 
 The index part reads text from ``--corpus`` (a folder, or a BEIR-style corpus.jsonl whose records are
 written out as files) or, by default, generates a folder of prose-like text.
@@ -283,6 +292,80 @@ def bench_store(args) -> None:
               f"{s['ragen']:.2f} / {s['faiss']:.2f} ({s['ragen'] / s['faiss']:.2f}x) | {s['ragen_hits']:.2f} |")
 
 
+# ------------------------------------------------------------------------------ (d) 2 processes against 1
+def _cli_index(folder: Path, out: Path, args, ranks: int) -> tuple[float, float | None]:
+    """Run ``ragen index`` in ``ranks`` processes; (wall seconds of the whole command, encoding seconds)."""
+    import os
+    import re
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
+        if ranks > 1 else [sys.executable]
+    cmd = [*launcher, "-m", "ragen", "index", str(folder), "--index", str(out), "--model", args.model,
+           "--device", "cpu", "--batch-size", str(args.batch_size)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    threads = str(args.procs_threads)
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               COLUMNS="200", PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                      env.get("PYTHONPATH")])))
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.procs_timeout, check=False)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:8])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    found = re.search(r"encoding ([0-9.]+) s", done.stdout)  # the summary's "time  X s (encoding Y s, ...)"
+    return wall, float(found.group(1)) if found else None
+
+
+def _stored_vectors(index: Path) -> dict[str, np.ndarray]:
+    """chunk id -> stored vector of every chunk of a committed index."""
+    from ragen.store import Store
+
+    with Store.open(index, device="cpu") as store:
+        chunks = store.chunks(range(4 * store.count + 10))  # row ids of a fresh build are 1..count
+        vectors = store._vectors_of_rows(np.array(sorted(chunks)))
+        if not len(chunks) == len(vectors) == store.count:
+            raise SystemExit(f"{index}: read {len(chunks)} chunks / {len(vectors)} vectors of {store.count}")
+        return {chunks[r].chunk_id: vectors[r] for r in chunks}
+
+
+def bench_two_process(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="ragen-bench-procs-"))
+    try:
+        folder = tmp / "docs"
+        n_files = make_folder(folder, args.corpus, args.procs_docs)
+        one_s, enc_one = _cli_index(folder, tmp / "one", args, 1)
+        two_s, enc_two = _cli_index(folder, tmp / "two", args, 2)
+        a, b = _stored_vectors(tmp / "one"), _stored_vectors(tmp / "two")
+        same_ids = sorted(a) == sorted(b)
+        diff = max((float(np.max(np.abs(a[c] - b[c]))) for c in a), default=0.0) if same_ids else float("inf")
+        row = {"bench": "two_process", "model": args.model, "files": n_files, "chunks": len(a),
+               "batch_size": args.batch_size, "threads_per_process": args.procs_threads,
+               "procs_1_s": one_s, "procs_2_s": two_s, "ratio": one_s / two_s,
+               "encode_1_s": enc_one, "encode_2_s": enc_two,
+               "encode_ratio": enc_one / enc_two if enc_one and enc_two else None,
+               "equal": bool(same_ids and diff <= 1e-5), "max_abs_diff": diff}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(row), flush=True)
+    else:
+        def enc(v):
+            return f"{v:.1f} s" if v is not None else "n/a"
+
+        print(f"\n## 2-process index build against one process ({args.model}, {n_files} files, {len(a)} chunks, "
+              f"batch {args.batch_size}, --device cpu, gloo, {args.procs_threads} thread(s) per process)")
+        print("| processes | whole command s | encoding s |")
+        print("|---:|---:|---:|")
+        print(f"| 1 | {one_s:.1f} | {enc(enc_one)} |")
+        print(f"| 2 | {two_s:.1f} | {enc(enc_two)} |")
+        er = f"{row['encode_ratio']:.2f}x" if row["encode_ratio"] else "n/a"
+        print(f"ratio one/two (above 1: two are faster): whole command {row['ratio']:.2f}x, encoding {er}")
+        print(f"same chunk ids: {same_ids}; max abs vector difference {diff:.2e}; equal: {row['equal']}")
+    if not row["equal"]:
+        raise SystemExit("the 2-process index differs from the one-process index")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm")
@@ -308,7 +391,13 @@ def main() -> None:
     p.add_argument("--per-file", type=int, default=10, help="chunks per file in part (c)")
     p.add_argument("--store-index", default="flat")
     p.add_argument("--store-queries", type=int, default=200)
-    p.add_argument("--json", action="store_true", help="part (c) only: one JSON object per size on stdout")
+    p.add_argument("--json", action="store_true",
+                   help="parts (c) and (d) only: one JSON object per size (and one for --two-process) on stdout")
+    p.add_argument("--two-process", action="store_true",
+                   help="part (d): `ragen index` in 2 torchrun processes (gloo, CPU) against 1, same folder")
+    p.add_argument("--procs-docs", type=int, default=300, help="files of the folder part (d) indexes")
+    p.add_argument("--procs-threads", type=int, default=1, help="OMP threads per process in part (d)")
+    p.add_argument("--procs-timeout", type=int, default=600, help="seconds each part (d) command may take")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--phase-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--phase-dir", help=argparse.SUPPRESS)
@@ -324,6 +413,8 @@ def main() -> None:
         bench_search(args)
     if args.store_sizes:
         bench_store(args)
+    if args.two_process:
+        bench_two_process(args)
 
 
 if __name__ == "__main__":

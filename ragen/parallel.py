@@ -32,6 +32,9 @@ _STATUS_BYTES = 1024  # room for a one-line error text beside each gathered batc
 
 @dataclass(frozen=True)
 class Launch:
+    """This process's place in a launch: one process by default. The one definition of it: ``ragen index``
+    uses it here, training as ``ragen.training.distributed.DistContext`` (an alias)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0

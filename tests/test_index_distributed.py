@@ -74,6 +74,22 @@ def test_detect_launch_reads_the_launcher_environment(monkeypatch):
         detect_launch()
 
 
+def test_training_reads_the_launch_with_the_same_parser(monkeypatch):
+    from ragen.training.distributed import DistContext, init_distributed
+
+    assert DistContext is Launch  # one definition, the training name is an alias
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert init_distributed("cpu") == Launch()  # a plain run joins no group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(RagenError, match="RANK"):  # a one-line error, not int()'s ValueError
+        init_distributed("cpu")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RagenError, match="MASTER_ADDR"):  # before joining, not torch's env:// failure
+        init_distributed("cpu")
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_build_what_one_process_builds(tmp_path):
     src = _corpus(tmp_path / "docs")

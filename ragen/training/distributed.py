@@ -1,61 +1,47 @@
 """Data parallelism over ``torch.distributed``, launched by ``torchrun`` or ``accelerate launch``.
 
-Both launchers set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; we read
-them and initialise the process group (NCCL on CUDA, gloo on CPU). A single process needs none of this.
+The launch itself (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) is read by
+:func:`ragen.parallel.detect_launch`, the one parser shared with ``ragen index``; here we join the process
+group it describes (NCCL on CUDA, gloo on CPU). A single process needs none of this.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
 
 import torch
 
+from ..parallel import Launch, detect_launch
+
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
+DistContext = Launch  # the training loop's name for it: rank, world_size, local_rank, is_main, active
 
 
-def init_distributed(device: str) -> DistContext:
+def init_distributed(device: str) -> Launch:
     """Join the process group the launcher prepared; a plain ``python`` run gets a single-process context."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext()
+    launch = detect_launch()
+    if not launch.active:
+        return launch
     import torch.distributed as dist
 
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if device.startswith("cuda"):
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(launch.local_rank)
         dist.init_process_group(backend=backend)
-        logger.info("joined process group: rank %d of %d (%s)", rank, world, backend)
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
+        logger.info("joined process group: rank %d of %d (%s)", launch.rank, launch.world_size, backend)
+    return Launch(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=launch.local_rank)
 
 
-def barrier(ctx: DistContext) -> None:
+def barrier(ctx: Launch) -> None:
     if ctx.active:
         import torch.distributed as dist
 
         dist.barrier()
 
 
-def all_reduce_sum(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(ctx: Launch, values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over processes (in place and returned); identity for one process."""
     if ctx.active:
         import torch.distributed as dist

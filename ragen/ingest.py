@@ -29,8 +29,7 @@ import numpy as np
 
 from .corpus import (ChunkingConfig, FileSelection, SkipFile, SourceFile, chunk_document, file_sha256, read_document,
                      stat_verdict)
-from .store import FileRecord, StoreWriter
-from .store.writer import FileState, SkippedFile
+from .store import FileRecord, FileState, SkippedFile, StoreWriter
 
 logger = logging.getLogger(__name__)
 

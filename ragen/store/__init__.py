@@ -69,10 +69,10 @@ from __future__ import annotations
 from .faiss_index import GPU_MAX_K, INDEX_KINDS, IndexConfig, build_faiss_index, gpu_available, normalize_rows, to_cpu, to_gpu
 from .reader import Store, read_build_settings, read_manifest
 from .schema import DB_NAME, FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, READERS_LOCK_NAME, EncoderInfo
-from .writer import (COMPACT_RATIO, MAX_DELTAS, CommitResult, FileRecord, StoreWriter, check_unlocked,
-                     index_is_locked)
+from .writer import (COMPACT_RATIO, MAX_DELTAS, CommitResult, FileRecord, FileState, SkippedFile, StoreWriter,
+                     check_unlocked, index_is_locked)
 
-__all__ = ["Store", "StoreWriter", "IndexConfig", "EncoderInfo", "FileRecord", "CommitResult", "FORMAT_VERSION",
+__all__ = ["Store", "StoreWriter", "IndexConfig", "EncoderInfo", "FileRecord", "FileState", "SkippedFile", "CommitResult", "FORMAT_VERSION",
            "INDEX_KINDS", "GPU_MAX_K", "COMPACT_RATIO", "MAX_DELTAS", "DB_NAME", "MANIFEST_NAME", "LOCK_NAME",
            "READERS_LOCK_NAME", "build_faiss_index", "gpu_available", "normalize_rows", "read_build_settings", "read_manifest",
            "index_is_locked", "check_unlocked", "to_cpu", "to_gpu"]

@@ -23,7 +23,6 @@ import os
 import random
 import resource
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -112,14 +111,9 @@ def _child(args: list[str]) -> subprocess.Popen:
 
 
 def _staged(idx: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{idx / 'chunks.sqlite'}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("SELECT COUNT(*) FROM staged_files").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
+    from ragen.testing import count_rows
+
+    return count_rows(idx / "chunks.sqlite", "staged_files")
 
 
 def memory(sizes: list[int], kb: int, dim: int, work: Path) -> list[dict]:
@@ -181,13 +175,11 @@ def main() -> None:
         if not args.skip_memory:
             rows = memory(args.sizes, args.file_kb, args.dim, work)
             for r in rows:
-                if args.json:
-                    print(json.dumps({"part": "memory", **r}))
-                else:
-                    print(f"{r['files']:>7,} files ({r['text_mb']:>6} MB text, {r['chunks']:>7,} chunks, "
-                          f"{r['vector_mb']} MB vectors): build {r['build_s']:>6.1f} s; RSS above the "
-                          f"{r['baseline_rss_mb']} MB baseline: +{r['ingest_rss_growth_mb']} MB while reading/"
-                          f"embedding/staging, +{r['commit_rss_growth_mb']} MB at the commit (FAISS build)")
+                _show("memory", r, args.json, lambda r: (
+                    f"{r['files']:>7,} files ({r['text_mb']:>6} MB text, {r['chunks']:>7,} chunks, {r['vector_mb']} MB "
+                    f"vectors): build {r['build_s']:>6.1f} s; RSS above the {r['baseline_rss_mb']} MB baseline: "
+                    f"+{r['ingest_rss_growth_mb']} MB while reading/embedding/staging, +{r['commit_rss_growth_mb']} MB "
+                    "at the commit (FAISS build)"))
             if len(rows) > 1 and not args.json:
                 a, b = rows[0], rows[-1]
                 print(f"text x{b['text_mb'] / a['text_mb']:.1f}: ingestion RSS growth x"
@@ -195,15 +187,15 @@ def main() -> None:
                       f"{b['commit_rss_growth_mb'] / max(a['commit_rss_growth_mb'], 1):.2f} (vectors x"
                       f"{b['vector_mb'] / a['vector_mb']:.1f})")
         if not args.skip_resume:
-            r = resume(args.html, args.file_kb, args.dim, work)
-            if args.json:
-                print(json.dumps({"part": "resume", **r}))
-            else:
-                print(f"{r['files']} HTML pages: from scratch {r['scratch_s']} s; killed after {r['killed_after_s']} s "
-                      f"with {r['staged_at_kill']} staged; the resumed run read {r['resumed_files_read']} files, took "
-                      f"{r['resumed_files_taken']} from the staging, {r['resumed_s']} s "
-                      f"({r['resume_vs_scratch']}x the scratch build)")
+            _show("resume", resume(args.html, args.file_kb, args.dim, work), args.json, lambda r: (
+                f"{r['files']} HTML pages: from scratch {r['scratch_s']} s; killed after {r['killed_after_s']} s with "
+                f"{r['staged_at_kill']} staged; the resumed run read {r['resumed_files_read']} files, took "
+                f"{r['resumed_files_taken']} from the staging, {r['resumed_s']} s ({r['resume_vs_scratch']}x the "
+                "scratch build)"))
 
+
+def _show(part: str, row: dict, as_json: bool, text) -> None:
+    print(json.dumps({"part": part, **row}) if as_json else text(row))
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,21 @@ CHAT_TEMPLATE = (
 )
 
 
+def count_rows(db: str | Path, table: str) -> int:
+    """Rows of ``table`` in an index database another process may be writing (read-only; 0 when it
+    cannot be read yet). For tests and benchmarks that watch a run's progress from outside."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{Path(db)}?mode=ro", uri=True, timeout=1)
+        try:
+            return int(con.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
 def make_tokenizer(vocab_size: int = 512, extra_corpus: list[str] | None = None):
     """A byte-level BPE tokenizer (Qwen-style special tokens, left padding, a minimal chat template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

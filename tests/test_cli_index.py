@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -155,14 +154,9 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def _count_vectors(db: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
+    from ragen.testing import count_rows
+
+    return count_rows(db, "vectors")
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import ragen.corpus as corpus
 import ragen.ingest as ingest_mod
 from ragen.retriever import build_index
 from ragen.store import Store
+from ragen.testing import count_rows
 from tests._hash_encoder import HashEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,14 +69,7 @@ def _contents(idx: Path) -> tuple[list[tuple], dict[str, bytes]]:
 
 
 def _staged(idx: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{idx / 'chunks.sqlite'}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("SELECT COUNT(*) FROM staged_files").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
+    return count_rows(idx / "chunks.sqlite", "staged_files")
 
 
 _SLOW_BUILD = textwrap.dedent("""

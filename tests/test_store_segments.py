@@ -263,3 +263,28 @@ def test_the_gpu_path_maps_segment_positions_to_row_ids(tmp_path, monkeypatch):
         cpu_scores, cpu_ids = store.search(queries, 7)
     np.testing.assert_array_equal(gpu_ids, cpu_ids)
     np.testing.assert_allclose(gpu_scores, cpu_scores, atol=1e-6)
+
+
+def test_vectors_of_other_epochs_go_and_the_kept_epochs_stay(tmp_path):
+    """Epochs are dropped by primary-key ranges: everything below, between and above the kept ones goes."""
+    idx = tmp_path / "idx"
+    commit(idx, [record(f) for f in range(3)], [f"file{f}.txt" for f in range(3)])
+    con = sqlite3.connect(idx / "chunks.sqlite")
+    (epoch,) = con.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+    epoch = int(epoch)
+    blob = np.zeros(DIM, np.float32).tobytes()
+    con.executemany("INSERT INTO vectors(epoch, content_hash, vector) VALUES (?, ?, ?)",
+                    [(e, f"stale-{e}", blob) for e in (epoch - 1, epoch + 1, epoch + 3, epoch + 9)])
+    con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('work_epoch', ?)", (str(epoch + 3),))
+    con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('work_fingerprint', ?)", (ENC.fingerprint,))
+    con.commit()
+    with StoreWriter(idx, encoder=ENC, chunking=CHUNKING, rebuild=True) as w:  # resumes work epoch epoch+3
+        assert w.epoch == epoch + 3
+    left = {e for (e,) in con.execute("SELECT DISTINCT epoch FROM vectors")}
+    assert left == {epoch, epoch + 3}
+    assert con.execute("SELECT COUNT(*) FROM vectors WHERE epoch=?", (epoch,)).fetchone()[0] == 15
+    con.close()
+    commit(idx, [record(f, 1) for f in range(3)], [f"file{f}.txt" for f in range(3)])  # a commit in the committed epoch drops the rest
+    con = sqlite3.connect(idx / "chunks.sqlite")
+    assert {e for (e,) in con.execute("SELECT DISTINCT epoch FROM vectors")} == {epoch}
+    con.close()

@@ -69,7 +69,7 @@ def _run_here(capsys, script: str, *args: str) -> subprocess.CompletedProcess:
         sys.path[:] = saved_path
         Settings._embed_model, Settings._llm = saved_settings
     out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(sys.argv, code, out, err)
+    return subprocess.CompletedProcess([str(path), *args], code, out, err)
 
 
 def _sources(stdout: str) -> list[str]:

@@ -55,3 +55,12 @@ def minilm():
     from ragen import load_encoder
 
     return load_encoder("minilm", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def taught(tmp_path_factory) -> Path:
+    """tests/test_ask.py's index over a backbone taught to cite its sources; built once (~9 s), shared by
+    test_ask.py and test_serve_chat.py (a module fixture imported into both was built twice)."""
+    from tests.test_ask import build_taught
+
+    return build_taught(tmp_path_factory.mktemp("taught"))

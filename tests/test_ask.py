@@ -70,15 +70,14 @@ def _hit(path: str) -> Hit:
     return Hit(rank=1, score=1.0, chunk_id=f"{path}#0", path=path, text=DOCS[path], start=0, end=len(DOCS[path]))
 
 
-@pytest.fixture(scope="module")
-def taught(tmp_path_factory):
+def build_taught(tmp: Path) -> Path:
     """An index over DOCS whose LLM2Vec-Gen backbone answers every question with the fact and the number of
-    the source that holds it, whatever order retrieval puts the three sources in."""
+    the source that holds it, whatever order retrieval puts the three sources in. The session fixture
+    ``taught`` (tests/conftest.py) builds it once for this module and tests/test_serve_chat.py."""
     from ragen import load_encoder
     from ragen.retriever import build_index
     from ragen.testing import make_backbone, make_checkpoint, make_tokenizer
 
-    tmp = tmp_path_factory.mktemp("taught")
     extra = [SYSTEM, *DOCS, *DOCS.values(), *QA, "Sources:\n\nQuestion: [1] [2]"]
     backbone = make_backbone(tmp / "lm", hidden_size=64, num_layers=2, seed=5,
                              tokenizer=make_tokenizer(600, extra_corpus=extra * 8))

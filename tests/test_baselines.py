@@ -55,6 +55,31 @@ def test_st_hub_id_offline_is_a_clear_error():
         load_encoder("st:someone/not-a-real-model-xyz", device="cpu")
 
 
+def test_a_missing_st_model_fails_before_sentence_transformers_is_imported(tmp_path):
+    """The ~5 s sentence-transformers import comes after the model is found: a typo fails at once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nfrom ragen import load_encoder\nfrom ragen.errors import CheckpointError\n"
+            "try:\n    load_encoder(sys.argv[1], device='cpu')\nexcept CheckpointError as e:\n"
+            "    print('sentence_transformers' in sys.modules, e)\n")
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", code, f"st:{tmp_path / 'absent'}"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": root, "HF_HUB_OFFLINE": "1"}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("False ") and "absent" in proc.stdout, proc.stdout
+
+
+def test_without_the_st_extra_the_error_names_it_before_any_lookup(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # what an absent package looks like
+    with pytest.raises(ImportError, match=r"'st' extra: pip install \"ragen-toolkit\[st\]\""):
+        load_encoder("st:someone/not-a-real-model-xyz", device="cpu")  # the hint, not the hub error
+
+
 def test_mean_pool_matches_manual_computation(tiny_backbone):
     from transformers import AutoModel, AutoTokenizer
 

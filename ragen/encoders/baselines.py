@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,12 +31,26 @@ from .hub import offline_hint, quiet_hub, refuse_remote_code, resolve_model
 logger = logging.getLogger(__name__)
 
 
+_ST_EXTRA = ("sentence-transformers baselines need the 'st' extra: pip install \"ragen-toolkit[st]\" "
+             "(or pip install -e \".[st]\" in a checkout)")
+
+
+def _check_sentence_transformers() -> None:
+    """The install hint when the extra is absent, without importing it (that import takes ~5 s: torch is
+    already in, sklearn and transformers' model code are not), so a bad model name fails fast."""
+    try:
+        found = importlib.util.find_spec("sentence_transformers") is not None
+    except (ImportError, ValueError):  # a parent package missing, or sys.modules[name] set to None
+        found = False
+    if not found:
+        raise ImportError(_ST_EXTRA)
+
+
 def _require_sentence_transformers():
     try:
         import sentence_transformers
     except ImportError:
-        raise ImportError("sentence-transformers baselines need the 'st' extra: pip install \"ragen-toolkit[st]\" "
-                          "(or pip install -e \".[st]\" in a checkout)") from None
+        raise ImportError(_ST_EXTRA) from None
     return sentence_transformers
 
 
@@ -54,11 +69,12 @@ class SentenceTransformerEncoder:
 
     def __init__(self, name_or_path: str, *, device: str | None = None, spec: str | None = None,
                  revision: str | None = None, trust_remote_code: bool = False) -> None:
-        st = _require_sentence_transformers()
+        _check_sentence_transformers()
         self.name = str(name_or_path)
         self._spec = spec or f"st:{name_or_path}"
         resolved = resolve_model(self.name, what="sentence-transformers model", revision=revision)
         refuse_remote_code(resolved.path, trust_remote_code=trust_remote_code, what="sentence-transformers model")
+        st = _require_sentence_transformers()  # after the model is found: a bad name fails without the import
         #: Hub commit of the model ({"model": sha}; None for a local directory).
         self.resolved_revisions: dict[str, str | None] = {"model": resolved.commit}
         dev = resolve_device(device)

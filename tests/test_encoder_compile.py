@@ -163,7 +163,7 @@ def test_a_model_error_is_not_hidden_by_the_fallback(fixture_path, monkeypatch):
 
 def test_compile_unavailable_names_the_reason(monkeypatch):
     assert "mps" in compiled.compile_unavailable("mps")
-    import torch._inductor.cpp_builder as cpp_builder
+    from torch._inductor import cpp_builder
 
     def no_compiler():
         raise RuntimeError("Unsupported compiler: g++ not found")
@@ -189,9 +189,77 @@ def test_compiled_vectors_equal_eager(tiny_checkpoint):
     texts = TEXTS[:4]
     eager = LLM2VecGen.from_pretrained(tiny_checkpoint, device="cpu")
     model = LLM2VecGen.from_pretrained(tiny_checkpoint, device="cpu", compile=True)
-    ids = model.tokenize(model._apply_instruction(texts, model.document_instruction))
-    assert max(len(t) for t in ids) <= 64  # one batch of 4, one bucket: exactly one compile
-    got = model.encode_documents(texts, batch_size=4)
+    got = model.encode_documents(texts, batch_size=4)  # one batch of 4, one bucket: exactly one compile
     assert model.compiled, model._compiled.fallback_reason
     assert len(model._compiled.shapes) == 1
     np.testing.assert_allclose(got, eager.encode_documents(texts, batch_size=4), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI plumbing: --compile reaches the encoder, and is not a build setting
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def compile_spy(monkeypatch, identity_compile):
+    """Names of the encoders a CompiledForward was built for (the bucketed path, torch.compile = identity)."""
+    built = []
+    real_init = compiled.CompiledForward.__init__
+
+    def init(self, forward, *, device, name):
+        built.append(name)
+        real_init(self, forward, device=device, name=name)
+
+    monkeypatch.setattr(compiled.CompiledForward, "__init__", init)
+    monkeypatch.delenv("RAGEN_MODEL", raising=False)
+    monkeypatch.delenv("RAGEN_COMPILE", raising=False)
+    return built
+
+
+def test_cli_encode_compile_gives_the_same_vectors(tiny_checkpoint, compile_spy):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ragen.cli import app
+
+    runner = CliRunner()
+    args = ["encode", "why is the sky blue?", "fox", "--model", str(tiny_checkpoint), "--device", "cpu"]
+    plain = runner.invoke(app, args)
+    assert plain.exit_code == 0 and compile_spy == []
+    res = runner.invoke(app, args + ["--compile"])
+    assert res.exit_code == 0, res.output
+    assert compile_spy == [str(tiny_checkpoint)]
+    vec = lambda r: np.array([json.loads(line)["embedding"] for line in r.stdout.splitlines() if line.strip()])
+    np.testing.assert_allclose(vec(res), vec(plain), atol=1e-5)
+
+
+def test_cli_index_and_query_compile_is_not_recorded(tiny_checkpoint, compile_spy, tmp_path):
+    from typer.testing import CliRunner
+
+    from ragen.cli import app
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "plants.txt").write_text("Photosynthesis lets green plants turn sunlight into sugar.")
+    (docs / "space.md").write_text("A satellite stays in orbit because it falls around the Earth.")
+    idx = str(tmp_path / "idx")
+    runner = CliRunner()
+    built = runner.invoke(app, ["index", str(docs), "--index", idx, "-m", str(tiny_checkpoint), "--device", "cpu",
+                                "--compile"])
+    assert built.exit_code == 0, built.stderr
+    assert len(compile_spy) == 1
+    import json
+
+    from ragen.store import read_manifest
+
+    assert "compile" not in json.dumps(read_manifest(idx))
+    again = runner.invoke(app, ["index", str(docs), "--index", idx, "--device", "cpu"])  # no --compile
+    assert again.exit_code == 0 and "rebuilding" not in again.stderr  # not a build setting: up to date
+    query = ["query", "sunlight and sugar", "--index", idx, "--json", "--device", "cpu"]
+    hits = runner.invoke(app, query + ["--compile"])
+    assert hits.exit_code == 0, hits.stderr
+    assert len(compile_spy) == 2
+    plain = runner.invoke(app, query)
+    assert plain.exit_code == 0 and len(compile_spy) == 2
+    got, expected = json.loads(hits.stdout), json.loads(plain.stdout)
+    assert [h["chunk_id"] for h in got] == [h["chunk_id"] for h in expected]
+    np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in expected], atol=1e-4)

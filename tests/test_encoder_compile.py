@@ -263,3 +263,17 @@ def test_cli_index_and_query_compile_is_not_recorded(tiny_checkpoint, compile_sp
     got, expected = json.loads(hits.stdout), json.loads(plain.stdout)
     assert [h["chunk_id"] for h in got] == [h["chunk_id"] for h in expected]
     np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in expected], atol=1e-4)
+
+
+def test_serve_worker_batches_reach_a_compiled_encoder_at_bucketed_batch_sizes(fixture_path, identity_compile):
+    """The server hands each forward batch over whole; a compiled encoder must still see bounded batch sizes
+    (powers of two up to --max-batch-size), not one shape per number of waiting requests."""
+    from ragen.serve.worker import InferenceWorker
+
+    eager = _load(fixture_path)
+    model = _load(fixture_path, compile=True)
+    worker = InferenceWorker(model, max_batch_size=8)
+    for n in (3, 5, 6, 7):
+        got = worker._encode("query", None, TEXTS[:n])
+        np.testing.assert_allclose(got, eager.encode_queries(TEXTS[:n], batch_size=n), atol=1e-5, rtol=1e-5)
+    assert {s[0][0] for s in model._compiled.shapes} == {4, 8}

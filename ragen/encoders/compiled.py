@@ -49,8 +49,8 @@ def bucket_length(n: int, cap: int | None = None, *, smallest: int = MIN_BUCKET,
                   per_octave: int = BUCKETS_PER_OCTAVE) -> int:
     """The padded length for a batch whose longest input has ``n`` tokens: the next multiple of a step
     that is a ``per_octave``-th of the power of two just below ``n`` (at least ``smallest``), so a batch
-    gains at most 1/``per_octave`` of its length; at most ``cap`` (the call's ``max_length``) but never
-    below ``n``."""
+    gains at most 1/``per_octave`` of its length; at most ``cap`` (the input limit) when ``n`` fits under it
+    (longer inputs get the uncapped bucket, so their shapes stay bounded too)."""
     if n < 1:
         raise ValueError(f"length must be positive, got {n}")
     if n <= smallest:
@@ -59,8 +59,8 @@ def bucket_length(n: int, cap: int | None = None, *, smallest: int = MIN_BUCKET,
         below = 1 << ((n - 1).bit_length() - 1)  # the largest power of two under n
         step = max(smallest, below // per_octave)
         bucket = -(-n // step) * step
-    if cap is not None and bucket > cap:
-        bucket = max(n, cap)
+    if cap is not None and n <= cap < bucket:
+        bucket = cap
     return bucket
 
 
@@ -81,7 +81,7 @@ def pad_to_bucket(ids: torch.Tensor, mask: torch.Tensor, *, pad_id: int, side: s
     (``"left"`` or ``"right"``, where the encoder already pads), then rows repeating the first row. The
     first ``batch`` rows of a result computed from them are the original rows' results."""
     b, width = ids.shape
-    target = bucket_length(width, None if max_length is None else max(max_length, width))
+    target = bucket_length(width, max_length)
     if target > width:
         extra_ids = torch.full((b, target - width), pad_id, dtype=ids.dtype, device=ids.device)
         extra_mask = torch.zeros((b, target - width), dtype=mask.dtype, device=mask.device)

@@ -12,16 +12,24 @@ nothing downloaded) and must produce the same outputs.
   NaN/inf scan of every backbone and checkpoint tensor, head validation), side by side.
 - On CUDA (when present): bf16 encode tokens/s of a Qwen3-0.6B-shaped model with random weights, against
   the device's measured bf16 matmul rate.
+- compile (``--compile``): eager against ``compile=True`` (torch.compile of the backbone, length buckets) on
+  the same texts, each in a fresh process run twice on one empty inductor cache: cold (every kernel
+  compiled) then warm (the FX graph cache of the first run). Prints the first-call time (all compiles),
+  the steady-state speed-up, the bucketed shapes compiled and the max |diff| of the vectors.
 
     python benchmarks/bench_encoder.py                      # CPU defaults (a few minutes on 2 cores)
     python benchmarks/bench_encoder.py --texts 64 --layers 4  # quicker
     python benchmarks/bench_encoder.py --load-only            # just the load-time checks
+    python benchmarks/bench_encoder.py --compile-only --hidden 384 --layers 4 --texts 128  # eager vs compiled
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -203,6 +211,75 @@ def gpu_throughput(args: argparse.Namespace) -> None:
                   f"{ceiling / 1e12:.0f} TFLOP/s")
 
 
+def compile_child(args: argparse.Namespace) -> None:
+    """One process: eager and compiled encoders on the same texts, timed in alternation (best and median of
+    ``--rounds`` each, so load from other processes hits both alike); prints one JSON line."""
+    import statistics
+
+    from ragen.encoders.base import length_sorted_batches
+    from ragen.encoders.compiled import bucket_batch, bucket_length
+
+    texts = mixed_texts(args.texts, args.min_words, args.max_words)
+    eager = LLM2VecGen.from_pretrained(args.compile_child, device=args.device)
+    model = LLM2VecGen.from_pretrained(args.compile_child, device=args.device, compile=True)
+    if not model.compiled:
+        print(json.dumps({"error": model._compiled.fallback_reason}))
+        return
+    lengths = [len(t) for t in model.tokenize(model._apply_instruction(texts, model.document_instruction))]
+    bs = args.batch_size
+    batches = [[lengths[i] for i in idx] for idx in length_sorted_batches(lengths, bs)]
+    eager_positions = sum(len(b) * max(b) for b in batches)
+    compiled_positions = sum(bucket_batch(len(b), bs) * bucket_length(max(b), model.max_input_length) for b in batches)
+    eager.encode_documents(texts[:bs], batch_size=bs)  # warm-up outside the timings
+    t_first, v_comp = timed(lambda: model.encode_documents(texts, batch_size=bs))  # compiles every shape
+    t_e, t_c, diff = [], [], float(np.abs(v_comp - eager.encode_documents(texts, batch_size=bs)).max())
+    for _ in range(args.rounds):
+        te, v_e = timed(lambda: eager.encode_documents(texts, batch_size=bs))
+        tc, v_c = timed(lambda: model.encode_documents(texts, batch_size=bs))
+        t_e.append(te), t_c.append(tc)
+        diff = max(diff, float(np.abs(v_c - v_e).max()))
+    print(json.dumps({"first_call_s": t_first, "eager_s": min(t_e), "compiled_s": min(t_c),
+                      "eager_median_s": statistics.median(t_e), "compiled_median_s": statistics.median(t_c),
+                      "tokens": sum(lengths), "eager_positions": eager_positions,
+                      "compiled_positions": compiled_positions,
+                      "shapes": sorted(s[0][:2] for s in model._compiled.shapes), "compiled": model.compiled,
+                      "max_abs_diff": diff, "threads": torch.get_num_threads(), "device": args.device}))
+
+
+def compile_comparison(args: argparse.Namespace) -> None:
+    """Eager vs compile=True in two fresh processes sharing one empty inductor cache: cold, then warm."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = make_tokenizer(vocab_size=2000, extra_corpus=[" ".join(WORDS)] * 4)
+        base = make_backbone(Path(tmp) / "base", hidden_size=args.hidden, num_layers=args.layers,
+                             num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 256),
+                             intermediate_size=4 * args.hidden, tokenizer=tok, seed=0)
+        ckpt = make_checkpoint(Path(tmp) / "ckpt", base, alignment_dim=args.hidden, seed=0)
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor-cache"))
+        cmd = [sys.executable, __file__, "--compile-child", str(ckpt), "--rounds", str(args.rounds), "--texts",
+               str(args.texts), "--min-words",
+               str(args.min_words), "--max-words", str(args.max_words), "--batch-size", str(args.batch_size),
+               "--device", args.device]
+        print(f"compile: model hidden {args.hidden}, {args.layers} layers; {args.texts} texts of "
+              f"{args.min_words}..{args.max_words} words, batch {args.batch_size}, device {args.device}")
+        for run in ("cold cache", "warm cache"):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                print(f"compile ({run}) failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+                return
+            r = json.loads(lines[-1])
+            if "error" in r:
+                print(f"compile unavailable here: {r['error']}")
+                return
+            print(f"compile ({run}): first call {r['first_call_s']:6.1f} s ({len(r['shapes'])} bucketed shapes "
+                  f"{r['shapes']}) | best of {args.rounds}: eager {r['eager_s']:6.2f} s "
+                  f"({r['tokens'] / r['eager_s']:6.0f} tok/s), compiled {r['compiled_s']:6.2f} s "
+                  f"({r['tokens'] / r['compiled_s']:6.0f} tok/s): speed-up {r['eager_s'] / r['compiled_s']:4.2f}x "
+                  f"(median {r['eager_median_s'] / r['compiled_median_s']:4.2f}x) | positions computed: bucket padding "
+                  f"+{100 * (r['compiled_positions'] / r['eager_positions'] - 1):.0f}% | max |diff| "
+                  f"{r['max_abs_diff']:.1e} | {r['threads']} threads")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--texts", type=int, default=256)
@@ -213,13 +290,29 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--skip-cpu", action="store_true")
     p.add_argument("--load-only", action="store_true", help="only measure load time and the load-time checks")
+    p.add_argument("--compile", action="store_true", help="also compare eager with compile=True")
+    p.add_argument("--compile-only", action="store_true", help="only compare eager with compile=True")
+    p.add_argument("--min-words", type=int, default=4, help="compile comparison: texts get MIN..--max-words words")
+    p.add_argument("--batch-size", type=int, default=32, help="compile comparison: encode batch size")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="compile comparison: device")
+    p.add_argument("--rounds", type=int, default=5, help="compile comparison: timed rounds of each, alternating")
+    p.add_argument("--compile-child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.compile_child:
+        compile_child(args)
+        return
     if args.load_only:
         load_overhead(args)
+        return
+    if args.compile_only:
+        compile_comparison(args)
         return
     if not args.skip_cpu:
         cpu_comparison(args)
         load_overhead(args)
+    if args.compile:
+        compile_comparison(args)
     if torch.cuda.is_available():
         gpu_throughput(args)
     else:

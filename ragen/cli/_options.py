@@ -34,6 +34,14 @@ TrustOpt = Annotated[Optional[bool], typer.Option(
     "--trust-remote-code/--no-trust-remote-code", help="Allow a model that ships its own Python code to run it. "
                                                        "Default: as the index was built, else off.")]
 
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", envvar="RAGEN_COMPILE",
+    help="torch.compile the encoder's backbone (LLM2Vec-Gen, mean:/cls:/last:), inputs padded to length buckets: "
+         "faster steady-state encoding where it pays (GPU), vectors equal to float tolerance; each new bucketed "
+         "shape compiles once (inductor caches kernels in $TORCHINDUCTOR_CACHE_DIR). A speed setting, not "
+         "recorded in the index. Falls back to uncompiled with a warning where unavailable. Default: "
+         "$RAGEN_COMPILE, else off.")]
+
 
 def encoder_options(manifest_encoder: object, *, revision: str | None = None, base_revision: str | None = None,
                     numerics: str | None = None, trust_remote_code: bool | None = None) -> tuple[dict, dict]:

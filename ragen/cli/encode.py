@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._common import app, default_model, out, run_command
+from ._options import CompileOpt
 from ..errors import RagenError
 
 _REVISION_HELP = "Hub revision (branch, tag or commit) of the model; pins what a hub id loads."
@@ -62,6 +63,7 @@ def encode(
     revision: Annotated[Optional[str], typer.Option(help=_REVISION_HELP)] = None,
     base_revision: Annotated[Optional[str], typer.Option(help="Hub revision of the checkpoint's backbone.")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=_TRUST_HELP)] = False,
+    compile_backbone: CompileOpt = False,
 ) -> None:
     """Embed texts and print one JSON object per line: {"text", "embedding"}."""
 
@@ -74,7 +76,8 @@ def encode(
         if kind not in ("query", "document"):
             raise RagenError(f"--kind must be query or document, got {kind!r}")
         enc = load_encoder(model or default_model(), device=device, base_model=base_model, revision=revision,
-                           base_revision=base_revision, trust_remote_code=trust_remote_code, numerics=numerics)
+                           base_revision=base_revision, trust_remote_code=trust_remote_code, numerics=numerics,
+                           compile=compile_backbone)
         fn = enc.encode_queries if kind == "query" else enc.encode_documents
         vecs = fn(items, batch_size=batch_size, normalize=normalize)
         _check_finite(vecs, items)

@@ -12,7 +12,7 @@ import typer
 
 from ._common import clean, json_line, shown, verbose
 from ._common import DEFAULT_MODEL, app, err, out, run_command
-from ._options import (BaseRevisionOpt, GuardConfigOpt, GuardOpt, NumericsOpt, RevisionOpt, TrustOpt,
+from ._options import (BaseRevisionOpt, CompileOpt, GuardConfigOpt, GuardOpt, NumericsOpt, RevisionOpt, TrustOpt,
                        encoder_options, guard_option)
 from ..errors import RagenError
 
@@ -153,6 +153,7 @@ def index(
     base_revision: BaseRevisionOpt = None,
     numerics: NumericsOpt = None,
     trust_remote_code: TrustOpt = None,
+    compile_backbone: CompileOpt = False,
 ) -> None:
     """Index a folder: embed new or changed chunks, drop deleted files, write the index atomically.
 
@@ -227,6 +228,8 @@ def index(
         load_opts, record_opts = encoder_options(_dict((recorded or {}).get("encoder")) if same_model else None,
                                                  revision=revision, base_revision=base_revision, numerics=numerics,
                                                  trust_remote_code=trust_remote_code)
+        if compile_backbone:
+            load_opts["compile"] = True  # a speed setting: every rank compiles, nothing is recorded
         if committed and same_model and not rebuild_now:
             for flag, given, key in (("revision", revision, "revision"), ("base revision", base_revision, "base_revision")):
                 old = rec_encoder.get(key)
@@ -414,6 +417,7 @@ def query(
     base_revision: BaseRevisionOpt = None,
     numerics: NumericsOpt = None,
     trust_remote_code: TrustOpt = None,
+    compile_backbone: CompileOpt = False,
 ) -> None:
     """Search an index; print a ranked table, or JSON with --json."""
     text = _argument_text(text)  # undecodable bytes in the argument: U+FFFD, and a notice
@@ -447,6 +451,8 @@ def query(
                 options, _ = encoder_options(store.manifest["encoder"] if model is None else None, revision=revision,
                                              base_revision=base_revision, numerics=numerics,
                                              trust_remote_code=trust_remote_code)
+                if compile_backbone:
+                    options["compile"] = True
                 encoder = _load(model or store.spec, device, base_model or (store.base_model if model is None else None),
                                 **options)
                 retriever = Retriever(encoder, store, guard=guard_option(guard, guard_config))  # checks the encoder

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._common import DEFAULT_MODEL, app, err, run_command
-from ._options import GuardConfigOpt, GuardOpt, guard_option
+from ._options import CompileOpt, GuardConfigOpt, GuardOpt, guard_option
 from ..errors import RagenError
 
 
@@ -52,6 +52,7 @@ def serve(
     guard: GuardOpt = False,
     guard_config: GuardConfigOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn and ragen log level: debug, info, warning, error.")] = "warning",
+    compile_backbone: CompileOpt = False,
 ) -> None:
     """Serve embeddings and chat completions (OpenAI-compatible), search, decoding and metrics over HTTP."""
 
@@ -96,7 +97,7 @@ def serve(
             from ..serve.app import create_app
 
             with err.status(f"loading model [bold]{spec}[/] ...", spinner="dots"):
-                encoder = load_encoder(spec, device=device, base_model=base)
+                encoder = load_encoder(spec, device=device, base_model=base, compile=compile_backbone)
             generator = None
             if llm is not None:
                 from ..rag import ChatGenerator

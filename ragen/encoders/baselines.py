@@ -176,7 +176,8 @@ class PooledEncoder:
     """
 
     def __init__(self, model: str, *, pooling: str = "mean", device: str | None = None, dtype: Any = None,
-                 max_length: int = 512, revision: str | None = None, trust_remote_code: bool = False) -> None:
+                 max_length: int = 512, revision: str | None = None, trust_remote_code: bool = False,
+                 compile: bool = False) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         if pooling not in POOLINGS:
@@ -202,6 +203,39 @@ class PooledEncoder:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._fingerprint: str | None = None
+        self._compiled: Any = None
+        if compile:
+            self.enable_compile()
+
+    def enable_compile(self) -> bool:
+        """Run the model through ``torch.compile(dynamic=False)``, batches padded on the right up to
+        length/batch buckets (:mod:`ragen.encoders.compiled`); the pooling reads the unpadded positions.
+        Returns whether compile is active (where unavailable: one warning, eager)."""
+        if self._compiled is None:
+            from .compiled import CompiledForward
+
+            model = self.model
+
+            def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+            self._compiled = CompiledForward(forward, device=self.device, name=self.spec)
+        return self._compiled.active
+
+    @property
+    def compiled(self) -> bool:
+        """Whether encoding runs the compiled model (False: never asked for, or fell back)."""
+        return self._compiled is not None and self._compiled.active
+
+    @torch.no_grad()
+    def _hidden(self, ids: torch.Tensor, mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+        if not self.compiled:
+            return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        from .compiled import pad_to_bucket
+
+        ids_b, mask_b = pad_to_bucket(ids, mask, pad_id=self.tokenizer.pad_token_id, side="right",
+                                      max_length=self.max_length, batch_size=batch_size)
+        return self._compiled(ids_b, mask_b)[: ids.shape[0], : ids.shape[1]]
 
     @property
     def dim(self) -> int:
@@ -245,7 +279,7 @@ class PooledEncoder:
                 batch[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
             mask = mask.to(self.device)
-            hidden = self.model(input_ids=batch.to(self.device), attention_mask=mask).last_hidden_state.float()
+            hidden = self._hidden(batch.to(self.device), mask, batch_size).float()
             if self.pooling == "cls":
                 pooled = hidden[:, 0]  # (b, hidden)
             elif self.pooling == "last":

@@ -238,6 +238,7 @@ class LLM2VecGen:
         self._row_of[self._special_ids_t] = torch.arange(len(ids), device=self.device)
         self._stop_ids = self._find_stop_ids()
         self._fingerprint: str | None = None
+        self._compiled: Any = None  # a CompiledForward once enable_compile() ran
 
     # ------------------------------------------------------------------------------------------------------
     # loading
@@ -254,6 +255,7 @@ class LLM2VecGen:
         revision: str | None = None,
         base_revision: str | None = None,
         trust_remote_code: bool = False,
+        compile: bool = False,
     ) -> LLM2VecGen:
         """Load a checkpoint in the published layout (local directory or hub id).
 
@@ -264,7 +266,8 @@ class LLM2VecGen:
         checkpoint dtype, as the reference package computes them: bit-identical bf16 vectors).
         ``revision`` / ``base_revision`` pin hub revisions of the checkpoint / backbone; the commits actually
         loaded are in :attr:`resolved_revisions`. ``trust_remote_code``: a checkpoint or backbone that ships
-        its own code (``auto_map``) is refused unless this is True.
+        its own code (``auto_map``) is refused unless this is True. ``compile``: run the backbone through
+        ``torch.compile`` with length buckets (:meth:`enable_compile`; a speed setting, off by default).
 
         Every checkpoint file is validated here, before the backbone loads; a fault is one
         :class:`CheckpointError` line naming the file.
@@ -332,6 +335,8 @@ class LLM2VecGen:
                     run_config=run_config, base_model=base_model, source=source,
                     has_base_layer=adapter.base_layer is not None, numerics=numerics)
         model.resolved_revisions = {"checkpoint": resolved.commit, "base_model": base.commit}
+        if compile:
+            model.enable_compile()
         return model
 
     @classmethod
@@ -506,12 +511,46 @@ class LLM2VecGen:
             self._ref_heads = (in_saved_dtype(self.reconstruction_head), in_saved_dtype(self.alignment_head))
         return self._ref_heads
 
-    def _reconstruction_states(self, batch: list[list[int]]) -> torch.Tensor:
+    def enable_compile(self) -> bool:
+        """Run the backbone of inference calls (encode, reconstruction states, logit lens) through
+        ``torch.compile(dynamic=False)``, batches padded on the left up to length/batch buckets
+        (:mod:`ragen.encoders.compiled`). Vectors stay equal to float tolerance; training and decoding stay
+        eager. Returns whether compile is active: where it is unavailable, one warning and eager."""
+        if self._compiled is None:
+            from .compiled import CompiledForward
+
+            n = self.num_pooled
+            backbone = self.lm.base_model
+
+            def forward(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                return backbone(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state[:, -n:, :]
+
+            self._compiled = CompiledForward(forward, device=self.device, name=self.source)
+        return self._compiled.active
+
+    @property
+    def compiled(self) -> bool:
+        """Whether inference runs the compiled backbone (False: never asked for, or fell back)."""
+        return self._compiled is not None and self._compiled.active
+
+    def _inference_states(self, batch: list[list[int]], batch_size: int | None = None) -> torch.Tensor:
+        """:meth:`last_hidden_states` of a token-id batch, through the compiled backbone when enabled."""
+        ids, mask = self._pad_left(batch)
+        if not self.compiled:
+            return self.last_hidden_states(ids, mask)
+        from .compiled import pad_to_bucket
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids_b, mask_b = pad_to_bucket(ids, mask, pad_id=pad, side="left", max_length=self.max_input_length,
+                                      batch_size=batch_size)
+        return self._compiled(self._embed_ids(ids_b), mask_b)[: ids.shape[0]]
+
+    def _reconstruction_states(self, batch: list[list[int]], batch_size: int | None = None) -> torch.Tensor:
         """(batch, n, hidden): final hidden states of the last n positions after reconstruction_mlp.
 
         float32 by default; with numerics="reference" in the reconstruction head's dtype (the reference
         feeds the backbone's states to a head built in the checkpoint dtype)."""
-        states = self.last_hidden_states(*self._pad_left(batch))  # (batch, n, hidden), backbone dtype
+        states = self._inference_states(batch, batch_size)  # (batch, n, hidden), backbone dtype
         recon, _ = self._heads()
         if self.numerics != "reference":
             states = states.float()
@@ -568,7 +607,7 @@ class LLM2VecGen:
         out = np.zeros((len(token_ids), self.dim), dtype=np.float32)
         for idx in _progress(length_sorted_batches([len(t) for t in token_ids], batch_size), show_progress,
                              total=-(-len(token_ids) // batch_size), desc="encode"):
-            emb = self._pool(self._reconstruction_states([token_ids[i] for i in idx]))
+            emb = self._pool(self._reconstruction_states([token_ids[i] for i in idx], batch_size))
             out[idx] = emb.cpu().numpy()
         return l2_normalize(out) if normalize else out
 
@@ -591,7 +630,7 @@ class LLM2VecGen:
         token_ids = self.tokenize(self._apply_instruction(texts, instruction), max_length)
         out = np.zeros((len(token_ids), self.num_pooled, self.reconstruction_dim), dtype=np.float32)
         for idx in length_sorted_batches([len(t) for t in token_ids], batch_size):
-            out[idx] = self._reconstruction_states([token_ids[i] for i in idx]).float().cpu().numpy()
+            out[idx] = self._reconstruction_states([token_ids[i] for i in idx], batch_size).float().cpu().numpy()
         return out
 
     @property
@@ -670,7 +709,7 @@ class LLM2VecGen:
         k = min(k, int(head.weight.shape[0]))
         result: list[list[list[tuple[str, float]]]] = [[] for _ in token_ids]
         for idx in length_sorted_batches([len(t) for t in token_ids], batch_size):
-            states = self.last_hidden_states(*self._pad_left([token_ids[i] for i in idx]))  # (b, n, hidden)
+            states = self._inference_states([token_ids[i] for i in idx], batch_size)  # (b, n, hidden)
             logits = head(states)  # (b, n, vocab), in the backbone dtype like the reference
             top = logits.topk(k, dim=-1)
             probs = torch.softmax(logits.float(), dim=-1).gather(-1, top.indices)

@@ -277,12 +277,14 @@ class InferenceWorker:
     def _encode(self, kind: str, instruction: str | None, texts: list[str]) -> np.ndarray:
         enc = self.encoder
         method = enc.encode_queries if kind == "query" else enc.encode_documents
+        # one forward batch either way; the largest batch size lets a compiled encoder pad to a bucket
+        size = max(len(texts), self.max_batch_size)
         if self._instructions:
-            out = method(texts, instruction=instruction, batch_size=len(texts))
+            out = method(texts, instruction=instruction, batch_size=size)
         else:
             if instruction:
                 texts = [instruction + t for t in texts]
-            out = method(texts, batch_size=len(texts))
+            out = method(texts, batch_size=size)
         return np.asarray(out, dtype=np.float32)
 
 

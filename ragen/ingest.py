@@ -119,16 +119,14 @@ def ingest(files: Sequence[SourceFile], writer: StoreWriter, *, encoder, paralle
         result.skipped[reason] = result.skipped.get(reason, 0) + 1
         result.skipped_files.append((rel, reason))
 
-    def unchanged(state: FileState, sf: SourceFile) -> bool:
+    def unchanged(state: FileState, sf: SourceFile) -> FileState | None:
+        """The file's state if it did not change (with a new read time when its bytes were hashed now)."""
         verdict = stat_verdict(state.size, state.mtime_ns, state.read_ns, sf)
         if verdict == "racy" and state.sha256 is not None:
             result.files_hashed += 1
             got = file_sha256(sf, selection.max_file_size)
-            if got is not None and got[0] == state.sha256:
-                result.restamp.append((sf.relpath, got[0], got[1]))
-                return True
-            return False
-        return verdict == "same"
+            return state._replace(read_ns=got[1]) if got is not None and got[0] == state.sha256 else None
+        return state if verdict == "same" else None
 
     def flush() -> None:
         nonlocal pending, pending_skips, pending_chunks, todo, last_flush
@@ -148,20 +146,24 @@ def ingest(files: Sequence[SourceFile], writer: StoreWriter, *, encoder, paralle
             skip(rel, "path held by a document a framework vector store added")
             continue
         state = known.get(rel)
-        if state is not None and unchanged(state, sf):
+        if state is not None and (now := unchanged(state, sf)) is not None:
             result.present.append(rel)  # unchanged since the last committed run: nothing to read
+            if now.read_ns != state.read_ns:  # hashed now: a later run can trust the stat sooner
+                result.restamp.append((rel, now.sha256, now.read_ns))
             continue
         was = staged.get(rel)
-        if was is not None and unchanged(was, sf):
+        if was is not None and unchanged(was, sf) is not None:
             taken_staged.add(rel)  # an interrupted run already extracted it: not read again
             result.present.append(rel)
             result.files_changed += 1
             result.files_resumed += 1
             continue
         old_skip = remembered.get(rel)
-        if old_skip is not None and unchanged(old_skip.state, sf):
+        if old_skip is not None and (now := unchanged(old_skip.state, sf)) is not None:
             skip(rel, old_skip.reason)
             result.content_skips.add(rel)
+            if now.read_ns != old_skip.state.read_ns:
+                pending_skips.append(SkippedFile(rel, now, old_skip.reason))
             continue
         try:
             doc = read_document(sf, max_file_size=selection.max_file_size)

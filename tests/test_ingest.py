@@ -311,3 +311,17 @@ def test_an_index_from_before_content_hashes_opens_and_trusts_its_stats(tmp_path
     with Store.open(idx) as store:
         states = store.file_states()
         assert states["a.txt"].sha256 is None and states["b.txt"].sha256 is not None
+
+
+def test_a_recent_unindexable_file_is_hashed_once_then_trusted(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "RACY_WINDOW_NS", 300_000_000)
+    docs, idx = tmp_path / "docs", tmp_path / "idx"
+    _write(docs, 1)
+    (docs / "bad.json").write_text("{not json")  # recent: its skip is racy at first
+    build_index(docs, idx, encoder=HashEncoder())
+    counting = _Counting(monkeypatch)
+    time.sleep(0.4)
+    build_index(docs, idx, encoder=HashEncoder())
+    assert counting.hashed == ["bad.json"] and counting.read == []
+    build_index(docs, idx, encoder=HashEncoder())  # its recorded read time moved past the window
+    assert counting.hashed == ["bad.json"] and counting.read == []

@@ -122,11 +122,7 @@ def timed(fn, repeat: int = 1):
 def cpu_comparison(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        tok = make_tokenizer(vocab_size=2000, extra_corpus=[" ".join(WORDS)] * 4)
-        base = make_backbone(Path(tmp) / "base", hidden_size=args.hidden, num_layers=args.layers,
-                             num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 256),
-                             intermediate_size=4 * args.hidden, tokenizer=tok, seed=0)
-        ckpt = make_checkpoint(Path(tmp) / "ckpt", base, alignment_dim=args.hidden, seed=0)
+        ckpt = _bench_checkpoint(Path(tmp), args)
         model = LLM2VecGen.from_pretrained(ckpt, device="cpu")
         ref = ReferenceComputation(ckpt, model)
         texts = mixed_texts(args.texts, 4, args.max_words)
@@ -152,21 +148,26 @@ def cpu_comparison(args: argparse.Namespace) -> None:
               f"{len(dec_texts)} texts, {n_new} tokens generated, identical ids for {same}/{len(dec_texts)}")
 
 
+def _bench_checkpoint(folder: Path, args: argparse.Namespace) -> Path:
+    """A random checkpoint of ``--hidden``/``--layers`` size with a tokenizer trained on the benchmark words."""
+    tok = make_tokenizer(vocab_size=2000, extra_corpus=[" ".join(WORDS)] * 4)
+    base = make_backbone(folder / "base", hidden_size=args.hidden, num_layers=args.layers,
+                         num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 256),
+                         intermediate_size=4 * args.hidden, tokenizer=tok, seed=0)
+    return make_checkpoint(folder / "ckpt", base, alignment_dim=args.hidden, seed=0)
+
+
 def load_overhead(args: argparse.Namespace) -> None:
     """What validating a checkpoint at load time costs next to loading it."""
     from ragen.encoders.checkpoint import HEAD_FILES, ProjectionHead, check_finite, read_adapter
     from ragen.encoders.llm2vec_gen import _check_safetensors
 
     with tempfile.TemporaryDirectory() as tmp:
-        tok = make_tokenizer(vocab_size=2000, extra_corpus=[" ".join(WORDS)] * 4)
-        base = make_backbone(Path(tmp) / "base", hidden_size=args.hidden, num_layers=args.layers,
-                             num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 256),
-                             intermediate_size=4 * args.hidden, tokenizer=tok, seed=0)
-        ckpt = make_checkpoint(Path(tmp) / "ckpt", base, alignment_dim=args.hidden, seed=0)
+        ckpt = _bench_checkpoint(Path(tmp), args)
         t_load, model = timed(lambda: LLM2VecGen.from_pretrained(ckpt, device="cpu"), repeat=3)
 
         def checks() -> None:
-            _check_safetensors(base)
+            _check_safetensors(Path(tmp) / "base")
             read_adapter(ckpt / "encoder")
             for name in HEAD_FILES:
                 ProjectionHead.load(ckpt / name)
@@ -249,11 +250,7 @@ def compile_child(args: argparse.Namespace) -> None:
 def compile_comparison(args: argparse.Namespace) -> None:
     """Eager vs compile=True in two fresh processes sharing one empty inductor cache: cold, then warm."""
     with tempfile.TemporaryDirectory() as tmp:
-        tok = make_tokenizer(vocab_size=2000, extra_corpus=[" ".join(WORDS)] * 4)
-        base = make_backbone(Path(tmp) / "base", hidden_size=args.hidden, num_layers=args.layers,
-                             num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 256),
-                             intermediate_size=4 * args.hidden, tokenizer=tok, seed=0)
-        ckpt = make_checkpoint(Path(tmp) / "ckpt", base, alignment_dim=args.hidden, seed=0)
+        ckpt = _bench_checkpoint(Path(tmp), args)
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor-cache"))
         cmd = [sys.executable, __file__, "--compile-child", str(ckpt), "--rounds", str(args.rounds), "--texts",
                str(args.texts), "--min-words",

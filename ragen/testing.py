@@ -118,3 +118,44 @@ def add_to_hub_cache(cache_dir: str | Path, repo_id: str, source: str | Path, *,
         (storage / "refs").mkdir(parents=True, exist_ok=True)
         (storage / "refs" / ref).write_text(commit)
     return commit
+
+
+def teach_answers(backbone: str | Path, examples, *, steps: int = 1000, lr: float = 1e-2,
+                  stop_loss: float = 0.005) -> float:
+    """Fine-tune all weights of a tiny causal LM in place so that each chat prompt (templated with a generation
+    prompt, as ragen's chat generation does) is answered with its text, then save it. ``examples``: pairs of
+    ``(messages, answer)``. Stops early below ``stop_loss``; returns the final loss. For tests that need a
+    backbone whose answers (and so whose LLM2Vec-Gen embeddings) are known."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(backbone))
+    lm = AutoModelForCausalLM.from_pretrained(str(backbone), dtype=torch.float32)
+    seqs, masks = [], []
+    for messages, answer in examples:
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        r = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append(p + r)
+        masks.append([0] * len(p) + [1] * len(r))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    labels = torch.full((len(seqs), width), -100)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (seq, mask) in enumerate(zip(seqs, masks)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        labels[i, : len(seq)] = torch.where(torch.tensor(mask) == 1, torch.tensor(seq), torch.tensor(-100))
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr)
+    lm.train()
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        loss = lm(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < stop_loss:
+            break
+    lm.save_pretrained(str(backbone))
+    return float(loss.item())

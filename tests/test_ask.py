@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from ragen.cli import app
@@ -30,40 +29,10 @@ CLI = ["-k", "2", "--max-new-tokens", "24", "--system-prompt", SYSTEM, "--device
 
 
 def teach(backbone: Path, examples: list[tuple[list[dict], str]], *, steps: int = 1000, lr: float = 1e-2) -> float:
-    """Fine-tune all weights of a tiny causal LM so that each chat prompt (templated as ChatGenerator does)
-    is answered with its text; returns the final loss. The approach of tests/test_training_e2e.py."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Fine-tune a tiny causal LM so that each chat prompt is answered with its text (ragen.testing)."""
+    from ragen.testing import teach_answers
 
-    tok = AutoTokenizer.from_pretrained(str(backbone))
-    lm = AutoModelForCausalLM.from_pretrained(str(backbone), dtype=torch.float32)
-    seqs, masks = [], []
-    for messages, answer in examples:
-        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        r = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append(p + r)
-        masks.append([0] * len(p) + [1] * len(r))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tok.pad_token_id)
-    labels = torch.full((len(seqs), width), -100)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        labels[i, : len(s)] = torch.where(torch.tensor(m) == 1, torch.tensor(s), torch.tensor(-100))
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(lm.parameters(), lr=lr)
-    lm.train()
-    loss = torch.tensor(0.0)
-    for _ in range(steps):
-        loss = lm(input_ids=ids, attention_mask=attn, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if loss.item() < 0.005:
-            break
-    lm.save_pretrained(str(backbone))
-    return float(loss.item())
+    return teach_answers(backbone, examples, steps=steps, lr=lr, stop_loss=0.005)
 
 
 def _hit(path: str) -> Hit:

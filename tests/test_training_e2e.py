@@ -151,36 +151,10 @@ _QA = [
 
 def _teach_answers(backbone: Path) -> None:
     """Plain LM fine-tuning of all weights so the tiny model answers each prompt with its fixed answer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ragen.testing import teach_answers
 
-    tok = AutoTokenizer.from_pretrained(str(backbone))
-    lm = AutoModelForCausalLM.from_pretrained(str(backbone), dtype=torch.float32)
-    seqs, masks = [], []
-    for q, a in _QA:
-        prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        r = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append(p + r)
-        masks.append([0] * len(p) + [1] * len(r))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tok.pad_token_id)
-    labels = torch.full((len(seqs), width), -100)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        labels[i, : len(s)] = torch.where(torch.tensor(m) == 1, torch.tensor(s), torch.tensor(-100))
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
-    lm.train()
-    for _ in range(150):
-        loss = lm(input_ids=ids, attention_mask=attn, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if loss.item() < 0.01:
-            break
-    lm.save_pretrained(str(backbone))
+    teach_answers(backbone, [([{"role": "user", "content": q}], a) for q, a in _QA], steps=150, lr=3e-3,
+                  stop_loss=0.01)
 
 
 @pytest.mark.slow

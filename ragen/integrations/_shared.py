@@ -198,5 +198,24 @@ def hit_metadata(hit) -> dict:
             "score": float(hit.score), "rank": hit.rank}
 
 
+def generator_for(model_name: str | None, encoder: Any, embedding: Any, *, base_model: str | None,
+                  device: str | None, dtype: str | None) -> tuple[Any, Any]:
+    """The encoder (from ``embedding``, ``encoder`` or the shared cache) and a generator on its own ``lm``,
+    locked together with the embedding side: the one constructor of both frameworks' LLM classes."""
+    from ..rag import ChatGenerator
+
+    given = [x is not None for x in (model_name, encoder, embedding)]
+    if sum(given) != 1:
+        raise RagenError("pass exactly one of model_name (an LLM2Vec-Gen spec), encoder, or embedding "
+                         "(an LLM2VecGenEmbedding/LLM2VecGenEmbeddings whose model should also answer)")
+    if embedding is not None:
+        encoder = getattr(embedding, "encoder", None)
+        if encoder is None:
+            raise RagenError(f"embedding= must be a ragen embedding adapter, got {type(embedding).__name__}")
+    if encoder is None:
+        encoder = shared_encoder(model_name, base_model=base_model, device=device, dtype=dtype)  # type: ignore[arg-type]
+    return encoder, ChatGenerator.from_encoder(encoder, lock=encode_lock(encoder))
+
+
 __all__ = ["EmbedSettings", "embed", "shared_encoder", "encode_lock", "takes_instructions", "open_index",
-           "hit_metadata", "hit_fields", "search_filtered", "check_filter_key", "HIT_METADATA_KEYS"]
+           "generator_for", "hit_metadata", "hit_fields", "search_filtered", "check_filter_key", "HIT_METADATA_KEYS"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ..errors import install_hint
+
 try:
     from langchain_core.callbacks import CallbackManagerForLLMRun
     from langchain_core.language_models.chat_models import BaseChatModel
@@ -24,12 +26,12 @@ try:
     from pydantic import PrivateAttr
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(f"ragen's LangChain integration needs the 'langchain' extra (langchain-core): "
-                      f"pip install 'ragen-toolkit[langchain]' ({exc})") from exc
+                      f"{install_hint('langchain')} ({exc})") from exc
 
 from ..encoders.base import Encoder
 from ..errors import RagenError
 from ..rag import ChatGenerator, Generation
-from ._shared import encode_lock, shared_encoder
+from ._shared import generator_for
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}
 
@@ -63,17 +65,10 @@ class ChatLLM2VecGen(BaseChatModel):
     def __init__(self, model_name: str | None = None, *, encoder: Encoder | None = None, embedding: Any = None,
                  base_model: str | None = None, device: str | None = None, dtype: str | None = None,
                  max_new_tokens: int = 256) -> None:
-        if sum(x is not None for x in (model_name, encoder, embedding)) != 1:
-            raise RagenError("pass exactly one of model_name (an LLM2Vec-Gen spec), encoder, or embedding")
-        if embedding is not None:
-            encoder = getattr(embedding, "encoder", None)
-            if encoder is None:
-                raise RagenError(f"embedding= must be a ragen embedding adapter, got {type(embedding).__name__}")
-        if encoder is None:
-            encoder = shared_encoder(model_name, base_model=base_model, device=device, dtype=dtype)  # type: ignore[arg-type]
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise RagenError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        generator = ChatGenerator.from_encoder(encoder, lock=encode_lock(encoder))
+        encoder, generator = generator_for(model_name, encoder, embedding, base_model=base_model, device=device,
+                                           dtype=dtype)
         super().__init__(model_name=model_name or str(encoder.spec), max_new_tokens=max_new_tokens)
         self._encoder = encoder
         self._generator = generator

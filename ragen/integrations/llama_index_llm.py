@@ -19,6 +19,8 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+from ..errors import install_hint
+
 try:
     from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
                                                   CompletionResponse, CompletionResponseAsyncGen,
@@ -28,31 +30,14 @@ try:
     from llama_index.core.llms.custom import CustomLLM
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(f"ragen's LlamaIndex integration needs the 'llama-index' extra (llama-index-core): "
-                      f"pip install 'ragen-toolkit[llama-index]' ({exc})") from exc
+                      f"{install_hint('llama-index')} ({exc})") from exc
 
 from ..encoders.base import Encoder
 from ..errors import RagenError
 from ..rag import ChatGenerator
-from ._shared import encode_lock, shared_encoder
+from ._shared import generator_for
 
 _DONE = object()
-
-
-def generator_for(model_name: str | None, encoder: Encoder | None, embedding: Any, *, base_model: str | None,
-                  device: str | None, dtype: str | None) -> tuple[Encoder, ChatGenerator]:
-    """The encoder (from ``embedding``, ``encoder`` or the shared cache) and a generator on its own ``lm``,
-    locked together with the embedding side."""
-    given = [x is not None for x in (model_name, encoder, embedding)]
-    if sum(given) != 1:
-        raise RagenError("pass exactly one of model_name (an LLM2Vec-Gen spec), encoder, or embedding "
-                         "(an LLM2VecGenEmbedding/LLM2VecGenEmbeddings whose model should also answer)")
-    if embedding is not None:
-        encoder = getattr(embedding, "encoder", None)
-        if encoder is None:
-            raise RagenError(f"embedding= must be a ragen embedding adapter, got {type(embedding).__name__}")
-    if encoder is None:
-        encoder = shared_encoder(model_name, base_model=base_model, device=device, dtype=dtype)  # type: ignore[arg-type]
-    return encoder, ChatGenerator.from_encoder(encoder, lock=encode_lock(encoder))
 
 
 def to_messages(messages: Sequence[Any]) -> list[dict[str, str]]:

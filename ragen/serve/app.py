@@ -34,6 +34,7 @@ import numpy as np
 
 from ..encoders.base import l2_normalize
 from ..errors import RagenError, StoreError
+from ..errors import install_hint
 from ..retriever import check_compatible
 from ..store import Store
 from .config import ServeConfig
@@ -48,7 +49,7 @@ def _require_starlette():
     try:
         import starlette  # noqa: F401
     except ImportError:
-        raise ImportError("ragen serve needs the 'serve' extra: pip install \"ragen-toolkit[serve]\"") from None
+        raise ImportError(f"ragen serve needs the 'serve' extra: {install_hint('serve')}") from None
 
 
 class ApiError(Exception):
@@ -493,15 +494,18 @@ def create_app(encoder, *, indexes: Mapping[str, str | Path] | None = None, conf
             instruction = getattr(encoder, f"{kind}_instruction", None)
         return instruction
 
-    @endpoint("/v1/decode")
-    async def decode(request: Request) -> Response:
-        require_decoder("/v1/decode")
+    async def decoder_request(request: Request, route: str) -> tuple[dict, list[str], str | None, list[int]]:
+        """What /v1/decode and /v1/top_tokens share: the body, its texts, the instruction, token counts."""
+        require_decoder(route)
         data = await read_json(request)
         state.check_model(data.get("model"))
         texts = state.texts(data.get("input"))
+        return data, texts, decode_instruction(data), await state.count_tokens(texts)
+
+    @endpoint("/v1/decode")
+    async def decode(request: Request) -> Response:
+        data, texts, instruction, counts = await decoder_request(request, "/v1/decode")
         max_new = _int_field(data, "max_new_tokens", 64, 1, config.max_new_tokens)
-        instruction = decode_instruction(data)
-        counts = await state.count_tokens(texts)
         decoded = await state.call(lambda enc: enc.decode(texts, instruction=instruction, max_new_tokens=max_new),
                                    "decode")
         state.metrics.inc("ragen_tokens_total", int(sum(counts)), route="/v1/decode")
@@ -511,13 +515,8 @@ def create_app(encoder, *, indexes: Mapping[str, str | Path] | None = None, conf
 
     @endpoint("/v1/top_tokens")
     async def top_tokens(request: Request) -> Response:
-        require_decoder("/v1/top_tokens")
-        data = await read_json(request)
-        state.check_model(data.get("model"))
-        texts = state.texts(data.get("input"))
+        data, texts, instruction, counts = await decoder_request(request, "/v1/top_tokens")
         k = _int_field(data, "k", 5, 1, 100)
-        instruction = decode_instruction(data)
-        counts = await state.count_tokens(texts)
         tops = await state.call(lambda enc: enc.top_tokens(texts, k, instruction=instruction), "top_tokens")
         state.metrics.inc("ragen_tokens_total", int(sum(counts)), route="/v1/top_tokens")
         return JSONResponse({"object": "list", "model": state.model_id,

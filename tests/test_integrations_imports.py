@@ -36,6 +36,8 @@ LI, LC = 'pip install "ragen-toolkit[llama-index]"', 'pip install "ragen-toolkit
      "RagenLlamaIndexRetriever"),
     ("ragen.integrations.langchain", "langchain_core", LC, "LLM2VecGenEmbeddings"),
     ("ragen.integrations.langchain", "langchain_core", LC, "RagenLangChainRetriever"),
+    ("ragen.integrations.llama_index_llm", "llama_index", LI, "LLM2VecGenLLM"),
+    ("ragen.integrations.langchain_chat", "langchain_core", LC, "ChatLLM2VecGen"),
 ])
 def test_missing_extra_names_what_to_install(module, blocked, extra, attr):
     code = (f"import sys\nsys.modules[{blocked!r}] = None\n"

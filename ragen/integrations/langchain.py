@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import install_hint
+
 try:
     from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
     from langchain_core.documents import Document
@@ -40,7 +42,7 @@ try:
     from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(f"ragen's LangChain integration needs the 'langchain' extra (langchain-core): "
-                      f"pip install \"ragen-toolkit[langchain]\" ({exc})") from exc
+                      f"{install_hint('langchain')} ({exc})") from exc
 
 from ..errors import RagenError
 from ._index_store import IndexStore, NodeRecord, StoredNode

@@ -21,6 +21,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..errors import install_hint
+
 try:
     from llama_index.core.base.base_retriever import BaseRetriever
     from llama_index.core.bridge.pydantic import Field, PrivateAttr
@@ -36,8 +38,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(f"ragen's LlamaIndex integration needs the 'llama-index' extra "
                       f"(llama-index-core and llama-index-vector-stores-faiss): "
-                      f"pip install \"ragen-toolkit[llama-index]\" "
-                      f"({exc})") from exc
+                      f"{install_hint('llama-index')} ({exc})") from exc
 
 import numpy as np
 

@@ -10,6 +10,7 @@ import threading
 import time
 
 from ..errors import RagenError
+from ..errors import install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ def _require_uvicorn():
     try:
         import uvicorn
     except ImportError:
-        raise ImportError("ragen serve needs the 'serve' extra: pip install \"ragen-toolkit[serve]\"") from None
+        raise ImportError(f"ragen serve needs the 'serve' extra: {install_hint('serve')}") from None
     return uvicorn
 
 

@@ -26,6 +26,7 @@ import torch
 
 from .._io import atomic_write_json, atomic_write_text, iter_jsonl
 from ..errors import CheckpointError, DataError
+from ..errors import install_hint
 from .config import PipelineConfig, QueriesConfig, ResponsesConfig, read_utf8, utf8_error
 
 logger = logging.getLogger(__name__)
@@ -433,8 +434,7 @@ def _published_rows(cfg: ResponsesConfig) -> tuple[str, Iterable[dict[str, Any]]
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise ImportError('parquet responses need pyarrow: pip install "ragen-toolkit[train]" '
-                                  '(from a checkout: pip install -e ".[train]")') from None
+                raise ImportError(f"parquet responses need pyarrow: {install_hint('train')}") from None
             try:
                 table = pq.read_table(path)
             except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) on bad files
@@ -448,8 +448,8 @@ def _published_rows(cfg: ResponsesConfig) -> tuple[str, Iterable[dict[str, Any]]
     try:
         import datasets
     except ImportError:
-        raise ImportError('published responses from the hub need the datasets package: pip install '
-                          '"ragen-toolkit[train]" (from a checkout: pip install -e ".[train]")') from None
+        raise ImportError(f"published responses from the hub need the datasets package: {install_hint('train')}") \
+            from None
     try:
         ds = datasets.load_dataset(src, split=cfg.split)
     except Exception as exc:  # network, auth, missing split: all mean "not readable here"

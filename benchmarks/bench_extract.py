@@ -8,8 +8,10 @@ page carries its own ground truth:
 - code kept: share of `<pre>` blocks whose every line, leading indentation included, appears as a line.
 PDF extractors are compared by speed and by the overlap of their word sets.
 
-    python benchmarks/bench_extract.py --html-dir /usr/share/doc/python3.11/html --pages 60 --pdf some.pdf
-(Debian's python3.11-doc package provides that folder; any Sphinx-built HTML tree works.)
+    python benchmarks/bench_extract.py --html-dir PYDOC_HTML --pages 60 --pdf some.pdf
+
+``PYDOC_HTML``: a folder of real Sphinx pages (the ``html`` folder of Debian's python3.11-doc package;
+any Sphinx-built HTML tree works).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 | **this module** (trafilatura + verbatim `<pre>` + inscriptis fallback) | 97.9 % | 1.4 % | 97.4 % |
 
 trafilatura finds the main content and drops navigation chrome, but it folds `<pre>` blocks nested in
-definition lists into paragraphs, losing their lines. So each `<pre>` is swapped for a placeholder before
+definition lists into paragraphs, losing their lines. So each `<pre>` is swapped for a marker token before
 extraction and put back verbatim afterwards. Pages that are mostly link lists (a table of contents) look like
 boilerplate to trafilatura; when it keeps under a tenth of the words inscriptis sees, inscriptis's layout
 text is used instead, so a page is never reduced to its title.
@@ -58,7 +58,7 @@ def html_to_text(html: str) -> str:
         return ""
     title = " ".join((tree.findtext(".//title") or "").split())
     token = "ragenpre"
-    while token in html:  # a placeholder that cannot collide with the page's own text
+    while token in html:  # a marker that cannot collide with the page's own text
         token += "q"
     codes: list[str] = []
     for pre in list(tree.iter("pre")):
@@ -77,8 +77,8 @@ def html_to_text(html: str) -> str:
         layout, main = tree.text_content(), ""  # XPath string(): iterative, keeps every word
     if len(main.split()) < _FALLBACK_RATIO * len(layout.split()):
         main = "\n".join(line.strip() for line in layout.splitlines())
-    placeholder = re.compile(re.escape(token) + r"(\d+)x")
-    main = placeholder.sub(lambda m: "\n" + codes[int(m.group(1))] + "\n" if int(m.group(1)) < len(codes)
+    marker = re.compile(re.escape(token) + r"(\d+)x")
+    main = marker.sub(lambda m: "\n" + codes[int(m.group(1))] + "\n" if int(m.group(1)) < len(codes)
                            else m.group(0), main)
     main = re.sub(r"\n{3,}", "\n\n", main).strip()
     if not main:  # libxml2 drops text nested beyond its depth limit: never lose a page's words to that
